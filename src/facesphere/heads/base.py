@@ -6,11 +6,14 @@ classifier (Partial FC) can call it on a subset of centres without knowing which
 Labels equal to ``IGNORE_LABEL`` (-1) mean "this sample's class is not among these centres":
 no margin is applied to that row.
 
-Logits are always computed in float32, with autocast disabled, whatever the caller's precision.
+Logits are always computed in float32 (float64 if the inputs or centres are float64, for
+gradient checks), with autocast disabled, whatever the caller's precision: margins live in the
+last few bits of cos θ near ±1, which bf16/fp16 cannot represent.
 """
 
 from __future__ import annotations
 
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,17 +38,32 @@ class MarginHead(nn.Module):
         nn.init.normal_(self.weight, std=0.01)
 
     def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Logits (N, C) for ``F.cross_entropy(logits, labels)``; ``labels=None`` gives margin-free logits."""
+        """Logits (N, C) for ``F.cross_entropy(logits, labels)``; ``labels=None`` gives margin-free logits.
+
+        Labels must lie in [-1, C). The range is checked only for CPU labels: checking CUDA labels
+        would force a host-device synchronisation every step.
+        """
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings must be (N, {self.embedding_size}), got {tuple(embeddings.shape)}")
         if labels is None:
             labels = torch.full((embeddings.shape[0],), IGNORE_LABEL, dtype=torch.long, device=embeddings.device)
         elif labels.shape != (embeddings.shape[0],):
             raise ValueError(f"labels must be (N,) = ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+        elif labels.device.type == "cpu" and labels.numel() and (
+            int(labels.min()) < IGNORE_LABEL or int(labels.max()) >= self.num_classes
+        ):
+            raise ValueError(f"labels must lie in [{IGNORE_LABEL}, {self.num_classes}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        dtype = torch.float64 if torch.float64 in (embeddings.dtype, self.weight.dtype) else torch.float32
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return self.logits(embeddings.float(), self.weight.float(), labels.long())
+            return self.logits(embeddings.to(dtype), self.weight.to(dtype), labels.long())
 
     def logits(self, embeddings: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+        """Logits (N, C') of ``embeddings`` (N, D) against the centres ``weight`` (C', D).
+
+        ``labels`` index rows of ``weight``, or are IGNORE_LABEL. Pure in (embeddings, weight,
+        labels) apart from the head's hyper-parameters, so Partial FC may pass a sampled subset.
+        """
         raise NotImplementedError
 
     def update(self, step: int) -> None:
@@ -72,11 +90,75 @@ def safe_acos(cos_theta: Tensor) -> Tensor:
     return torch.acos(cos_theta.clamp(-limit, limit))
 
 
+def safe_sin(cos_theta: Tensor) -> Tensor:
+    """sin θ = sqrt(1 - cos²θ) for θ ∈ [0, π], with the radicand clamped to the smallest normal float.
+
+    Exact at cos θ = ±1 (returns ~1e-19, not 0), and the sqrt's gradient stays finite: in floating
+    point 1 - c² is either 0 (clamped, zero gradient) or at least one ulp below 1.
+    """
+    return torch.sqrt((1.0 - cos_theta * cos_theta).clamp(min=torch.finfo(cos_theta.dtype).tiny))
+
+
+def replace_target(values: Tensor, labels: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Copy of ``values`` (N, C) with each row's target entry v replaced by ``fn(v)``.
+
+    Rows labelled IGNORE_LABEL keep their entries. ``fn`` runs on the N target entries only (not
+    on N×C), so costly margins stay cheap at large C; it must be finite with finite gradient on
+    every input in [-1, 1] since ignored rows are masked out by ``torch.where``.
+    """
+    valid = (labels != IGNORE_LABEL).unsqueeze(1)
+    index = labels.clamp(min=0).unsqueeze(1)
+    target = values.gather(1, index)
+    return values.scatter(1, index, torch.where(valid, fn(target), target))
+
+
+class CosineMarginHead(MarginHead):
+    """Scaled-cosine head: logit_j = s·cos θ_j, with the target cosine c replaced by ``target_cosine(c)``.
+
+    The shared form of NormFace, COCO, AM-Softmax/CosFace, ArcFace and the combined margin
+    (ArcFace 1801.07698 v3 Eq. (2)/(4)): features and centres are L2-normalised, there is no bias,
+    and all logits share one scale s. Subclasses override :meth:`target_cosine` (identity here).
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float) -> None:
+        super().__init__(embedding_size, num_classes)
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.scale = float(scale)
+
+    def effective_scale(self, like: Tensor) -> Tensor | float:
+        """The scale s used in the logits (a float, or a tensor when learned)."""
+        return self.scale
+
+    def target_cosine(self, cos_theta: Tensor) -> Tensor:
+        """Margin-penalised target cosine; identity (no margin) by default."""
+        return cos_theta
+
+    def logits(self, embeddings: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+        cos = replace_target(cosine(embeddings, weight), labels, self.target_cosine)
+        return cos * self.effective_scale(cos)
+
+    def extra_repr(self) -> str:
+        return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, scale={self.scale}"
+
+
 HEADS: Registry[MarginHead] = Registry("head")
 
 
 def build_head(name: str, embedding_size: int, num_classes: int, **kwargs) -> MarginHead:
+    """Build a registered head by name, e.g. ``build_head("arcface", 512, 85742, margin=0.5)``."""
     return HEADS.build(name, embedding_size=embedding_size, num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MarginHead", "HEADS", "build_head", "cosine", "target_mask", "safe_acos", "IGNORE_LABEL"]
+__all__ = [
+    "MarginHead",
+    "CosineMarginHead",
+    "HEADS",
+    "build_head",
+    "cosine",
+    "target_mask",
+    "safe_acos",
+    "safe_sin",
+    "replace_target",
+    "IGNORE_LABEL",
+]

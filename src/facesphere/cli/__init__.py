@@ -1,0 +1,1 @@
+"""The ``facesphere`` command line: one module per command group."""

@@ -1,0 +1,39 @@
+"""Entry point: logging, allocator tuning, and the command groups."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from facesphere.cli import data as data_commands
+from facesphere.cli import models as model_commands
+from facesphere.cli import train as train_commands
+
+app = typer.Typer(name="facesphere", help="Face recognition on the hypersphere: train, evaluate and inspect models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app.command("train")(train_commands.train)
+app.command("quickstart")(train_commands.quickstart)
+app.command("backbones")(model_commands.backbones)
+app.command("heads")(model_commands.heads)
+app.command("config")(train_commands.show_config)
+app.add_typer(data_commands.app, name="data")
+
+
+@app.callback()
+def setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+          default_malloc: bool = typer.Option(False, "--default-malloc",
+                                              help="keep glibc's default malloc thresholds (slower eager training)")) -> None:
+    """Set up logging and tune glibc malloc (large mmap/trim thresholds) before any work starts."""
+    from rich.logging import RichHandler
+
+    from facesphere.utils.allocator import tune_malloc
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    if not default_malloc:
+        tune_malloc()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,145 @@
+"""Image decoding and tensor conversion.
+
+``load_image`` is the single entry point from a file on disk to an HxWx3 uint8 RGB array: it applies
+the EXIF orientation, converts every Pillow mode (grayscale, alpha, palette, 16-bit, CMYK, ...) to
+8-bit RGB, refuses decompression bombs before decoding, and reports every failure as one exception
+type, ``ImageError``, so loaders can catch exactly that and name the offending file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Our own ceiling on declared image size (40 MP): face crops are tiny, anything larger is suspect."""
+
+ALPHA_BACKGROUND = (128, 128, 128)
+"""Transparent pixels are composited over mid-grey, which normalises to ~0."""
+
+logger = logging.getLogger(__name__)
+
+MEAN = 127.5
+STD = 128.0
+
+
+class ImageError(ValueError):
+    """An image file could not be turned into an RGB array; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep the two-argument constructor picklable across DataLoader workers
+        return (type(self), (self.path, self.reason))
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode ``path`` into an HxWx3 uint8 RGB array, upright according to its EXIF orientation.
+
+    The declared size is checked before any pixel is decoded, against both Pillow's
+    ``Image.MAX_IMAGE_PIXELS`` and ``max_pixels`` (``None`` disables our own limit).
+    Raises ``ImageError`` for missing, non-image, truncated, empty or oversized files.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its limit; treat that as a refusal too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width <= 0 or height <= 0:
+                    raise ImageError(path, f"zero-size image ({width}x{height})")
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageError(
+                        path, f"declared size {width}x{height} exceeds the limit of {max_pixels} pixels (decompression bomb?)"
+                    )
+                image.load()
+                return _to_rgb_array(_upright(image, path))
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory, not an image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(path, f"refused as a decompression bomb: {error}") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        # Pillow reports truncated or corrupt data as OSError ("image file is truncated"), SyntaxError
+        # (broken PNG chunks) or ValueError; the original message is kept as the reason.
+        reason = str(error) or type(error).__name__
+        if "truncated" in reason.lower():
+            reason = f"truncated file ({reason})"
+        raise ImageError(path, f"cannot decode: {reason}") from None
+
+
+def _upright(image: Image.Image, path: Path) -> Image.Image:
+    """Apply the EXIF orientation; a malformed EXIF block is ignored (logged) rather than fatal."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as error:  # noqa: BLE001 - EXIF parsing can fail in many ways; pixels are still fine
+        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, error)
+        return image
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to an HxWx3 uint8 RGB array, scaling high bit depths instead of clipping."""
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.uint8).copy()
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        array = np.asarray(image)
+        gray = _wide_to_uint8(array, mode)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif mode == "P":
+        image = image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV: Pillow's conversions are correct here
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def _wide_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """Map 16/32-bit integer or float grayscale to 0..255."""
+    values = array.astype(np.float64)
+    if mode.startswith("I;16"):
+        scaled = values / 257.0  # 65535 -> 255 exactly
+    elif mode == "I":
+        # 32-bit container: 16-bit PNG/TIFF data lands here with values up to 65535.
+        scaled = values / 257.0 if values.size and values.max() > 255 else values
+    else:  # "F": assume [0, 1] if it looks like it, else [0, 255]
+        scaled = values * 255.0 if values.size and values.max() <= 1.0 else values
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 (or NxHxWx3) uint8 RGB -> float32 (3, H, W) (or (N, 3, H, W)) normalised as (x - 127.5) / 128."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (3, 4) or array.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (..., H, W, 3) RGB, got {array.dtype} {array.shape}")
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32)
+    tensor = tensor.movedim(-1, -3).contiguous()
+    return tensor.sub_(MEAN).div_(STD)
+
+
+def to_uint8(tensor: torch.Tensor) -> np.ndarray:
+    """Inverse of ``to_tensor`` for visualisation: (3, H, W) or (N, 3, H, W) -> HxWx3 (NxHxWx3) uint8."""
+    if tensor.ndim not in (3, 4) or tensor.shape[-3] != 3:
+        raise ValueError(f"expected (..., 3, H, W), got {tuple(tensor.shape)}")
+    values = tensor.detach().to("cpu", torch.float32) * STD + MEAN
+    values = values.round_().clamp_(0, 255).to(torch.uint8).movedim(-3, -1)
+    return values.contiguous().numpy()

@@ -1,0 +1,226 @@
+"""Training augmentation on HxWx3 uint8 RGB arrays, without torchvision.
+
+Every transform is a callable ``(image, rng) -> image`` that draws all of its randomness from the
+explicit ``np.random.Generator`` it is given. Datasets create that generator from
+``augment_rng(seed, epoch, index)``, so an augmented sample is a pure function of (seed, epoch, index):
+identical for any number of DataLoader workers, any process rank, and after resuming mid-epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Protocol, Sequence
+
+import cv2
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+_AUGMENT_STREAM = 0x61756720  # domain tag so augmentation never reuses another generator's stream
+
+
+class Transform(Protocol):
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray: ...
+
+
+def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator for sample ``index`` in ``epoch``: depends on nothing else (no worker id, no rank)."""
+    return np.random.default_rng([_AUGMENT_STREAM, int(seed), int(epoch), int(index)])
+
+
+def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Deterministically resize an HxWxC image to ``size`` = (H, W); area filter when shrinking."""
+    height, width = int(size[0]), int(size[1])
+    if image.shape[0] == height and image.shape[1] == width:
+        return image
+    shrinking = height <= image.shape[0] and width <= image.shape[1]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=interpolation)
+
+
+class HorizontalFlip:
+    """Mirror left-right with probability ``p``."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"flip probability must be in [0, 1], got {p}")
+        self.p = float(p)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if rng.random() < self.p:
+            return np.ascontiguousarray(image[:, ::-1])
+        return image
+
+    def __repr__(self) -> str:
+        return f"HorizontalFlip(p={self.p})"
+
+
+class ScaleTranslate:
+    """Random zoom about the centre (log-uniform in ``scale``) plus a shift of up to ``translate`` x size.
+
+    The result is resampled back to the input size with ``cv2.warpAffine`` (bilinear, reflected border),
+    which is the crop/scale jitter of a random-resized-crop without changing the aspect ratio.
+    """
+
+    def __init__(self, scale: tuple[float, float] = (1.0, 1.0), translate: float = 0.0) -> None:
+        lo, hi = float(scale[0]), float(scale[1])
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi, got {scale}")
+        if not 0.0 <= translate < 1.0:
+            raise ValueError(f"translate must be in [0, 1), got {translate}")
+        self.scale = (lo, hi)
+        self.translate = float(translate)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        lo, hi = self.scale
+        s = math.exp(rng.uniform(math.log(lo), math.log(hi))) if hi > lo else lo
+        dx, dy = rng.uniform(-self.translate, self.translate, size=2) if self.translate > 0 else (0.0, 0.0)
+        height, width = image.shape[:2]
+        if s == 1.0 and dx == 0.0 and dy == 0.0:
+            return image
+        cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+        matrix = np.array(
+            [[s, 0.0, (1.0 - s) * cx + dx * width], [0.0, s, (1.0 - s) * cy + dy * height]], dtype=np.float64
+        )
+        return cv2.warpAffine(
+            np.ascontiguousarray(image), matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+        )
+
+    def __repr__(self) -> str:
+        return f"ScaleTranslate(scale={self.scale}, translate={self.translate})"
+
+
+class ColorJitter:
+    """Multiply brightness, contrast and saturation by factors drawn uniformly from [1 - x, 1 + x]."""
+
+    _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+    def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0) -> None:
+        for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} jitter must be in [0, 1], got {value}")
+        self.brightness, self.contrast, self.saturation = float(brightness), float(contrast), float(saturation)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        b = rng.uniform(1 - self.brightness, 1 + self.brightness) if self.brightness else 1.0
+        c = rng.uniform(1 - self.contrast, 1 + self.contrast) if self.contrast else 1.0
+        s = rng.uniform(1 - self.saturation, 1 + self.saturation) if self.saturation else 1.0
+        if b == 1.0 and c == 1.0 and s == 1.0:
+            return image
+        x = image.astype(np.float32)
+        if b != 1.0:
+            x *= b
+        if c != 1.0:
+            mean = float((x @ self._LUMA).mean())
+            x = (x - mean) * c + mean
+        if s != 1.0:
+            gray = (x @ self._LUMA)[:, :, None]
+            x = (x - gray) * s + gray
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+    def __repr__(self) -> str:
+        return f"ColorJitter(brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation})"
+
+
+class Compose:
+    """Apply transforms in order, all drawing from the same generator. An empty Compose is the identity."""
+
+    def __init__(self, transforms: Sequence[Transform] = ()) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        for transform in self.transforms:
+            image = transform(image, rng)
+        return image
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms!r})"
+
+
+class AugmentConfig(BaseModel):
+    """Config-file view of the augmentation; every default is 'off', so ``AugmentConfig().build()`` is the identity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
+    scale: tuple[float, float] = Field((1.0, 1.0), description="zoom range (lo, hi); > 1 zooms in")
+    translate: float = Field(0.0, ge=0, lt=1, description="max shift as a fraction of the image size")
+    brightness: float = Field(0.0, ge=0, le=1)
+    contrast: float = Field(0.0, ge=0, le=1)
+    saturation: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> "AugmentConfig":
+        lo, hi = self.scale
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi, got {self.scale}")
+        return self
+
+    @property
+    def is_identity(self) -> bool:
+        return (
+            self.flip == 0
+            and self.scale == (1.0, 1.0)
+            and self.translate == 0
+            and self.brightness == 0
+            and self.contrast == 0
+            and self.saturation == 0
+        )
+
+    def build(self) -> Compose:
+        """Geometric jitter, then flip, then colour; only the enabled parts are included."""
+        transforms: list[Transform] = []
+        if self.scale != (1.0, 1.0) or self.translate > 0:
+            transforms.append(ScaleTranslate(self.scale, self.translate))
+        if self.flip > 0:
+            transforms.append(HorizontalFlip(self.flip))
+        if self.brightness or self.contrast or self.saturation:
+            transforms.append(ColorJitter(self.brightness, self.contrast, self.saturation))
+        return Compose(transforms)
+
+
+
+def as_transform(augment: Any) -> Transform | None:
+    """Normalise a dataset's ``augment`` argument: None, an AugmentConfig, a dict or pydantic model with
+    the same fields, or any ``(image, rng) -> image`` callable. Returns None when there is nothing to do."""
+    if augment is None:
+        return None
+    if isinstance(augment, AugmentConfig):
+        config = augment
+    elif isinstance(augment, dict):
+        config = AugmentConfig(**augment)
+    elif isinstance(augment, BaseModel):
+        config = AugmentConfig(**augment.model_dump())
+    elif callable(augment):
+        return augment
+    else:
+        raise TypeError(f"augment must be None, an AugmentConfig, a dict or a callable, got {type(augment).__name__}")
+    return None if config.is_identity else config.build()
+
+
+class SharedEpoch:
+    """An epoch counter shared with DataLoader worker processes.
+
+    A dataset's ``set_epoch`` runs in the main process, but persistent workers hold their own copy of
+    the dataset; keeping the counter in a shared-memory tensor makes the new epoch visible to them
+    (with fork, spawn and forkserver alike) before the next epoch's indices are sent.
+    """
+
+    def __init__(self, epoch: int = 0) -> None:
+        self._value = torch.zeros((), dtype=torch.int64)
+        try:
+            self._value.share_memory_()
+        except (RuntimeError, OSError):  # no /dev/shm: fine for single-process use
+            pass
+        self.set(epoch)
+
+    def get(self) -> int:
+        return int(self._value.item())
+
+    def set(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._value.fill_(int(epoch))

@@ -1,0 +1,102 @@
+"""ROC and DET plots of verification curves, written atomically as PNG.
+
+matplotlib is imported lazily and used through its object API with the Agg canvas, so importing this
+module (or calling it from a headless worker) never touches pyplot's global state or a GUI backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["plot_det", "plot_roc"]
+
+FAR_RANGE = (1e-6, 1.0)
+
+Curves = Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _new_axes(figsize=(6.0, 5.0)):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save_atomic(fig, path: str | os.PathLike) -> Path:
+    """Save as PNG to a temporary file beside ``path``, then ``os.replace`` it: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("wrote %s", path)
+    return path
+
+
+def _positive(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop points whose x is 0: they have no place on a log axis."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"curve arrays must be 1-D of equal length, got {x.shape} and {y.shape}")
+    keep = x > 0
+    return x[keep], y[keep]
+
+
+def plot_roc(curves: Curves, path: str | os.PathLike, title: str = "ROC") -> Path:
+    """Plot TAR against log-scaled FAR (1e-6 .. 1) for each named ``(far, tar)`` curve; save a PNG at ``path``."""
+    if not curves:
+        raise ValueError("curves is empty: nothing to plot")
+    fig, ax = _new_axes()
+    for name, (far, tar) in curves.items():
+        x, y = _positive(far, tar)
+        ax.step(x, y, where="post", label=str(name), linewidth=1.5)
+    ax.set_xscale("log")
+    ax.set_xlim(*FAR_RANGE)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("False accept rate (FAR)")
+    ax.set_ylabel("True accept rate (TAR)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save_atomic(fig, path)
+
+
+def plot_det(curves: Curves, path: str | os.PathLike, title: str = "DET") -> Path:
+    """Plot FNMR (= 1 - TAR) against FMR (= FAR), both log-scaled, for each named ``(far, tar)`` curve."""
+    if not curves:
+        raise ValueError("curves is empty: nothing to plot")
+    fig, ax = _new_axes()
+    lowest = 1.0
+    for name, (far, tar) in curves.items():
+        x, y = _positive(far, 1.0 - np.asarray(tar, dtype=np.float64))
+        keep = y > 0
+        x, y = x[keep], y[keep]
+        if y.size:
+            lowest = min(lowest, float(y.min()))
+        ax.step(x, y, where="post", label=str(name), linewidth=1.5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(*FAR_RANGE)
+    ax.set_ylim(max(lowest / 2.0, 1e-6), 1.0)
+    ax.set_xlabel("False match rate (FMR)")
+    ax.set_ylabel("False non-match rate (FNMR)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right")
+    return _save_atomic(fig, path)

@@ -1,0 +1,219 @@
+"""Typed training configuration: YAML validated into pydantic models, with dotted command-line overrides.
+
+``load_config("configs/arcface.yaml", ["optim.lr=0.05", "train.steps=2000"])`` reads the file, applies
+each override by the same field names the YAML uses, and validates the result; a typo or a wrong type
+is an error naming the field, never a silently ignored key.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    backbone: str = "mobilefacenet"
+    backbone_args: dict[str, Any] = Field(default_factory=dict)
+    head: str = "arcface"
+    head_args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_components(self) -> "ModelConfig":
+        from facesphere.backbones import BACKBONES
+        from facesphere.heads import HEADS
+
+        for registry, name, kwargs in ((BACKBONES, self.backbone, self.backbone_args), (HEADS, self.head, self.head_args)):
+            try:
+                constructor = registry.get(name)
+            except KeyError as error:
+                raise ValueError(str(error.args[0])) from None
+            _check_kwargs(constructor, kwargs, f"{registry.kind} {name!r}")
+        return self
+
+
+def _check_kwargs(constructor, kwargs: dict[str, Any], what: str) -> None:
+    parameters = inspect.signature(constructor).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
+        accepted = ", ".join(p for p in parameters if p not in ("embedding_size", "num_classes") or what.startswith("backbone"))
+        raise ValueError(f"{what} does not take {unknown}; it accepts: {accepted}")
+
+
+class AugmentSettings(Strict):
+    flip: float = Field(0.5, ge=0, le=1)
+    scale: tuple[float, float] = (1.0, 1.0)
+    translate: float = Field(0.0, ge=0, le=0.5)
+    brightness: float = Field(0.0, ge=0)
+    contrast: float = Field(0.0, ge=0)
+    saturation: float = Field(0.0, ge=0)
+
+
+class SyntheticSettings(Strict):
+    num_identities: int = Field(200, ge=2)
+    samples_per_identity: int = Field(20, ge=2)
+    seed: int = 0
+    difficulty: float = Field(1.0, ge=0)
+    identity_offset: int = Field(0, ge=0)
+
+
+class DataConfig(Strict):
+    kind: Literal["synthetic", "folder", "list"] = "synthetic"
+    root: Path | None = None
+    list_file: Path | None = None
+    image_size: tuple[int, int] | None = None
+    synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    batch_size: int = Field(128, ge=1, description="global batch size, split across processes")
+    num_workers: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _paths(self) -> "DataConfig":
+        if self.kind == "folder" and self.root is None:
+            raise ValueError("data.kind 'folder' needs data.root")
+        if self.kind == "list" and self.list_file is None:
+            raise ValueError("data.kind 'list' needs data.list_file")
+        return self
+
+
+class EvalConfig(Strict):
+    """Held-out verification on synthetic identities disjoint from the training ones."""
+
+    enabled: bool = True
+    num_identities: int = Field(100, ge=2)
+    samples_per_identity: int = Field(10, ge=2)
+    identity_offset: int = Field(1_000_000, ge=0)
+    pairs: int = Field(3000, ge=20, description="genuine + impostor pairs, half each")
+    every_steps: int = Field(0, ge=0, description="0: only at the end")
+    flip: bool = True
+    batch_size: int = Field(256, ge=1)
+
+
+class OptimConfig(Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(5e-4, ge=0)
+    head_weight_decay: float | None = Field(None, ge=0, description="defaults to weight_decay")
+    no_decay_norm_and_bias: bool = True
+
+
+class ScheduleConfig(Strict):
+    kind: Literal["cosine", "step", "poly", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_start_factor: float = Field(0.0, ge=0, le=1)
+    milestones: list[int] = Field(default_factory=list, description="step schedule: steps where lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0)
+    power: float = Field(2.0, gt=0, description="poly schedule exponent")
+    min_lr_factor: float = Field(0.0, ge=0, le=1)
+
+
+class TrainConfig(Strict):
+    steps: int = Field(1000, ge=1)
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    sync_batchnorm: bool = True
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class ExperimentConfig(Strict):
+    name: str = "experiment"
+    output_dir: Path = Path("runs")
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError("name must be a plain folder name")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the field."""
+
+
+def builtin_config_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("facesphere.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str | Path) -> dict[str, Any]:
+    path = Path(source)
+    if not path.exists() and not path.suffix and str(source) in builtin_config_names():
+        text = resources.files("facesphere.configs").joinpath(f"{source}.yaml").read_text()
+    elif path.exists():
+        text = path.read_text()
+    else:
+        raise ConfigError(f"config {str(source)!r} is neither a file nor a built-in ({', '.join(builtin_config_names())})")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.field=value")
+    key, raw = override.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {override!r} has an empty field name")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML file (or built-in config name), apply overrides, validate into an ExperimentConfig."""
+    data = _read_yaml(source) if source is not None else {}
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        lines = [f"  {'.'.join(str(x) for x in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors()]
+        raise ConfigError(f"invalid config {source or '(defaults)'}:\n" + "\n".join(lines)) from None
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

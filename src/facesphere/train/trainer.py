@@ -1,0 +1,350 @@
+"""The training loop: backbone → margin head → cross-entropy, on one process or many (torchrun).
+
+The trainer never knows which head it runs: every head maps (embeddings, labels) to logits for
+``F.cross_entropy``. Data order and augmentation are pure functions of (seed, epoch, index), and the
+checkpoint stores every RNG state, so ``resume`` continues a killed run step for step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from facesphere.backbones import Backbone, build_backbone
+from facesphere.heads import MarginHead, build_head
+from facesphere.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from facesphere.train.config import ExperimentConfig, dump_config
+from facesphere.train.data_setup import build_eval_set, build_train_set
+from facesphere.train.distributed import DistContext, all_reduce_mean, convert_batchnorm, init_distributed
+from facesphere.train.schedules import build_scheduler
+from facesphere.utils.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+class FaceModel(nn.Module):
+    """Backbone and head as one module, so one DDP wrapper synchronises both."""
+
+    def __init__(self, backbone: Backbone, head: MarginHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.head(self.backbone(images), labels)
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int) -> FaceModel:
+    backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_args)
+    head = build_head(cfg.model.head, backbone.embedding_size, num_classes, **cfg.model.head_args)
+    return FaceModel(backbone, head)
+
+
+def _is_no_decay(name: str, parameter: nn.Parameter) -> bool:
+    return parameter.ndim <= 1  # biases, norm scales/shifts, PReLU slopes, learned head scales
+
+
+def build_optimizer(model: FaceModel, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    head_decay = o.weight_decay if o.head_weight_decay is None else o.head_weight_decay
+    groups: dict[tuple[str, float], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        decay = head_decay if name.startswith("head.") else o.weight_decay
+        if o.no_decay_norm_and_bias and _is_no_decay(name, parameter):
+            decay = 0.0
+        groups.setdefault((name.split(".")[0], decay), []).append(parameter)
+    param_groups = [{"params": ps, "weight_decay": decay} for (_, decay), ps in groups.items()]
+    if o.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    return torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas)
+
+
+def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 on CUDA when supported, else fp16 on CUDA, nothing on CPU (eager CPU bf16 training is slower here)."""
+    if setting == "off":
+        return None
+    if setting == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if setting == "bf16" else torch.float16
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_loss: float
+    wall_seconds: float
+    images_per_second: float
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+class MetricsLog:
+    """CSV of per-step metrics (rank 0), truncated to the resumed step so a resume never duplicates rows."""
+
+    FIELDS = ["step", "epoch", "loss", "lr", "images_per_second", "elapsed_seconds"]
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        rows: list[dict[str, str]] = []
+        if resume_step > 0 and path.exists():
+            with open(path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.handle = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.handle, fieldnames=self.FIELDS)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.writer.writerow(row)
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+class Trainer:
+    """Builds data, model, optimiser and schedule from an :class:`ExperimentConfig` and trains."""
+
+    def __init__(self, cfg: ExperimentConfig, ctx: DistContext | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or init_distributed(cfg.train.device)
+        if cfg.data.batch_size % self.ctx.world_size:
+            raise ValueError(f"global batch {cfg.data.batch_size} is not divisible by {self.ctx.world_size} processes")
+        torch.manual_seed(cfg.seed)
+        self.run_dir = cfg.run_dir
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.train_set, self.loader, self.sampler = build_train_set(cfg, self.ctx)
+        self.model = build_model(cfg, self.train_set.num_classes)
+        if self.ctx.distributed and cfg.train.sync_batchnorm:
+            self.model = convert_batchnorm(self.model, self.ctx.device)
+        self.model.to(self.ctx.device)
+        if cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
+        self.amp_dtype = resolve_amp(cfg.train.amp, self.ctx.device)
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "config": self.cfg.model_dump(mode="json"),
+            "num_classes": self.train_set.num_classes,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_classes") != self.train_set.num_classes:
+            raise ValueError(f"checkpoint has {state.get('num_classes')} classes, the data has {self.train_set.num_classes}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def resume(self, source: Path | str | bool = True) -> bool:
+        """Load the latest checkpoint of this run (``True``) or a given path; False when there is none."""
+        path = latest_checkpoint(self.checkpoint_dir) if source is True else Path(source)
+        if path is None:
+            logger.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
+            return False
+        self.load_state_dict(load_checkpoint(path, self.ctx.device))
+        logger.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def save(self) -> Path | None:
+        path = None
+        if self.ctx.is_main:
+            path = save_checkpoint(self.checkpoint_dir, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+        self._barrier()
+        return path
+
+    def _barrier(self) -> None:
+        if self.ctx.distributed:
+            torch.distributed.barrier()
+
+    # ----------------------------------------------------------------------------------------------- loop
+    def _batches(self):
+        per_epoch = len(self.sampler)
+        if per_epoch == 0:
+            raise ValueError("the dataset is smaller than one global batch")
+        epoch, offset = divmod(self.step, per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            self.sampler.set_start_batch(offset)
+            self.train_set.set_epoch(epoch)
+            for batch in self.loader:
+                yield epoch, batch
+            epoch, offset = epoch + 1, 0
+
+    def _train_module(self) -> nn.Module:
+        module: nn.Module = self.model
+        if self.ctx.distributed:
+            module = DistributedDataParallel(module, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None)
+        if self.cfg.train.compile:
+            module = torch.compile(module)
+        return module
+
+    def fit(self) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+        metrics = MetricsLog(self.run_dir / "metrics.csv", self.step) if ctx.is_main else None
+        writer = self._tensorboard() if ctx.is_main else None
+        module = self._train_module()
+        module.train()
+        head = self.model.head
+        device_type = ctx.device.type
+        start_step, start_time = self.step, time.perf_counter()
+        window_time, window_images = start_time, 0
+        loss_value = math.nan
+        progress = _Progress(cfg.train.steps, start_step, enabled=ctx.is_main and cfg.train.progress)
+        try:
+            for epoch, (images, labels) in self._batches():
+                if self.step >= cfg.train.steps:
+                    break
+                images = images.to(ctx.device, non_blocking=True)
+                labels = labels.to(ctx.device, non_blocking=True)
+                if cfg.train.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                head.update(self.step)
+                autocast = torch.autocast(device_type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+                with autocast:
+                    logits = module(images, labels)
+                loss = F.cross_entropy(logits, labels)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower the lr or check the data")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if cfg.train.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.scheduler.step()
+                self.step += 1
+                window_images += images.shape[0] * ctx.world_size
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    loss_value = all_reduce_mean(loss.detach().float(), ctx).item()
+                    now = time.perf_counter()
+                    speed = window_images / max(now - window_time, 1e-9)
+                    window_time, window_images = now, 0
+                    if metrics is not None:
+                        metrics.write({"step": self.step, "epoch": epoch, "loss": f"{loss_value:.8f}", "lr": f"{lr:.8g}",
+                                       "images_per_second": f"{speed:.2f}", "elapsed_seconds": f"{now - start_time:.3f}"})
+                    if writer is not None:
+                        writer.add_scalar("train/loss", loss_value, self.step)
+                        writer.add_scalar("train/lr", lr, self.step)
+                        writer.add_scalar("train/images_per_second", speed, self.step)
+                    progress.update(self.step, loss_value, lr, speed)
+                if self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.steps:
+                    self.save()
+                if cfg.eval.enabled and cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.train.steps:
+                    self._evaluate(writer, plot=False)
+                    module.train()
+        finally:
+            progress.close()
+            if metrics is not None:
+                metrics.close()
+        wall = time.perf_counter() - start_time
+        checkpoint = self.save()
+        trained_images = (self.step - start_step) * cfg.data.batch_size
+        result = TrainResult(self.run_dir, self.step, loss_value, wall, trained_images / max(wall, 1e-9), checkpoint=checkpoint)
+        if cfg.eval.enabled:
+            result.evaluation = self._evaluate(writer, plot=True)
+        if writer is not None:
+            writer.close()
+        return result
+
+    def _tensorboard(self):
+        if not self.cfg.train.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
+            logger.warning("tensorboard is not importable; metrics go to metrics.csv only")
+            return None
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def _evaluate(self, writer, plot: bool) -> dict[str, Any]:
+        """Verification on held-out synthetic identities (rank 0); others wait."""
+        report: dict[str, Any] = {}
+        if self.ctx.is_main:
+            from facesphere.train.evaluation import evaluate_verification
+
+            report = evaluate_verification(self.model.backbone, build_eval_set(self.cfg), self.cfg, self.ctx.device,
+                                           self.run_dir if plot else None, self.amp_dtype)
+            report["step"] = self.step
+            if writer is not None:
+                writer.add_scalar("eval/accuracy", report["accuracy_mean"], self.step)
+            logger.info("step %d held-out verification accuracy %.4f ± %.4f", self.step, report["accuracy_mean"], report["accuracy_std"])
+            if plot:
+                atomic_write_text(self.run_dir / "evaluation.json", json.dumps(report, indent=2))
+        self._barrier()
+        return report
+
+
+class _Progress:
+    """A rich progress bar with loss, lr and images/s on a terminal; periodic log lines otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress = None
+        self.last_log = time.perf_counter()
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if console.is_terminal:
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[status]}"), console=console)
+            self.task = self.progress.add_task("train", total=total, completed=start, status="")
+            self.progress.start()
+
+    def update(self, step: int, loss: float, lr: float, speed: float) -> None:
+        if not self.enabled:
+            return
+        status = f"loss {loss:.4f}  lr {lr:.4g}  {speed:.0f} img/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, status=status)
+        elif time.perf_counter() - self.last_log > 10:
+            self.last_log = time.perf_counter()
+            logger.info("step %d  %s", step, status)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

@@ -1,0 +1,1 @@
+"""Small cross-cutting utilities (allocator tuning, atomic files, logging, machine description)."""
