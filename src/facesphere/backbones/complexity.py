@@ -36,13 +36,13 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _conv_madds(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> int:
+def _conv_madds(module: nn.Module, output: Tensor) -> int:
     # Each output element takes (C_in / groups) * prod(kernel) multiply-adds, whatever the stride/padding.
     per_image = output.numel() // output.shape[0]
     return per_image * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
 
-def _linear_madds(module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> int:
+def _linear_madds(module: nn.Linear, output: Tensor) -> int:
     per_image = output.numel() // output.shape[0] if output.ndim > 1 else output.numel()
     return per_image * module.in_features
 
@@ -73,9 +73,9 @@ def count_complexity(model: nn.Module, input_size: Sequence[int] | None = None) 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         nonlocal total
         if isinstance(module, _COUNTED_CONVS):
-            total += _conv_madds(module, inputs, output)
+            total += _conv_madds(module, output)
         else:
-            total += _linear_madds(module, inputs, output)
+            total += _linear_madds(module, output)
 
     handles = [
         m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COUNTED_CONVS + (nn.Linear,))

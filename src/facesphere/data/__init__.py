@@ -1,0 +1,119 @@
+"""The data layer: image decoding, augmentation, data sets (synthetic, folder, list), batch sampling, loaders.
+
+Every data set returns ``(image, label)`` with ``image`` a float32 (3, H, W) RGB tensor normalised as
+(x - 127.5) / 128 and ``label`` an int in [0, num_classes); it exposes ``num_classes``, ``labels``
+(numpy int64, one per index, without decoding), ``image_size`` (H, W) and ``set_epoch(epoch)``.
+Random augmentation is a pure function of (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from facesphere.data.folders import IMAGE_EXTENSIONS, ImageFilesDataset, ImageFolderDataset
+from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, to_tensor, to_uint8
+from facesphere.data.lists import ImageListDataset, ListFileError, parse_list_file
+from facesphere.data.sampler import GlobalBatchSampler
+from facesphere.data.synthetic import (
+    FaceIdentity,
+    FaceVariation,
+    SyntheticFaces,
+    contact_sheet,
+    face_identity,
+    face_variation,
+    render_face,
+    write_image_folder,
+)
+from facesphere.data.transforms import (
+    AugmentConfig,
+    ColorJitter,
+    Compose,
+    HorizontalFlip,
+    ScaleTranslate,
+    as_transform,
+    augment_rng,
+    resize_to,
+)
+
+__all__ = [
+    "AugmentConfig",
+    "ColorJitter",
+    "Compose",
+    "DEFAULT_MAX_PIXELS",
+    "FaceIdentity",
+    "FaceVariation",
+    "GlobalBatchSampler",
+    "HorizontalFlip",
+    "IMAGE_EXTENSIONS",
+    "ImageError",
+    "ImageFilesDataset",
+    "ImageFolderDataset",
+    "ImageListDataset",
+    "ListFileError",
+    "ScaleTranslate",
+    "SyntheticFaces",
+    "as_transform",
+    "augment_rng",
+    "build_loader",
+    "contact_sheet",
+    "face_identity",
+    "face_variation",
+    "load_image",
+    "parse_list_file",
+    "render_face",
+    "resize_to",
+    "set_loader_epoch",
+    "to_tensor",
+    "to_uint8",
+    "write_image_folder",
+]
+
+
+def _worker_init(worker_id: int) -> None:
+    """One intra-op thread per worker: workers already run in parallel, more threads only oversubscribe.
+
+    No seeding is needed: augmentation is derived from (seed, epoch, index), never from worker state."""
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def build_loader(
+    dataset: Dataset,
+    sampler: Sampler[list[int]],
+    num_workers: int,
+    pin_memory: bool = False,
+    persistent_workers: bool | None = None,
+    prefetch_factor: int | None = None,
+    multiprocessing_context: Any = None,
+) -> DataLoader:
+    """A DataLoader driven by a batch sampler (e.g. ``GlobalBatchSampler``).
+
+    ``persistent_workers`` defaults to True whenever there are workers (they keep their per-process
+    caches across epochs; data sets share their epoch counter with them, so ``set_epoch`` still
+    reaches them). Call ``set_loader_epoch(loader, epoch)`` before iterating each epoch.
+    """
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if persistent_workers is None:
+        persistent_workers = num_workers > 0
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs["worker_init_fn"] = _worker_init
+        kwargs["persistent_workers"] = bool(persistent_workers)
+        if prefetch_factor is not None:
+            kwargs["prefetch_factor"] = prefetch_factor
+        if multiprocessing_context is not None:
+            kwargs["multiprocessing_context"] = multiprocessing_context
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Call ``set_epoch`` on the loader's data set and batch sampler (whichever have it)."""
+    for part in (loader.dataset, loader.batch_sampler, loader.sampler):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)

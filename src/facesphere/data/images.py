@@ -72,7 +72,9 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(path, f"refused as a decompression bomb: {error}") from None
     except UnidentifiedImageError:
-        raise ImageError(path, "not a recognised image format") from None
+        if _size_or_none(path) == 0:
+            raise ImageError(path, "empty file (0 bytes)") from None
+        raise ImageError(path, "not a recognised image format (or a corrupt header)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated"), SyntaxError
         # (broken PNG chunks) or ValueError; the original message is kept as the reason.
@@ -80,6 +82,13 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         if "truncated" in reason.lower():
             reason = f"truncated file ({reason})"
         raise ImageError(path, f"cannot decode: {reason}") from None
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def _upright(image: Image.Image, path: Path) -> Image.Image:

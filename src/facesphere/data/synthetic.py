@@ -67,16 +67,20 @@ _FRAME_COLORS = np.array([[20, 20, 20], [90, 55, 30], [170, 170, 175], [140, 30,
 # --------------------------------------------------------------------------------------------- traits
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FaceIdentity:
     """The fixed traits of one identity, in face units (face half-width = 1, y down, origin mid-face)."""
 
     outline: np.ndarray  # (K, 2) head outline polygon
+    beard_shape: np.ndarray | None  # (B, 2) beard polygon, None without a full beard
     skin: Color
     skin_shadow: Color
+    blush: Color | None
     lip: Color
+    lip_line: Color
     hair: Color
     brow: Color
+    lash: Color
     iris: Color
     eye_x: float
     eye_y: float
@@ -98,6 +102,7 @@ class FaceIdentity:
     mouth_curve: float
     ear_size: float
     ear_y: float
+    top: float  # head top at y = -top
     chin_y: float
     hair_style: int  # 0 shaved, 1 crop, 2 side part, 3 long, 4 curly, 5 receding
     hairline: float
@@ -106,12 +111,10 @@ class FaceIdentity:
     glasses: int  # 0 none, 1 round, 2 rectangular
     frame: Color
     frame_thick: int
-    beard: int  # 0 none, 1 full, 2 goatee
-    beard_top: float
+    goatee: bool
     moustache: bool
     freckles: np.ndarray  # (F, 2) positions, possibly empty
     mole: tuple[float, float] | None
-    blush: bool
 
 
 def _mix(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
@@ -125,29 +128,36 @@ def _tone(palette: np.ndarray, t: float) -> np.ndarray:
     return _mix(palette[i], palette[i + 1], position - i)
 
 
-def _rgb(values: np.ndarray) -> Color:
-    clipped = np.clip(values, 0, 255)
-    return (float(clipped[0]), float(clipped[1]), float(clipped[2]))
+def _rgb(values) -> Color:
+    r, g, b = (min(255.0, max(0.0, float(v))) for v in values)
+    return (r, g, b)
 
 
 def _outline(rng: np.random.Generator) -> tuple[np.ndarray, float, float]:
-    """Head outline: a superellipse top with a tapered jaw and a chin of random width and depth."""
-    top = rng.uniform(1.22, 1.45)
-    bottom = rng.uniform(1.12, 1.38)
-    square = rng.uniform(2.0, 3.0)
-    taper = rng.uniform(0.12, 0.38)
-    chin_width = rng.uniform(0.25, 0.6)
+    """Head outline: superellipse halves (cranium, jaw) with a jaw that narrows towards the chin."""
+    top = rng.uniform(1.22, 1.42)
+    bottom = rng.uniform(1.12, 1.36)
+    n_top = rng.uniform(2.0, 2.5)
+    n_jaw = rng.uniform(1.9, 2.8)
+    taper = rng.uniform(0.1, 0.35)
     t = np.linspace(0.0, 2.0 * math.pi, 48, endpoint=False)
     c, s = np.cos(t), np.sin(t)
-    x = np.sign(c) * np.abs(c) ** (2.0 / square)
-    y = np.sign(s) * np.abs(s) ** (2.0 / square)
     lower = s > 0
-    # Narrow the jaw progressively towards the chin, flattening the chin by chin_width.
-    narrow = 1.0 - taper * np.where(lower, np.abs(s) ** 1.5, 0.0)
-    x = x * narrow
-    x = np.where(lower & (np.abs(x) < chin_width * 0.5), x * 0.9, x)
-    y = np.where(lower, y * bottom, y * top)
+    exponent = np.where(lower, 2.0 / n_jaw, 2.0 / n_top)
+    x = np.sign(c) * np.abs(c) ** exponent
+    y = np.sign(s) * np.abs(s) ** exponent
+    x = x * (1.0 - taper * np.where(lower, s**2, 0.0))
+    y = y * np.where(lower, bottom, top)
     return np.stack([x, y], axis=1), top, bottom
+
+
+def _beard(outline: np.ndarray, beard_top: float, mouth_y: float) -> np.ndarray:
+    """Beard polygon: the jaw outline below ``beard_top`` closed by a curve that dips under the mouth."""
+    jaw = outline[outline[:, 1] > beard_top]  # ordered right -> chin -> left
+    edge = 0.95 * min(abs(jaw[0, 0]), abs(jaw[-1, 0]))
+    x = np.linspace(-edge, edge, 9)
+    y = beard_top + (mouth_y + 0.06 - beard_top) * (1.0 - (x / edge) ** 2) ** 0.6
+    return np.concatenate([jaw, np.stack([x, y], axis=1)])
 
 
 @functools.lru_cache(maxsize=16384)
@@ -166,21 +176,28 @@ def face_identity(seed: int, identity: int) -> FaceIdentity:
 
     style = int(rng.choice(6, p=[0.08, 0.27, 0.2, 0.22, 0.11, 0.12]))
     glasses = int(rng.choice(3, p=[0.72, 0.14, 0.14]))
-    beard = int(rng.choice(3, p=[0.8, 0.12, 0.08]))
+    beard = int(rng.choice(3, p=[0.8, 0.12, 0.08]))  # none, full, goatee
     moustache = bool(rng.random() < (0.6 if beard else 0.1))
     n_freckles = int(rng.integers(10, 30)) if rng.random() < 0.15 else 0
     fx = rng.uniform(0.25, 0.8, n_freckles) * rng.choice([-1.0, 1.0], n_freckles)
     fy = rng.uniform(0.0, 0.5, n_freckles)
     mole = (float(rng.uniform(-0.7, 0.7)), float(rng.uniform(-0.4, 0.9))) if rng.random() < 0.3 else None
+    blush = rng.random() < 0.3
 
     eye_w = rng.uniform(0.14, 0.22)
+    mouth_y = rng.uniform(0.72, 0.95)
+    beard_top = rng.uniform(0.15, 0.5)
     return FaceIdentity(
         outline=outline,
+        beard_shape=_beard(outline, beard_top, mouth_y) if beard == 1 else None,
         skin=_rgb(skin),
         skin_shadow=_rgb(skin * rng.uniform(0.62, 0.78)),
+        blush=_rgb(_mix(skin, np.array([215, 110, 110.0]), 0.22)) if blush else None,
         lip=_rgb(lip),
+        lip_line=_rgb(lip * 0.55),
         hair=_rgb(hair),
         brow=_rgb(brow),
+        lash=_rgb(brow * 0.6),
         iris=_rgb(iris),
         eye_x=rng.uniform(0.34, 0.47),
         eye_y=rng.uniform(-0.3, -0.06),
@@ -196,12 +213,13 @@ def face_identity(seed: int, identity: int) -> FaceIdentity:
         nose_y=rng.uniform(0.3, 0.55),
         nose_w=rng.uniform(0.11, 0.23),
         nose_side=float(rng.choice([-1.0, 1.0])),
-        mouth_y=rng.uniform(0.72, 0.95),
+        mouth_y=mouth_y,
         mouth_w=rng.uniform(0.24, 0.42),
         lip_thick=rng.uniform(0.03, 0.085),
         mouth_curve=rng.uniform(-0.03, 0.05),
         ear_size=rng.uniform(0.8, 1.25),
         ear_y=rng.uniform(0.0, 0.2),
+        top=top,
         chin_y=bottom,
         hair_style=style,
         hairline=-top * rng.uniform(0.45, 0.75),
@@ -210,12 +228,10 @@ def face_identity(seed: int, identity: int) -> FaceIdentity:
         glasses=glasses,
         frame=_rgb(_FRAME_COLORS[rng.integers(len(_FRAME_COLORS))]),
         frame_thick=int(rng.integers(1, 3)),
-        beard=beard,
-        beard_top=rng.uniform(0.2, 0.55),
+        goatee=beard == 2,
         moustache=moustache,
         freckles=np.stack([fx, fy], axis=1) if n_freckles else np.zeros((0, 2)),
         mole=mole,
-        blush=bool(rng.random() < 0.3),
     )
 
 
@@ -249,44 +265,49 @@ class FaceVariation:
     noise_seed: int
 
 
-_NEUTRAL_BG = np.array([128.0, 128.0, 128.0])
-_NEUTRAL_CLOTHES = np.array([70.0, 80.0, 95.0])
+def _clip(value: float, lo: float, hi: float) -> float:
+    return lo if value < lo else hi if value > hi else value
 
 
 def face_variation(seed: int, identity: int, sample: int, difficulty: float = 1.0) -> FaceVariation:
-    """The conditions of ``sample`` of global ``identity`` (pure); ``difficulty`` scales every spread."""
+    """The conditions of ``sample`` of global ``identity`` (pure); ``difficulty`` scales every spread.
+
+    All randomness comes from two vectorised draws (plain Python floats afterwards), which keeps this
+    cheap enough to call for every rendered image."""
     rng = np.random.default_rng([_SAMPLE_STREAM, int(seed), int(identity), int(sample)])
     d = float(difficulty)
     m = min(d, 1.0)
-    u = rng.uniform(-1.0, 1.0, 6)
-    n = rng.standard_normal(12)
-    background = _mix(_NEUTRAL_BG, rng.uniform(20, 235, 3), m)
-    clutter = tuple(
-        (int(rng.integers(2)), tuple(rng.uniform(0, 1, 4)), _rgb(_mix(background, rng.uniform(0, 255, 3), 0.6 * m)))
-        for _ in range(int(rng.integers(0, 4)) if m > 0 else 0)
-    )
+    n = rng.standard_normal(12).tolist()
+    u = rng.random(41).tolist()
+    background = [128.0 + (20.0 + 215.0 * u[i] - 128.0) * m for i in (0, 1, 2)]
+    clutter = []
+    for k in range(int(u[3] * 4) if m > 0 else 0):
+        base = 4 + 8 * k  # u[4:28]: up to three shapes, 8 numbers each
+        color = [bg + (255.0 * u[base + 5 + c] - bg) * 0.6 * m for c, bg in enumerate(background[:3])]
+        clutter.append((int(u[base] < 0.5), (u[base + 1], u[base + 2], u[base + 3], u[base + 4]), _rgb(color)))
+    clothing = [70.0 + (10.0 + 235.0 * u[28] - 70.0) * m, 80.0 + (10.0 + 235.0 * u[29] - 80.0) * m, 95.0 + (10.0 + 235.0 * u[30] - 95.0) * m]
     return FaceVariation(
-        roll=float(np.clip(n[0] * 7.0 * d, -25, 25)),
-        scale=float(math.exp(np.clip(n[1] * 0.07 * d, -0.25, 0.25))),
-        shift=(float(n[2] * 0.035 * d), float(n[3] * 0.035 * d)),
-        yaw=float(u[0] * 0.5 * d),
-        pitch=float(u[1] * 0.08 * d),
-        smile=float(n[4] * 0.05 * d),
-        mouth_open=float(max(0.0, n[5] * 0.09 * d - 0.03 * d)),
-        eye_open=float(np.clip(1.0 - abs(n[6]) * 0.25 * d, 0.05, 1.0)),
-        brow_raise=float(n[7] * 0.035 * d),
-        gaze=(float(u[2] * 0.35 * d), float(u[3] * 0.15 * d)),
-        gain=float(math.exp(np.clip(n[8] * 0.25 * d, -0.7, 0.6))),
-        cast=tuple(float(math.exp(v * 0.1 * d)) for v in n[9:12]),
-        light_angle=float(rng.uniform(0.0, 2.0 * math.pi)),
-        light_strength=float(rng.uniform(0.0, 0.9) * m),
+        roll=_clip(n[0] * 7.0 * d, -25.0, 25.0),
+        scale=math.exp(_clip(n[1] * 0.07 * d, -0.25, 0.25)),
+        shift=(n[2] * 0.035 * d, n[3] * 0.035 * d),
+        yaw=(2.0 * u[31] - 1.0) * 0.5 * d,
+        pitch=(2.0 * u[32] - 1.0) * 0.08 * d,
+        smile=n[4] * 0.05 * d,
+        mouth_open=max(0.0, n[5] * 0.09 * d - 0.03 * d),
+        eye_open=_clip(1.0 - abs(n[6]) * 0.25 * d, 0.05, 1.0),
+        brow_raise=n[7] * 0.035 * d,
+        gaze=((2.0 * u[33] - 1.0) * 0.35 * d, (2.0 * u[34] - 1.0) * 0.15 * d),
+        gain=math.exp(_clip(n[8] * 0.25 * d, -0.7, 0.6)),
+        cast=(math.exp(n[9] * 0.1 * d), math.exp(n[10] * 0.1 * d), math.exp(n[11] * 0.1 * d)),
+        light_angle=2.0 * math.pi * u[35],
+        light_strength=0.9 * m * u[36],
         background=_rgb(background),
-        clutter=clutter,
-        clothing=_rgb(_mix(_NEUTRAL_CLOTHES, rng.uniform(10, 245, 3), m)),
-        glasses_off=bool(rng.random() < 0.12 * m),
-        blur=float(rng.uniform(0.0, 1.3 * d) if rng.random() < 0.6 else 0.0),
-        noise=float(rng.uniform(0.0, 6.0 * d)),
-        noise_seed=int(rng.integers(2**63)),
+        clutter=tuple(clutter),
+        clothing=_rgb(clothing),
+        glasses_off=u[37] < 0.12 * m,
+        blur=1.3 * d * u[38] / 0.6 if u[38] < 0.6 else 0.0,
+        noise=6.0 * d * u[39],
+        noise_seed=int(u[40] * 2**52),
     )
 
 
@@ -303,12 +324,11 @@ class _Canvas:
         self.cos, self.sin = math.cos(theta) * unit, math.sin(theta) * unit
         self.cx, self.cy = center
         self.roll = roll_deg
+        self._matrix = np.array([[self.cos, self.sin], [-self.sin, self.cos]]) * _ONE
+        self._offset = np.array([self.cx, self.cy]) * _ONE
 
     def points(self, xy: np.ndarray) -> np.ndarray:
-        x, y = xy[..., 0], xy[..., 1]
-        px = self.cx + self.cos * x - self.sin * y
-        py = self.cy + self.sin * x + self.cos * y
-        return np.rint(np.stack([px, py], axis=-1) * _ONE).astype(np.int32)
+        return np.rint(xy @ self._matrix + self._offset).astype(np.int32)
 
     def point(self, x: float, y: float) -> tuple[int, int]:
         return (
@@ -334,9 +354,13 @@ class _Canvas:
 
 
 def _yaw_x(x: np.ndarray | float, yaw: float, depth: float = 1.0):
-    """Cylindrical projection: a feature at x on a cylinder of radius ``depth`` seen after turning by ``yaw``."""
-    u = np.clip(np.asarray(x, dtype=np.float64) / depth, -0.999, 0.999)
-    phi = np.arcsin(u)
+    """Cylindrical projection: a feature at x on a cylinder of radius ``depth`` seen after turning by ``yaw``.
+
+    Returns the projected x and the local horizontal foreshortening factor."""
+    if isinstance(x, (float, int)):
+        phi = math.asin(max(-0.999, min(0.999, x / depth)))
+        return depth * math.sin(phi + yaw), math.cos(phi + yaw) / math.cos(phi)
+    phi = np.arcsin(np.minimum(np.maximum(np.asarray(x, dtype=np.float64) / depth, -0.999), 0.999))
     return depth * np.sin(phi + yaw), np.cos(phi + yaw) / np.cos(phi)
 
 
@@ -348,13 +372,34 @@ def _grids(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
 
 _T9 = np.linspace(-1.0, 1.0, 9)
 _T7 = np.linspace(-1.0, 1.0, 7)
+_BROW_TAPER = 1.0 - 0.45 * (_T7 + 1.0) / 2.0  # brows thin towards the outer end
+_SCLERA = (238.0, 234.0, 228.0)
+_PUPIL = (15.0, 12.0, 12.0)
+_MOUTH_INSIDE = (70.0, 25.0, 30.0)
+_TEETH = (230.0, 225.0, 215.0)
+_MOLE = (60.0, 40.0, 35.0)
+
+
+def _band(x: np.ndarray, y_top: np.ndarray, y_bottom: np.ndarray) -> np.ndarray:
+    """Closed polygon between two curves sampled at the same x: top left->right, bottom right->left."""
+    n = len(x)
+    pts = np.empty((2 * n, 2))
+    pts[:n, 0] = x
+    pts[:n, 1] = y_top
+    pts[n:, 0] = x[::-1]
+    pts[n:, 1] = y_bottom[::-1]
+    return pts
+
+
+def _quad(x0: float, y0: float, x1: float, y1: float, x2: float, y2: float, x3: float, y3: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y1], [x2, y2], [x3, y3]])
 
 
 def render_face(face: FaceIdentity, var: FaceVariation, image_size: tuple[int, int] = (112, 112)) -> np.ndarray:
     """Render one HxWx3 uint8 RGB image of ``face`` under conditions ``var``."""
     height, width = int(image_size[0]), int(image_size[1])
     image = np.empty((height, width, 3), dtype=np.uint8)
-    image[:] = np.asarray(var.background, dtype=np.float64).round().astype(np.uint8)
+    image[:] = [int(round(v)) for v in var.background]
     for kind, (a, b, c, e), color in var.clutter:
         if kind == 0:
             cv2.rectangle(image, (int(a * width), int(b * height)), (int(c * width), int(e * height)), color, -1)
@@ -375,37 +420,34 @@ def render_face(face: FaceIdentity, var: FaceVariation, image_size: tuple[int, i
 
     # Clothing, neck, ears, head.
     cv.ellipse(0.0, face.chin_y + 1.35, 2.3, 0.95, var.clothing)
-    neck_w = 0.5
-    cv.fill(np.array([[-neck_w, 0.6], [neck_w, 0.6], [neck_w * 1.1, face.chin_y + 0.75], [-neck_w * 1.1, face.chin_y + 0.75]]), face.skin_shadow)
+    cv.fill(_quad(-0.5, 0.6, 0.5, 0.6, 0.55, face.chin_y + 0.75, -0.55, face.chin_y + 0.75), face.skin_shadow)
     for side in (-1.0, 1.0):
         ex = side * (0.98 - 0.45 * yaw * side)
-        cv.ellipse(ex, face.ear_y + pitch, 0.14 * face.ear_size * (1 - 0.6 * yaw * side), 0.27 * face.ear_size, face.skin_shadow)
-        cv.ellipse(ex + side * 0.02, face.ear_y + pitch, 0.08 * face.ear_size * (1 - 0.6 * yaw * side), 0.18 * face.ear_size, face.skin)
+        squash = 1.0 - 0.6 * yaw * side
+        cv.ellipse(ex, face.ear_y + pitch, 0.14 * face.ear_size * squash, 0.27 * face.ear_size, face.skin_shadow)
+        cv.ellipse(ex + side * 0.02, face.ear_y + pitch, 0.08 * face.ear_size * squash, 0.18 * face.ear_size, face.skin)
     cv.fill(face.outline, face.skin)
 
-    # Beard: the part of the head outline below beard_top, drawn before the mouth.
-    if face.beard == 1:
-        lower = face.outline[face.outline[:, 1] > face.beard_top]
-        cv.fill(lower, face.hair)
-    elif face.beard == 2:
-        mx, _ = _yaw_x(0.0, yaw, 1.2)
-        cv.ellipse(float(mx), face.chin_y - 0.2, 0.28, 0.28, face.hair, start=0, end=180)
-
+    if face.beard_shape is not None:
+        cv.fill(face.beard_shape, face.hair)
+    elif face.goatee:
+        gx, _ = _yaw_x(0.0, yaw, 1.2)
+        cv.ellipse(gx, face.chin_y - 0.22, 0.26, 0.22, face.hair, start=0, end=180)
     _draw_hair(cv, face, yaw)
 
-    if face.blush:
+    if face.blush is not None:
         for side in (-1.0, 1.0):
             bx, bs = _yaw_x(side * 0.55, yaw)
-            cv.ellipse(float(bx), 0.32 + pitch, 0.16 * float(bs), 0.1, _rgb(_mix(np.array(face.skin), np.array([215, 110, 110.0]), 0.22)))
+            cv.ellipse(bx, 0.32 + pitch, 0.16 * bs, 0.1, face.blush)
     if len(face.freckles):
         fx, _ = _yaw_x(face.freckles[:, 0], yaw)
         pts = cv.points(np.stack([fx, face.freckles[:, 1] + pitch], axis=1))
         radius = max(1, int(0.022 * unit * _ONE))
-        for p in pts:
-            cv2.circle(image, (int(p[0]), int(p[1])), radius, face.skin_shadow, -1, _AA, _SHIFT)
+        for p in pts.tolist():
+            cv2.circle(image, (p[0], p[1]), radius, face.skin_shadow, -1, _AA, _SHIFT)
     if face.mole is not None:
         mx, _ = _yaw_x(face.mole[0], yaw)
-        cv.ellipse(float(mx), face.mole[1] + pitch, 0.03, 0.03, (60.0, 40.0, 35.0))
+        cv.ellipse(mx, face.mole[1] + pitch, 0.03, 0.03, _MOLE)
 
     _draw_nose(cv, face, yaw, pitch)
     _draw_eyes(cv, face, var, yaw, pitch)
@@ -419,77 +461,69 @@ def render_face(face: FaceIdentity, var: FaceVariation, image_size: tuple[int, i
 def _draw_hair(cv: _Canvas, face: FaceIdentity, yaw: float) -> None:
     if face.hair_style == 0:
         return
-    top = float(-face.outline[:, 1].min())
     hl = face.hairline
     dx = 0.12 * yaw
     vol = face.hair_volume if face.hair_style != 5 else face.hair_volume * 0.4
     # Cap: the upper half of an ellipse from the hairline to above the skull.
-    cv.ellipse(dx, hl, 1.04 + vol * 0.3, (hl + top) + vol, face.hair, start=180, end=360)
-    # Sideburns down the temples.
-    for side in (-1.0, 1.0):
-        cv.fill(np.array([[side * 1.04, hl - 0.05], [side * 0.86, hl - 0.05], [side * 0.9, hl + 0.42], [side * 1.0, hl + 0.42]]), face.hair)
+    cv.ellipse(dx, hl, 1.04 + vol * 0.3, (hl + face.top) + vol, face.hair, start=180, end=360)
+    for side in (-1.0, 1.0):  # sideburns down the temples
+        cv.fill(_quad(side * 1.04, hl - 0.05, side * 0.86, hl - 0.05, side * 0.9, hl + 0.42, side * 1.0, hl + 0.42), face.hair)
     if face.hair_style == 2:  # side part with a fringe sweeping across the forehead
         p = face.hair_part
         px, _ = _yaw_x(p, yaw)
-        cv.fill(np.array([[float(px), hl - 0.3], [-0.95 * np.sign(p or 1.0), hl - 0.1], [-0.85 * np.sign(p or 1.0), hl + 0.22], [float(px) * 0.3, hl + 0.05]]), face.hair)
+        away = -1.0 if p >= 0 else 1.0
+        cv.fill(_quad(px, hl - 0.3, 0.95 * away, hl - 0.1, 0.85 * away, hl + 0.22, px * 0.3, hl + 0.05), face.hair)
     elif face.hair_style == 4:  # curls along the hairline
         xs, _ = _yaw_x(np.linspace(-0.85, 0.85, 7), yaw)
-        for x in xs:
-            cv.ellipse(float(x), hl, 0.15, 0.12, face.hair)
+        for x in xs.tolist():
+            cv.ellipse(x, hl, 0.15, 0.12, face.hair)
     elif face.hair_style == 5:  # receding: skin bays at the temples
         for side in (-1.0, 1.0):
             rx, _ = _yaw_x(side * 0.42, yaw)
-            cv.ellipse(float(rx), hl, 0.3, 0.28, face.skin, start=180, end=360)
+            cv.ellipse(rx, hl, 0.3, 0.28, face.skin, start=180, end=360)
     elif face.hair_style == 3:  # long hair framing the face
         for side in (-1.0, 1.0):
-            cv.fill(np.array([[side * 1.04, hl], [side * 0.88, hl], [side * 0.95, 0.5], [side * 1.15, 0.9]]), face.hair)
+            cv.fill(_quad(side * 1.04, hl, side * 0.88, hl, side * 0.95, 0.5, side * 1.15, 0.9), face.hair)
 
 
 def _draw_nose(cv: _Canvas, face: FaceIdentity, yaw: float, pitch: float) -> None:
     ny = face.nose_y + pitch * 1.3
     tip, scale = _yaw_x(0.0, yaw, 1.35)
-    tip, scale = float(tip), float(scale)
     bridge, _ = _yaw_x(face.nose_side * 0.09, yaw, 1.2)
-    cv.line(float(bridge), face.eye_y + 0.12 + pitch, tip + face.nose_side * face.nose_w * 0.55 * scale, ny - 0.1, face.skin_shadow)
+    cv.line(bridge, face.eye_y + 0.12 + pitch, tip + face.nose_side * face.nose_w * 0.55 * scale, ny - 0.1, face.skin_shadow)
     for side in (-1.0, 1.0):
         nx, ns = _yaw_x(side * face.nose_w * 0.5, yaw, 1.3)
-        cv.ellipse(float(nx), ny, 0.055 * float(ns), 0.03, face.skin_shadow, angle=side * 20)
+        cv.ellipse(nx, ny, 0.055 * ns, 0.03, face.skin_shadow, angle=side * 20)
     cv.ellipse(tip, ny - 0.03, face.nose_w * 0.45 * scale, 0.07, face.skin_shadow, start=20, end=160)
 
 
 def _draw_eyes(cv: _Canvas, face: FaceIdentity, var: FaceVariation, yaw: float, pitch: float) -> None:
     ey = face.eye_y + pitch
+    h = face.eye_h * var.eye_open
+    r = face.iris_r
     for side in (-1.0, 1.0):
         x, s = _yaw_x(side * face.eye_x, yaw)
-        x, s = float(x), float(s)
         w = face.eye_w * s
-        h = face.eye_h * var.eye_open
         tilt = -side * face.eye_tilt
-        lash = _rgb(np.array(face.brow) * 0.6)
-        if var.eye_open < 0.25:
-            cv.ellipse(x, ey, w, max(h, 0.01), lash, angle=tilt, start=0, end=180, thickness=1)
+        if var.eye_open < 0.25:  # blink: just the lid line
+            cv.ellipse(x, ey, w, max(h, 0.01), face.lash, angle=tilt, start=0, end=180, thickness=1)
             continue
-        cv.ellipse(x, ey, w, h, (238.0, 234.0, 228.0), angle=tilt)
+        cv.ellipse(x, ey, w, h, _SCLERA, angle=tilt)
         gx = x + var.gaze[0] * w
         gy = ey + var.gaze[1] * h
-        r = face.iris_r
         cv.ellipse(gx, gy, r * s, min(r, h * 0.95), face.iris)
-        cv.ellipse(gx, gy, r * 0.45 * s, min(r * 0.45, h * 0.8), (15.0, 12.0, 12.0))
-        cv.ellipse(x, ey, w * 1.05, h * 1.05, lash, angle=tilt, start=180, end=360, thickness=1)
+        cv.ellipse(gx, gy, r * 0.45 * s, min(r * 0.45, h * 0.8), _PUPIL)
+        cv.ellipse(x, ey, w * 1.05, h * 1.05, face.lash, angle=tilt, start=180, end=360, thickness=1)
 
 
 def _draw_brows(cv: _Canvas, face: FaceIdentity, var: FaceVariation, yaw: float, pitch: float) -> None:
     base = face.eye_y + pitch - face.eye_h - face.brow_gap - var.brow_raise
     half = face.eye_w * face.brow_len
-    thick = face.brow_thick * (1.0 - 0.45 * np.clip((_T7 + 1) / 2, 0, 1))  # tapers towards the outer end
+    half_thick = 0.5 * face.brow_thick * _BROW_TAPER
+    y = base - face.brow_arch * (1 - _T7**2) - face.brow_slant * _T7  # _T7: -1 inner end, +1 outer end
     for side in (-1.0, 1.0):
-        t = _T7  # -1 inner end, +1 outer end
-        x = side * (face.eye_x + t * half)
-        y = base - face.brow_arch * (1 - t**2) - face.brow_slant * t
-        px, _ = _yaw_x(x, yaw)
-        upper = np.stack([px, y - thick / 2], axis=1)
-        lower = np.stack([px, y + thick / 2], axis=1)[::-1]
-        cv.fill(np.concatenate([upper, lower]), face.brow)
+        px, _ = _yaw_x(side * (face.eye_x + _T7 * half), yaw)
+        cv.fill(_band(px, y - half_thick, y + half_thick), face.brow)
 
 
 def _draw_mouth(cv: _Canvas, face: FaceIdentity, var: FaceVariation, yaw: float, pitch: float) -> None:
@@ -498,24 +532,22 @@ def _draw_mouth(cv: _Canvas, face: FaceIdentity, var: FaceVariation, yaw: float,
     curve = face.mouth_curve + var.smile
     width = face.mouth_w * (1.0 + 0.6 * max(var.smile, 0.0))
     x, _ = _yaw_x(t * width, yaw, 1.15)
+    arch = 1 - t**2
     seam = my - curve * t**2
     lips = face.lip_thick * (1 - 0.5 * t**2)
-    upper = seam - lips - var.mouth_open * 0.2 * (1 - t**2)
-    opening = seam + var.mouth_open * (1 - t**2)
-    lower = opening + 1.3 * lips
+    opening = seam + var.mouth_open * arch
+    upper = seam - lips - var.mouth_open * 0.2 * arch
     if var.mouth_open > 0.01:
-        cv.fill(np.concatenate([np.stack([x, seam], 1), np.stack([x, opening], 1)[::-1]]), (70.0, 25.0, 30.0))
+        cv.fill(_band(x, seam, opening), _MOUTH_INSIDE)
         if var.mouth_open > 0.04:
-            teeth = seam + np.minimum(var.mouth_open, 0.06) * (1 - t**2)
-            cv.fill(np.concatenate([np.stack([x, seam], 1), np.stack([x, teeth], 1)[::-1]]), (230.0, 225.0, 215.0))
-    cv.fill(np.concatenate([np.stack([x, upper], 1), np.stack([x, seam], 1)[::-1]]), face.lip)
-    cv.fill(np.concatenate([np.stack([x, opening], 1), np.stack([x, lower], 1)[::-1]]), face.lip)
-    cv.polyline(np.stack([x, seam], 1), _rgb(np.array(face.lip) * 0.55))
+            cv.fill(_band(x, seam, seam + min(var.mouth_open, 0.06) * arch), _TEETH)
+    cv.fill(_band(x, upper, seam), face.lip)
+    cv.fill(_band(x, opening, opening + 1.3 * lips), face.lip)
+    cv.polyline(np.stack([x, seam], axis=1), face.lip_line)
     if face.moustache:
-        mx, _ = _yaw_x(np.array([-1.0, -0.5, 0.0, 0.5, 1.0]) * (width + 0.05), yaw, 1.15)
-        top = face.nose_y + pitch * 1.3 + 0.06
-        bottom = np.array([upper[0], upper[2], upper[4], upper[6], upper[8]]) - 0.01
-        cv.fill(np.concatenate([np.stack([mx, np.full(5, top)], 1), np.stack([mx, bottom + 0.04 * np.abs(np.linspace(-1, 1, 5))], 1)[::-1]]), face.hair)
+        mx = x[::2] * (1.0 + 0.05 / width)
+        top = np.full(5, face.nose_y + pitch * 1.3 + 0.06)
+        cv.fill(_band(mx, top, upper[::2] - 0.01 + 0.04 * np.abs(t[::2])), face.hair)
 
 
 def _draw_glasses(cv: _Canvas, face: FaceIdentity, yaw: float, pitch: float) -> None:
@@ -524,34 +556,46 @@ def _draw_glasses(cv: _Canvas, face: FaceIdentity, yaw: float, pitch: float) -> 
     inner = []
     for side in (-1.0, 1.0):
         x, s = _yaw_x(side * face.eye_x, yaw)
-        x, s = float(x), float(s)
         if face.glasses == 1:
             cv.ellipse(x, ey, r * s, r * 0.85, face.frame, thickness=face.frame_thick)
         else:
-            box = np.array([[x - r * s, ey - r * 0.7], [x + r * s, ey - r * 0.7], [x + r * s, ey + r * 0.6], [x - r * s, ey + r * 0.6]])
+            box = _quad(x - r * s, ey - r * 0.7, x + r * s, ey - r * 0.7, x + r * s, ey + r * 0.6, x - r * s, ey + r * 0.6)
             cv.polyline(box, face.frame, face.frame_thick, closed=True)
         inner.append(x - side * r * s)
     cv.line(inner[0], ey - 0.05, inner[1], ey - 0.05, face.frame, face.frame_thick)
 
 
+_NOISE_BANK_SIZE = 1 << 19
+
+
+@functools.lru_cache(maxsize=1)
+def _noise_bank() -> np.ndarray:
+    """A fixed block of standard normals; per-sample noise is a slice at a seeded offset (much cheaper
+    than drawing fresh normals for every image, and just as deterministic)."""
+    return np.random.default_rng(0x4E015E).standard_normal(_NOISE_BANK_SIZE, dtype=np.float32)
+
+
 def _camera(image: np.ndarray, var: FaceVariation) -> np.ndarray:
-    """Lighting (gain, colour cast, directional gradient), blur and sensor noise."""
+    """Lighting (gain, colour cast, directional gradient), blur and sensor noise, done with OpenCV
+    arithmetic because numpy broadcasting over 3 channels is several times slower at this size."""
     height, width = image.shape[:2]
     gx, gy = _grids(height, width)
-    gain = np.asarray(var.cast, dtype=np.float32) * np.float32(var.gain)
-    if var.light_strength > 0:
-        field = 1.0 + var.light_strength * (math.cos(var.light_angle) * gx + math.sin(var.light_angle) * gy)
-        out = image.astype(np.float32) * field[:, :, None] * gain
-    else:
-        out = image.astype(np.float32) * gain
+    s = var.light_strength
+    field = cv2.addWeighted(gx, s * math.cos(var.light_angle), gy, s * math.sin(var.light_angle), 1.0)
+    gain = [var.gain * c for c in var.cast]
+    multiplier = cv2.merge([field * np.float32(g) for g in gain])
+    out = cv2.multiply(image, multiplier, dtype=cv2.CV_32F)
     if var.blur > 0.25:
         out = cv2.GaussianBlur(out, (0, 0), var.blur)
     if var.noise > 0:
-        noise_rng = np.random.default_rng(var.noise_seed)
-        out += noise_rng.standard_normal(out.shape, dtype=np.float32) * np.float32(var.noise)
-    np.clip(out, 0.0, 255.0, out=out)
-    out += 0.5
-    return out.astype(np.uint8)
+        n = out.size
+        if n <= _NOISE_BANK_SIZE // 2:
+            offset = var.noise_seed % (_NOISE_BANK_SIZE - n)
+            noise = _noise_bank()[offset : offset + n].reshape(out.shape)
+        else:
+            noise = np.random.default_rng(var.noise_seed).standard_normal(out.shape, dtype=np.float32)
+        out = cv2.scaleAdd(noise, var.noise, out)
+    return cv2.add(out, 0.0, dtype=cv2.CV_8U)  # rounds and saturates to 0..255
 
 
 # -------------------------------------------------------------------------------------------- dataset

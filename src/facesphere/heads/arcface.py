@@ -26,7 +26,8 @@ class ArcFaceHead(CombinedMarginHead):
     Args:
         scale: s, default 64; margin: m, default 0.5 (paper §3.1 and Table 2), 0 ≤ m ≤ π/2.
         easy_margin: apply the margin only where cos θ > 0 and keep cos θ elsewhere (the MXNet
-            ``easy_margin`` option) instead of the fallback above.
+            ``easy_margin`` option) instead of the fallback above. Not monotone: at θ = π/2 the
+            target jumps up from -sin m to 0.
     """
 
     def __init__(

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from facesphere.heads.base import HEADS, CosineMarginHead, safe_acos, safe_sin
+from facesphere.heads.base import HEADS, CosineMarginHead, safe_sin
 
 
 @HEADS.register("combined", "combined_margin")
@@ -24,8 +24,10 @@ class CombinedMarginHead(CosineMarginHead):
     continuous and strictly decreasing on [0, π]. (The original MXNet combined-margin code had no
     fallback; ArcFace itself keeps the paper's discontinuous one, see ``arcface.py``.)
 
-    Evaluation: m1 = 1 uses cos(θ + m2) = cos θ·cos m2 - sin θ·sin m2 with sin θ = sqrt(1 - cos²θ),
-    exact at θ = 0 and π; other m1 go through ``safe_acos`` (exact up to its 1e-6 clamp).
+    Evaluation: m1 = 1 uses cos(θ + m2) = cos θ·cos m2 - sin θ·sin m2; other m1 take
+    θ = atan2(sin θ, cos θ). Both use sin θ = ``safe_sin``, so they are exact at θ = 0 and π with
+    finite gradients (a clamped acos would shift θ by up to 1.4e-3 rad near θ = 0, moving the
+    target by ≈ s·m1·sin(m2)·1.4e-3 when m2 > 0).
     """
 
     def __init__(
@@ -53,7 +55,8 @@ class CombinedMarginHead(CosineMarginHead):
             if self.m2 == 0.0:
                 return cos_theta
             return cos_theta * math.cos(self.m2) - safe_sin(cos_theta) * math.sin(self.m2)
-        return torch.cos(self.m1 * safe_acos(cos_theta) + self.m2)
+        theta = torch.atan2(safe_sin(cos_theta), cos_theta)
+        return torch.cos(self.m1 * theta + self.m2)
 
     def fallback(self, cos_theta: Tensor) -> Tensor:
         """Target cosine for cos θ ≤ threshold (m1·θ + m2 ≥ π): continuous, decreasing in θ."""

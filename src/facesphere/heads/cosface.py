@@ -9,7 +9,10 @@ from facesphere.heads.base import HEADS, CosineMarginHead
 
 @HEADS.register("cosface", "am_softmax")
 class CosFaceHead(CosineMarginHead):
-    """Target logit s·(cos θ_y - m), others s·cos θ_j (AM-Softmax ψ(θ) = cos θ - m; ArcFace v3 Eq. (4) with (1, 0, m)).
+    """Target logit s·(cos θ_y - m), others s·cos θ_j.
+
+    AM-Softmax's ψ(θ) = cos θ - m in its normalised softmax loss (digest §4); equivalently ArcFace v3
+    Eq. (4) with (m1, m2, m3) = (1, 0, m). Features and centres are L2-normalised, no bias.
 
     Args:
         scale: s, default 64 (ArcFace's setting, following CosFace); AM-Softmax released s = 30.

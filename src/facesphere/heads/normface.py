@@ -10,7 +10,7 @@ from facesphere.heads.base import HEADS, CosineMarginHead
 
 @HEADS.register("normface", "norm_softmax")
 class NormFaceHead(CosineMarginHead):
-    """logit_j = s·W̃_jᵀx̃ = s·cos θ_j with x̃, W̃_j L2-normalised and no bias (NormFace's scaled cosine softmax).
+    """logit_j = s·W̃_jᵀx̃ = s·cos θ_j, x̃ and W̃_j L2-normalised, no bias (NormFace's scaled cosine softmax).
 
     Without the scale the loss is bounded far from zero (NormFace's lower-bound proposition:
     L ≥ log(1 + (n-1)e^{-n s/(n-1)}), ≈0.39 at s = 10 for 10,575 classes; digest §1).
@@ -22,7 +22,7 @@ class NormFaceHead(CosineMarginHead):
         min_scale: lower bound of a learned s (released: 0.01). The bound is a straight-through
             clamp: the forward value is max(s, min_scale) but the gradient always reaches s, so a
             parameter pushed below the bound can still recover (a plain ``clamp`` would freeze it).
-            Exclude ``scale`` from weight decay in the trainer, or it will shrink s.
+            Weight decay, if the trainer applies it to ``scale``, pulls s toward 0.
     """
 
     def __init__(

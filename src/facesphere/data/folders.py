@@ -1,0 +1,165 @@
+"""Data sets of image files on disk: the shared file-backed base class and the one-folder-per-identity layout."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, to_tensor
+from facesphere.data.transforms import SharedEpoch, as_transform, augment_rng, resize_to
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class ImageFilesDataset(Dataset):
+    """Labelled image files, decoded on access; the base of ``ImageFolderDataset`` and ``ImageListDataset``.
+
+    Every image is brought to ``image_size`` (H, W): resized when it differs, or rejected with an
+    ``ImageError`` when ``strict``. With ``image_size=None`` the size of the first image is used.
+    Augmentation is seeded by (seed, epoch, index) only, so it does not depend on workers or ranks.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int] | np.ndarray,
+        num_classes: int,
+        image_size: tuple[int, int] | None = None,
+        augment: Any = None,
+        seed: int = 0,
+        strict: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        if not paths:
+            raise ValueError("no images")
+        self.paths = [Path(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.num_classes = int(num_classes)
+        if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{self.labels.min()}, {self.labels.max()}]")
+        self.seed = int(seed)
+        self.strict = bool(strict)
+        self.max_pixels = max_pixels
+        self.augment = augment
+        self._transform = as_transform(augment)
+        self._epoch = SharedEpoch(0)
+        if image_size is None:
+            first = load_image(self.paths[0], max_pixels)
+            image_size = (int(first.shape[0]), int(first.shape[1]))
+            logger.info("image size %dx%d taken from %s", image_size[0], image_size[1], self.paths[0])
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def samples(self) -> list[tuple[Path, int]]:
+        return list(zip(self.paths, self.labels.tolist()))
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation of ``epoch``; visible to persistent DataLoader workers too."""
+        self._epoch.set(epoch)
+
+    def load_uint8(self, index: int) -> np.ndarray:
+        """Sample ``index`` as an HxWx3 uint8 RGB array at ``image_size``, augmented for the current epoch."""
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        path = self.paths[index]  # IndexError for out-of-range indices
+        image = load_image(path, self.max_pixels)
+        if image.shape[:2] != self.image_size:
+            if self.strict:
+                raise ImageError(
+                    path, f"size {image.shape[0]}x{image.shape[1]} differs from the expected {self.image_size[0]}x{self.image_size[1]}"
+                )
+            image = resize_to(image, self.image_size)
+        if self._transform is not None:
+            image = self._transform(image, augment_rng(self.seed, self.epoch, index))
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.load_uint8(index)
+        return to_tensor(image), int(self.labels[index])
+
+    def verify(self) -> list[ImageError]:
+        """Decode every file once and return the errors (empty when all images are readable)."""
+        errors = []
+        for path in self.paths:
+            try:
+                load_image(path, self.max_pixels)
+            except ImageError as error:
+                errors.append(error)
+        return errors
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _normalise_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
+    return tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+
+
+class ImageFolderDataset(ImageFilesDataset):
+    """``root/<class>/<image>``: one sub-folder per identity.
+
+    Classes are the non-empty sub-folders sorted by name (label = position in ``classes``); files in a
+    class are sorted by name and filtered by extension (case-insensitive). Hidden entries are ignored,
+    folders without images are skipped with a warning, and a root without any image is an error.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: tuple[int, int] | None = None,
+        augment: Any = None,
+        seed: int = 0,
+        extensions: Iterable[str] = IMAGE_EXTENSIONS,
+        strict: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.exists():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"image folder {self.root} is not a directory")
+        extensions = _normalise_extensions(extensions)
+        entries = sorted(p for p in self.root.iterdir() if not _is_hidden(p))
+        stray = [p for p in entries if p.is_file() and p.suffix.lower() in extensions]
+        if stray:
+            logger.warning("%s: ignoring %d image(s) directly under the root; images must be in one folder per class", self.root, len(stray))
+        classes: list[str] = []
+        paths: list[Path] = []
+        labels: list[int] = []
+        for folder in (p for p in entries if p.is_dir()):
+            files = sorted(f for f in folder.iterdir() if f.is_file() and not _is_hidden(f) and f.suffix.lower() in extensions)
+            if not files:
+                logger.warning("%s: skipping class folder without images", folder)
+                continue
+            label = len(classes)
+            classes.append(folder.name)
+            paths.extend(files)
+            labels.extend([label] * len(files))
+        if not paths:
+            raise ValueError(f"no images with extensions {', '.join(extensions)} in class sub-folders of {self.root}")
+        self.classes = classes
+        self.class_to_index = {name: i for i, name in enumerate(classes)}
+        super().__init__(paths, labels, len(classes), image_size, augment, seed, strict, max_pixels)
+        logger.info("%s: %d images in %d classes", self.root, len(paths), len(classes))
+
+    def __repr__(self) -> str:
+        return f"ImageFolderDataset(root={str(self.root)!r}, images={len(self)}, classes={self.num_classes}, image_size={self.image_size})"

@@ -1,0 +1,107 @@
+"""End-to-end training behaviour: learning, exact resume after SIGKILL, 2-process parity under torchrun."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from facesphere.train.checkpoint import list_checkpoints
+from facesphere.train.config import load_config
+from facesphere.train.trainer import Trainer, read_metrics
+
+TINY = [
+    "model.backbone=mobilefacenet", "model.backbone_args={embedding_size: 64}", "model.head=arcface",
+    "model.head_args={scale: 16.0, margin: 0.2}",
+    "data.kind=synthetic", "data.synthetic.num_identities=16", "data.synthetic.samples_per_identity=8",
+    "data.batch_size=16", "data.num_workers=0", "data.augment={flip: 0.5, brightness: 0.2}",
+    "optim.lr=0.05", "optim.weight_decay=0.0005", "schedule.kind=cosine", "schedule.warmup_steps=2",
+    "train.log_every=1", "train.tensorboard=false", "train.progress=false",
+    "eval.enabled=false",
+]
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "facesphere", *args]
+
+
+def test_training_lowers_the_loss_and_writes_artifacts(tmp_path):
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=t", "train.steps=24", "train.checkpoint_every=12",
+                                    "train.tensorboard=true", "eval.enabled=true", "eval.num_identities=6",
+                                    "eval.samples_per_identity=4", "eval.pairs=40"])
+    result = Trainer(cfg).fit()
+    losses = [row["loss"] for row in read_metrics(tmp_path / "t" / "metrics.csv")]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    assert result.checkpoint is not None and result.checkpoint.name == "step_00000024.pt"
+    assert (tmp_path / "t" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0.0 <= result.evaluation["accuracy_mean"] <= 1.0
+    assert list((tmp_path / "t" / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    overrides = sum((["--set", o] for o in TINY + [f"output_dir={tmp_path}", "train.steps=18", "train.checkpoint_every=4",
+                                                  "data.num_workers=1"]), [])
+    common = ["train", str(config), *overrides]
+    straight = subprocess.run(_cli(*common, "--set", "name=straight"), env=_env(),
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*common, "--set", "name=killed"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list_checkpoints(run / "checkpoints"):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = list_checkpoints(run / "checkpoints")
+    assert saved and int(saved[-1].stem.split("_")[1]) < 18, "the run finished before it could be killed"
+
+    resumed = subprocess.run(_cli(*common, "--set", "name=killed", "--resume", "latest"),
+                             env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = read_metrics(tmp_path / "straight" / "metrics.csv")
+    b = read_metrics(run / "metrics.csv")
+    assert [r["step"] for r in b] == list(range(1, 19))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    sa = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000018.pt", weights_only=True)["model"]
+    sb = torch.load(run / "checkpoints" / "step_00000018.pt", weights_only=True)["model"]
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_follow_one_process(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    overrides = sum((["--set", o] for o in TINY + [f"output_dir={tmp_path}", "train.steps=12", "train.checkpoint_every=100"]), [])
+    single = subprocess.run(_cli("train", str(config), *overrides, "--set", "name=one"), env=_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "facesphere"]
+    double = subprocess.run(torchrun + ["train", str(config), *overrides, "--set", "name=two"], env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.csv")]
+    two = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.csv")]
+    assert len(one) == len(two) == 12
+    assert one[-1] < one[0]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=2e-4, atol=2e-4)
