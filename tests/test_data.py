@@ -313,6 +313,15 @@ def test_load_image_rejects_bad_files(tmp_path, case):
     assert info.value.path == str(path) and info.value.reason
 
 
+def test_worker_errors_keep_their_type(tmp_path):
+    _write_png(tmp_path / "a" / "good.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "a" / "zbad.png").write_bytes(b"not a png")
+    dataset = ImageFolderDataset(tmp_path)
+    loader = build_loader(dataset, GlobalBatchSampler(len(dataset), 2), num_workers=1)
+    with pytest.raises(ImageError, match="zbad.png"):
+        list(loader)
+
+
 def test_load_image_pillow_limit_between_one_and_two_times(tmp_path, monkeypatch):
     """Pillow only warns between 1x and 2x its limit; we refuse those too."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)

@@ -324,11 +324,11 @@ class _Canvas:
         self.cos, self.sin = math.cos(theta) * unit, math.sin(theta) * unit
         self.cx, self.cy = center
         self.roll = roll_deg
-        self._matrix = np.array([[self.cos, self.sin], [-self.sin, self.cos]]) * _ONE
-        self._offset = np.array([self.cx, self.cy]) * _ONE
+        # Face units -> fixed-point pixels; + 0.5 so that the truncating cast below rounds.
+        self._affine = np.array([[self.cos, -self.sin, self.cx + 0.5 / _ONE], [self.sin, self.cos, self.cy + 0.5 / _ONE]]) * _ONE
 
     def points(self, xy: np.ndarray) -> np.ndarray:
-        return np.rint(xy @ self._matrix + self._offset).astype(np.int32)
+        return cv2.transform(np.ascontiguousarray(xy, dtype=np.float64).reshape(1, -1, 2), self._affine)[0].astype(np.int32)
 
     def point(self, x: float, y: float) -> tuple[int, int]:
         return (
@@ -346,8 +346,10 @@ class _Canvas:
         self, x: float, y: float, ax: float, ay: float, color: Color, angle: float = 0.0,
         start: float = 0.0, end: float = 360.0, thickness: int = -1,
     ) -> None:
-        axes = (max(1, int(round(ax * self.unit * _ONE))), max(1, int(round(ay * self.unit * _ONE))))
-        cv2.ellipse(self.image, self.point(x, y), axes, angle + self.roll, start, end, color, thickness, _AA, _SHIFT)
+        scale = self.unit * _ONE
+        axes = (max(1, int(ax * scale + 0.5)), max(1, int(ay * scale + 0.5)))
+        center = (int((self.cx + self.cos * x - self.sin * y) * _ONE + 0.5), int((self.cy + self.sin * x + self.cos * y) * _ONE + 0.5))
+        cv2.ellipse(self.image, center, axes, angle + self.roll, start, end, color, thickness, _AA, _SHIFT)
 
     def line(self, x0: float, y0: float, x1: float, y1: float, color: Color, thickness: int = 1) -> None:
         cv2.line(self.image, self.point(x0, y0), self.point(x1, y1), color, thickness, _AA, _SHIFT)
@@ -432,7 +434,7 @@ def render_face(face: FaceIdentity, var: FaceVariation, image_size: tuple[int, i
         cv.fill(face.beard_shape, face.hair)
     elif face.goatee:
         gx, _ = _yaw_x(0.0, yaw, 1.2)
-        cv.ellipse(gx, face.chin_y - 0.22, 0.26, 0.22, face.hair, start=0, end=180)
+        cv.ellipse(gx, face.chin_y - 0.24, 0.22, 0.2, face.hair)
     _draw_hair(cv, face, yaw)
 
     if face.blush is not None:
@@ -546,8 +548,9 @@ def _draw_mouth(cv: _Canvas, face: FaceIdentity, var: FaceVariation, yaw: float,
     cv.polyline(np.stack([x, seam], axis=1), face.lip_line)
     if face.moustache:
         mx = x[::2] * (1.0 + 0.05 / width)
-        top = np.full(5, face.nose_y + pitch * 1.3 + 0.06)
-        cv.fill(_band(mx, top, upper[::2] - 0.01 + 0.04 * np.abs(t[::2])), face.hair)
+        bottom = upper[::2] - 0.01 + 0.04 * np.abs(t[::2])
+        top = np.maximum(bottom - 0.12, face.nose_y + pitch * 1.3 + 0.06)  # follows the lip, stays below the nose
+        cv.fill(_band(mx, top, bottom), face.hair)
 
 
 def _draw_glasses(cv: _Canvas, face: FaceIdentity, yaw: float, pitch: float) -> None:

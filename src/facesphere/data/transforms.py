@@ -9,7 +9,7 @@ identical for any number of DataLoader workers, any process rank, and after resu
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -93,8 +93,6 @@ class ScaleTranslate:
 class ColorJitter:
     """Multiply brightness, contrast and saturation by factors drawn uniformly from [1 - x, 1 + x]."""
 
-    _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
     def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0) -> None:
         for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
             if not 0.0 <= value <= 1.0:
@@ -107,16 +105,17 @@ class ColorJitter:
         s = rng.uniform(1 - self.saturation, 1 + self.saturation) if self.saturation else 1.0
         if b == 1.0 and c == 1.0 and s == 1.0:
             return image
+        # Luma via cv2.cvtColor (0.299, 0.587, 0.114) rather than a numpy matmul, which may start BLAS threads.
         x = image.astype(np.float32)
         if b != 1.0:
             x *= b
         if c != 1.0:
-            mean = float((x @ self._LUMA).mean())
+            mean = float(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).mean())
             x = (x - mean) * c + mean
         if s != 1.0:
-            gray = (x @ self._LUMA)[:, :, None]
+            gray = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)[:, :, None]
             x = (x - gray) * s + gray
-        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        return cv2.add(x, 0.0, dtype=cv2.CV_8U)  # rounds and saturates to 0..255
 
     def __repr__(self) -> str:
         return f"ColorJitter(brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation})"
