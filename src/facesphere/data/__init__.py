@@ -109,7 +109,10 @@ def build_loader(
             kwargs["prefetch_factor"] = prefetch_factor
         if multiprocessing_context is not None:
             kwargs["multiprocessing_context"] = multiprocessing_context
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+    # A private generator: creating an iterator must not consume the global torch RNG, or a resumed run's
+    # dropout / augmentation draws would drift from the uninterrupted run (augmentation is index-seeded anyway).
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(0), **kwargs)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
