@@ -33,3 +33,74 @@ __all__ = [
     "threshold_at_far",
     "verification_report",
 ]
+
+# Protocols (issue 3): pair-set sources, the safe .bin reader, identification, cross-age sets, registry.
+from facesphere.evaluate.age import (
+    ARCFACE_TEMPLATE_112,
+    align_similarity,
+    arcface_template,
+    evaluate_cacd_vs,
+    fgnet_five_points,
+    fgnet_identification,
+    fgnet_verification,
+    fgnet_verification_pairs,
+    parse_cacd_vs,
+    parse_fgnet,
+    read_pts,
+    umeyama,
+)
+from facesphere.evaluate.binsets import BinFormatError, UnsafePickleError, load_bin, read_bin
+from facesphere.evaluate.contact_sheet import failure_contact_sheet, write_failure_sheet
+from facesphere.evaluate.identification import CMCResult, cmc, leave_one_out_cmc, open_set_identification
+from facesphere.evaluate.lfw import PairsFileError, lfw_pair_paths, parse_lfw_pairs
+from facesphere.evaluate.pairsets import (
+    ImagePreprocess,
+    PairSet,
+    Preprocess,
+    embed_images,
+    embed_pairset,
+    evaluate_pairset,
+    load_pairset,
+    val_at_far,
+)
+from facesphere.evaluate.protocols import describe_protocols, get_protocol, list_protocols, run_protocol
+
+__all__ += [
+    "ARCFACE_TEMPLATE_112",
+    "BinFormatError",
+    "CMCResult",
+    "ImagePreprocess",
+    "PairSet",
+    "PairsFileError",
+    "Preprocess",
+    "UnsafePickleError",
+    "align_similarity",
+    "arcface_template",
+    "cmc",
+    "describe_protocols",
+    "embed_images",
+    "embed_pairset",
+    "evaluate_cacd_vs",
+    "evaluate_pairset",
+    "failure_contact_sheet",
+    "fgnet_five_points",
+    "fgnet_identification",
+    "fgnet_verification",
+    "fgnet_verification_pairs",
+    "get_protocol",
+    "leave_one_out_cmc",
+    "lfw_pair_paths",
+    "list_protocols",
+    "load_bin",
+    "load_pairset",
+    "open_set_identification",
+    "parse_cacd_vs",
+    "parse_fgnet",
+    "parse_lfw_pairs",
+    "read_bin",
+    "read_pts",
+    "run_protocol",
+    "umeyama",
+    "val_at_far",
+    "write_failure_sheet",
+]

@@ -1,0 +1,409 @@
+"""Cross-age protocols: CACD-VS verification and FG-NET identification / verification (papers.md §9).
+
+**CACD-VS** (Chen et al. 2014): 4,000 pairs of 250x250 celebrity photos, files ``NNNN_0.jpg`` /
+``NNNN_1.jpg`` for pair NNNN. Fold f (1-based, as the data's "fold1") holds pairs 400(f-1) ..
+400f-1; in each fold the first 200 are genuine, the last 200 impostor. Labels and folds therefore
+come from the file numbers, and any subset of complete folds can be evaluated: with two or more
+folds, the usual leave-one-fold-out accuracy over the folds present; with a single fold (the shared
+copy has only fold 1) the threshold is chosen by 10-fold cross-validation *within* it, on stratified
+sub-folds (the k-th genuine and the k-th impostor pair go to sub-fold k mod 10, so each holds 20 + 20
+pairs). The photos are not aligned: pass ``align`` (uint8 RGB photo -> aligned crop, or None when no
+face is found); without it a centre crop is resized, which is only good for smoke tests.
+
+**FG-NET**: 1,002 photos of 82 people aged 0-69; ``SSSAyy[x].JPG`` = subject SSS at age yy (x = a/b
+for two photos at one age) and 68 manual landmarks per photo in ``points/sssayy[x].pts`` (iBUG .pts,
+0-based indices below). papers.md §9(f) lists FG-NET as "leave-one-out, or the MegaFace FG-NET probe
+with 1M distractors". The "leave-one-person-out" protocol of age-invariant FR trains on 81 people and
+tests on the 82nd; for a model that never trains on FG-NET the training side is void, and what is
+left is the leave-one-image-out search used by the published rank-1 figures: each image in turn is
+the probe and all 1,001 others the gallery (optionally ∪ distractors). That is
+``fgnet_identification``. ``fgnet_verification_pairs`` builds cross-age pairs: every same-person pair
+with an age gap >= ``min_age_gap``, and as many different-person pairs with the same minimum gap
+(so only identity differs between the classes), drawn uniformly with a fixed seed.
+
+Alignment without a detector: FG-NET's 68 points reduce to the 5 ArcFace points
+(``fgnet_five_points``) and ``align_similarity`` warps with the least-squares similarity (Umeyama)
+onto the ArcFace 112x112 template.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from facesphere.data.images import load_image
+from facesphere.data.transforms import resize_to
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ARCFACE_TEMPLATE_112",
+    "CACD_FOLD_SIZE",
+    "AlignedLoader",
+    "FGNetImage",
+    "align_similarity",
+    "arcface_template",
+    "cacd_vs_cv_folds",
+    "evaluate_cacd_vs",
+    "fgnet_five_points",
+    "fgnet_identification",
+    "fgnet_loader",
+    "fgnet_verification",
+    "fgnet_verification_pairs",
+    "parse_cacd_vs",
+    "parse_fgnet",
+    "read_pts",
+    "umeyama",
+]
+
+# --------------------------------------------------------------------------- alignment
+
+ARCFACE_TEMPLATE_112 = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float64,
+)
+"""ArcFace 5-point template for 112x112 crops (x, y): image-left eye, image-right eye, nose tip,
+image-left and image-right mouth corners."""
+
+
+def arcface_template(size: tuple[int, int] = (112, 112)) -> np.ndarray:
+    """The template for (H, W): 112x112 as is, 112x96 shifted 8 px left (SphereFace crop), n·112 square scaled."""
+    h, w = int(size[0]), int(size[1])
+    if (h, w) == (112, 96):
+        return ARCFACE_TEMPLATE_112 - np.array([8.0, 0.0])
+    if h == w and h % 112 == 0:
+        return ARCFACE_TEMPLATE_112 * (h / 112.0)
+    raise ValueError(f"no ArcFace template for size {h}x{w}; pass template= explicitly")
+
+
+def umeyama(src, dst, estimate_scale: bool = True) -> np.ndarray:
+    """Least-squares similarity (Umeyama 1991) mapping ``src`` onto ``dst`` points, as a 3x3 matrix.
+
+    ``dst ≈ (T @ [src, 1]ᵀ)ᵀ[:, :2]`` minimising the summed squared error; a reflection is never used.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    if src.shape != dst.shape or src.ndim != 2 or src.shape[0] < 2:
+        raise ValueError(f"src and dst must both be (N >= 2, D), got {src.shape} and {dst.shape}")
+    n, dim = src.shape
+    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
+    sc, dc = src - mu_s, dst - mu_d
+    var_s = float((sc**2).sum() / n)
+    if var_s <= 1e-12:
+        raise ValueError("source points are degenerate (all equal)")
+    cov = dc.T @ sc / n
+    u, sing, vt = np.linalg.svd(cov)
+    d = np.ones(dim)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        d[-1] = -1.0
+    rot = u @ np.diag(d) @ vt
+    scale = float((sing * d).sum() / var_s) if estimate_scale else 1.0
+    out = np.eye(dim + 1)
+    out[:dim, :dim] = scale * rot
+    out[:dim, dim] = mu_d - scale * rot @ mu_s
+    return out
+
+
+def align_similarity(image: np.ndarray, points, template=None, size: tuple[int, int] = (112, 112),
+                     border_value: int = 0) -> np.ndarray:
+    """Warp ``image`` so its 5 ``points`` (template order) land on the template; (H, W) = ``size``."""
+    template = arcface_template(size) if template is None else np.asarray(template, dtype=np.float64)
+    points = np.asarray(points, dtype=np.float64)
+    if points.shape != template.shape:
+        raise ValueError(f"points {points.shape} do not match the template {template.shape}")
+    matrix = umeyama(points, template)[:2]
+    return cv2.warpAffine(np.ascontiguousarray(image), matrix, (int(size[1]), int(size[0])),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=(border_value,) * 3)
+
+
+def _centre_crop(image: np.ndarray, fraction: float, size: tuple[int, int]) -> np.ndarray:
+    h, w = image.shape[:2]
+    side = max(1, int(round(min(h, w) * fraction)))
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    return resize_to(np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side]), size)
+
+
+class AlignedLoader:
+    """source -> aligned HxWx3 uint8: ``load_image`` then ``align``; a centre crop when there is no align.
+
+    ``align(image)`` returns the aligned crop, or None when it finds no face; those images fall back to
+    the centre crop and are counted in ``failures`` (reported by the protocols).
+    """
+
+    def __init__(self, align: Callable[[np.ndarray], np.ndarray | None] | None, size=(112, 112),
+                 crop_fraction: float = 0.6) -> None:
+        self.align, self.size, self.crop_fraction = align, (int(size[0]), int(size[1])), crop_fraction
+        self.failures = 0
+
+    def __call__(self, source: Any) -> np.ndarray:
+        image = source if isinstance(source, np.ndarray) else load_image(source)
+        if self.align is not None:
+            out = self.align(image)
+            if out is not None:
+                return out
+            self.failures += 1
+            logger.debug("no face aligned in %s; using the centre crop", source)
+        return _centre_crop(image, self.crop_fraction, self.size)
+
+
+# --------------------------------------------------------------------------- CACD-VS
+
+CACD_FOLD_SIZE = 400
+_CACD_NAME = re.compile(r"^(\d{4})_([01])\.jpg$", re.IGNORECASE)
+
+
+def _cacd_dir(root: Path) -> Path:
+    return root / "CACD_VS" if (root / "CACD_VS").is_dir() else root
+
+
+def parse_cacd_vs(root: str | os.PathLike, name: str = "cacd_vs"):
+    """The CACD-VS pairs present under ``root`` (or ``root/CACD_VS``) as a ``PairSet``; folds 1..10.
+
+    Both files of every pair must exist; a fold with fewer than 400 pairs is evaluated but logged.
+    """
+    from facesphere.evaluate.pairsets import PairSet
+
+    folder = _cacd_dir(Path(root))
+    if not folder.is_dir():
+        raise FileNotFoundError(f"CACD-VS folder {folder} does not exist")
+    halves: dict[int, dict[int, Path]] = {}
+    for entry in folder.iterdir():
+        m = _CACD_NAME.match(entry.name)
+        if m:
+            halves.setdefault(int(m.group(1)), {})[int(m.group(2))] = entry
+    if not halves:
+        raise ValueError(f"no CACD-VS images (NNNN_0.jpg / NNNN_1.jpg) in {folder}")
+    broken = sorted(k for k, v in halves.items() if len(v) != 2)
+    if broken:
+        raise FileNotFoundError(f"{len(broken)} CACD-VS pair(s) miss one image, e.g. pair {broken[0]:04d} in {folder}")
+    ids = np.array(sorted(halves), dtype=np.int64)
+    folds = ids // CACD_FOLD_SIZE + 1
+    same = (ids % CACD_FOLD_SIZE) < CACD_FOLD_SIZE // 2
+    for fold, count in zip(*np.unique(folds, return_counts=True)):
+        if count != CACD_FOLD_SIZE:
+            logger.warning("CACD-VS fold %d has %d of %d pairs", fold, count, CACD_FOLD_SIZE)
+    p1 = [halves[int(k)][0] for k in ids]
+    p2 = [halves[int(k)][1] for k in ids]
+    ps = PairSet.from_path_pairs(p1, p2, same, folds, name=name)
+    logger.info("%s: %d pairs (%d genuine) in fold(s) %s", folder, len(ps), int(same.sum()), sorted(set(folds.tolist())))
+    return ps
+
+
+def cacd_vs_cv_folds(same, folds, n_sub: int = 10) -> np.ndarray:
+    """Fold ids for the k-fold protocol: the official folds when >= 2 are present, else stratified sub-folds.
+
+    Sub-fold of a pair = its position among the pairs of its class (file order) mod ``n_sub``.
+    """
+    same = np.asarray(same, dtype=bool)
+    folds = np.asarray(folds)
+    if np.unique(folds).size >= 2:
+        return folds
+    sub = np.empty(same.size, dtype=np.int64)
+    for cls in (True, False):
+        idx = np.flatnonzero(same == cls)
+        sub[idx] = np.arange(idx.size) % n_sub
+    return sub
+
+
+def evaluate_cacd_vs(model, root: str | os.PathLike, *, align: Callable[[np.ndarray], np.ndarray | None] | None = None,
+                     size: tuple[int, int] = (112, 112), preprocess=None, out_dir=None, **kwargs) -> dict:
+    """CACD-VS accuracy over the folds present (module doc); ``kwargs`` go to ``evaluate_pairset``."""
+    from facesphere.evaluate.pairsets import evaluate_pairset
+
+    ps = parse_cacd_vs(root)
+    loader = AlignedLoader(align, size)
+    ps.loader = loader
+    folds = cacd_vs_cv_folds(ps.same, ps.folds)
+    single = np.unique(ps.folds).size == 1
+    report = evaluate_pairset(model, ps, preprocess=preprocess, folds=folds, out_dir=out_dir, **kwargs)
+    report["cacd_folds"] = sorted(int(f) for f in np.unique(ps.folds))
+    report["fold_scheme"] = "10 stratified sub-folds within the single fold" if single else "leave-one-official-fold-out"
+    report["alignment"] = "align callable" if align is not None else "none (centre crop: not comparable to published numbers)"
+    report["align_failures"] = loader.failures
+    if align is None:
+        logger.warning("CACD-VS evaluated without face alignment: numbers are for smoke tests only")
+    return report
+
+
+# --------------------------------------------------------------------------- FG-NET
+
+_FGNET_NAME = re.compile(r"^(\d{3})A(\d{2})([a-z]?)\.jpe?g$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class FGNetImage:
+    """One FG-NET photo: file, landmark file (None if absent), subject id, age in years, a/b tag."""
+
+    path: Path
+    points_path: Path | None
+    subject: int
+    age: int
+    tag: str = ""
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+
+def parse_fgnet(root: str | os.PathLike, require_points: bool = True) -> list[FGNetImage]:
+    """All photos under ``root/images`` (sorted by name) with subject, age and ``root/points`` landmarks."""
+    root = Path(root)
+    images_dir = root / "images" if (root / "images").is_dir() else root
+    points_dir = root / "points"
+    files = sorted(p for p in images_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    out, skipped = [], []
+    points = {p.stem.lower(): p for p in points_dir.glob("*.pts")} if points_dir.is_dir() else {}
+    for path in files:
+        m = _FGNET_NAME.match(path.name)
+        if not m:
+            skipped.append(path.name)
+            continue
+        pts = points.get(path.stem.lower())
+        if pts is None and require_points:
+            raise FileNotFoundError(f"no landmark file for {path.name} in {points_dir} (expected {path.stem.lower()}.pts)")
+        out.append(FGNetImage(path, pts, int(m.group(1)), int(m.group(2)), m.group(3).lower()))
+    if skipped:
+        logger.warning("%s: ignored %d file(s) not named SSSAyy[x].JPG, e.g. %s", images_dir, len(skipped), skipped[0])
+    if not out:
+        raise ValueError(f"no FG-NET images in {images_dir}")
+    logger.info("%s: %d images of %d subjects, ages %d-%d", images_dir, len(out), len({i.subject for i in out}),
+                min(i.age for i in out), max(i.age for i in out))
+    return out
+
+
+def read_pts(path: str | os.PathLike) -> np.ndarray:
+    """An iBUG ``.pts`` file (``version: 1``, ``n_points: N``, ``{`` x y lines ``}``) as (N, 2) float64."""
+    path = Path(path)
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    try:
+        header = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[: lines.index("{")] if ":" in ln)}
+        start, end = lines.index("{"), lines.index("}")
+    except ValueError:
+        raise ValueError(f"{path}: not an iBUG .pts file (missing '{{' or '}}')") from None
+    try:
+        pts = np.array([[float(v) for v in ln.split()] for ln in lines[start + 1 : end] if ln], dtype=np.float64)
+    except ValueError as error:
+        raise ValueError(f"{path}: bad coordinate line ({error})") from None
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"{path}: expected 'x y' lines, got shape {pts.shape}")
+    expected = header.get("n_points")
+    if expected is not None and int(expected) != pts.shape[0]:
+        raise ValueError(f"{path}: header says {expected} points, found {pts.shape[0]}")
+    return pts
+
+
+def fgnet_five_points(pts68) -> np.ndarray:
+    """68 iBUG points (0-based) -> the 5 ArcFace points: eye centres (36-41, 42-47), nose tip 30, mouth 48, 54.
+
+    Points 36-41 are the subject's right eye, i.e. the image-left one, matching the template's order.
+    """
+    p = np.asarray(pts68, dtype=np.float64)
+    if p.shape != (68, 2):
+        raise ValueError(f"expected (68, 2) landmarks, got {p.shape}")
+    return np.stack([p[36:42].mean(axis=0), p[42:48].mean(axis=0), p[30], p[48], p[54]])
+
+
+def fgnet_loader(size: tuple[int, int] = (112, 112), align: Callable[[np.ndarray], np.ndarray | None] | None = None):
+    """FGNetImage -> aligned crop: the 68 landmarks (default) or an external ``align`` callable."""
+    if align is not None:
+        external = AlignedLoader(align, size)
+        return lambda item: external(item.path)
+    template = arcface_template(size)
+
+    def load(item: FGNetImage) -> np.ndarray:
+        if item.points_path is None:
+            raise FileNotFoundError(f"{item.path.name} has no landmark file")
+        return align_similarity(load_image(item.path), fgnet_five_points(read_pts(item.points_path)), template, size)
+
+    return load
+
+
+def fgnet_verification_pairs(images: Sequence[FGNetImage], min_age_gap: int = 10, seed: int = 0,
+                             n_folds: int = 10, max_genuine: int | None = None, loader=None, name: str = "fgnet_cross_age"):
+    """Cross-age pairs over FG-NET images as a ``PairSet`` (module doc); folds = position mod ``n_folds``.
+
+    Genuine pairs (i < j, same subject, |age_i - age_j| >= min_age_gap) are all taken (or ``max_genuine``
+    of them, drawn with ``seed``); impostor pairs, equal in number and with the same minimum gap, are
+    drawn without replacement from all different-subject pairs. Both lists are in (i, j) order;
+    the k-th pair of each class goes to fold k mod ``n_folds``. Folds are not identity-disjoint (only
+    one threshold is fitted on them).
+    """
+    from facesphere.evaluate.pairsets import PairSet
+
+    subj = np.array([im.subject for im in images])
+    age = np.array([im.age for im in images])
+    i, j = np.triu_indices(len(images), 1)
+    gap_ok = np.abs(age[i] - age[j]) >= min_age_gap
+    gen = np.flatnonzero(gap_ok & (subj[i] == subj[j]))
+    imp = np.flatnonzero(gap_ok & (subj[i] != subj[j]))
+    rng = np.random.default_rng(seed)
+    if max_genuine is not None and gen.size > max_genuine:
+        gen = np.sort(rng.choice(gen, size=max_genuine, replace=False))
+    if gen.size == 0 or imp.size < gen.size:
+        raise ValueError(f"age gap {min_age_gap}: {gen.size} genuine and {imp.size} impostor pairs available")
+    imp = np.sort(rng.choice(imp, size=gen.size, replace=False))
+    chosen = np.concatenate([gen, imp])
+    same = np.r_[np.ones(gen.size, bool), np.zeros(imp.size, bool)]
+    folds = np.r_[np.arange(gen.size) % n_folds, np.arange(imp.size) % n_folds]
+    ps = PairSet(name, list(images), i[chosen], j[chosen], same, folds, loader=loader or fgnet_loader())
+    logger.info("FG-NET cross-age pairs (gap >= %d): %d genuine + %d impostor", min_age_gap, gen.size, imp.size)
+    return ps
+
+
+def _embed_fgnet(model, images, size, align, preprocess, embed_kwargs) -> np.ndarray:
+    from facesphere.evaluate.pairsets import embed_images
+
+    load = fgnet_loader(size, align)
+    return embed_images(model, len(images), lambda k: load(images[k]), preprocess=preprocess, **embed_kwargs)
+
+
+def fgnet_identification(model, root: str | os.PathLike, *, size: tuple[int, int] = (112, 112), align=None,
+                         preprocess=None, distractors=None, embeddings: np.ndarray | None = None,
+                         **embed_kwargs) -> dict:
+    """Leave-one-image-out identification on FG-NET (module doc): rank-1/5/10 and the CMC.
+
+    Also splits rank-1 by the probe's age (0-9, 10-19, ..., 60+) since children are the hard case.
+    ``embeddings`` (one row per ``parse_fgnet`` image) skips the embedding pass.
+    """
+    from facesphere.evaluate.identification import _cmc_from, search
+
+    images = parse_fgnet(root, require_points=align is None)
+    emb = _embed_fgnet(model, images, size, align, preprocess, embed_kwargs) if embeddings is None else np.asarray(embeddings)
+    if emb.shape[0] != len(images):
+        raise ValueError(f"{emb.shape[0]} embeddings for {len(images)} FG-NET images")
+    subjects = np.array([im.subject for im in images])
+    res = search(emb, subjects, emb, subjects, distractors, exclude=np.arange(len(images)))
+    n_d = 0 if distractors is None else int(np.asarray(distractors).shape[0])
+    result = _cmc_from(res, len(images) - 1, n_d, skip_unmated=True)
+    ages = np.array([im.age for im in images])
+    by_age = {}
+    for lo in range(0, 70, 10):
+        sel = (ages >= lo) & ((ages < lo + 10) if lo < 60 else True) & res.mated
+        if sel.any():
+            by_age[f"{lo}-{lo + 9}" if lo < 60 else "60+"] = float(np.mean(res.rank[sel] == 1))
+    out = {"protocol": "fgnet leave-one-image-out identification", "num_subjects": int(np.unique(subjects).size),
+           **result.to_dict(), "rank_1_by_probe_age": by_age}
+    logger.info("FG-NET identification: rank-1 %.4f over %d probes", out["rank_1"], out["num_probes"])
+    return out
+
+
+def fgnet_verification(model, root: str | os.PathLike, *, min_age_gap: int = 10, seed: int = 0,
+                       size: tuple[int, int] = (112, 112), align=None, preprocess=None, out_dir=None,
+                       **kwargs) -> dict:
+    """Cross-age verification on FG-NET pairs (``fgnet_verification_pairs``), via ``evaluate_pairset``."""
+    from facesphere.evaluate.pairsets import evaluate_pairset
+
+    images = parse_fgnet(root, require_points=align is None)
+    ps = fgnet_verification_pairs(images, min_age_gap=min_age_gap, seed=seed, loader=fgnet_loader(size, align))
+    report = evaluate_pairset(model, ps, preprocess=preprocess, out_dir=out_dir, **kwargs)
+    report.update(min_age_gap=int(min_age_gap), seed=int(seed))
+    return report

@@ -1,0 +1,107 @@
+"""Named evaluation protocols, for ``facesphere eval <protocol> <data path>``.
+
+Every protocol is a function ``(model, path, **options) -> dict`` registered under its name; ``model``
+is an ``nn.Module`` or a function from a (B, 3, H, W) tensor to (B, D) embeddings. Common options
+(``preprocess``, ``flip``, ``batch_size``, ``device``, ``amp_dtype``, ``out_dir``, ``progress``) are
+passed through to the embedding / evaluation functions; each protocol's docstring lists its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from facesphere.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PROTOCOLS", "describe_protocols", "get_protocol", "list_protocols", "run_protocol"]
+
+PROTOCOLS: Registry[dict] = Registry("evaluation protocol")
+
+
+def _lfw_files(path: Path, pairs, root) -> tuple[Path, Path]:
+    if path.is_file():  # the pairs file itself
+        if root is None:
+            raise ValueError("lfw: path is a pairs file, so pass root=<LFW image folder>")
+        return path, Path(root)
+    if pairs is not None:
+        return Path(pairs), path
+    for candidate in (path / "pairs.txt", path.parent / "pairs.txt"):
+        if candidate.is_file():
+            return candidate, path
+    raise FileNotFoundError(f"lfw: no pairs.txt in {path} or its parent; pass pairs=<path to pairs.txt>")
+
+
+@PROTOCOLS.register("lfw")
+def lfw(model, path: str | os.PathLike, *, pairs: str | os.PathLike | None = None,
+        root: str | os.PathLike | None = None, ext: str = ".jpg", **options) -> dict:
+    """LFW 10-fold verification: path = aligned image folder (``pairs=`` pairs.txt) or pairs.txt (``root=``)."""
+    from facesphere.evaluate.pairsets import PairSet, evaluate_pairset
+
+    pairs_path, image_root = _lfw_files(Path(path), pairs, root)
+    return evaluate_pairset(model, PairSet.from_lfw(pairs_path, image_root, ext=ext), **options)
+
+
+@PROTOCOLS.register("bin")
+def bin_file(model, path: str | os.PathLike, *, image_size: tuple[int, int] | None = None, **options) -> dict:
+    """An InsightFace verification ``.bin`` (lfw.bin, cfp_fp.bin, agedb_30.bin): 10 contiguous folds."""
+    from facesphere.evaluate.pairsets import PairSet, evaluate_pairset
+
+    return evaluate_pairset(model, PairSet.from_bin(path, image_size=image_size), **options)
+
+
+@PROTOCOLS.register("csv")
+def csv_pairs(model, path: str | os.PathLike, *, root: str | os.PathLike | None = None, **options) -> dict:
+    """A CSV of ``path1,path2,same[,fold]`` (paths relative to ``root``, default the CSV's folder)."""
+    from facesphere.evaluate.pairsets import PairSet, evaluate_pairset
+
+    return evaluate_pairset(model, PairSet.from_csv(path, root=root), **options)
+
+
+@PROTOCOLS.register("cacd_vs")
+def cacd_vs(model, path: str | os.PathLike, **options) -> dict:
+    """CACD-VS cross-age verification over the folds present; ``align=`` detector+aligner callable, ``size=``."""
+    from facesphere.evaluate.age import evaluate_cacd_vs
+
+    return evaluate_cacd_vs(model, path, **options)
+
+
+@PROTOCOLS.register("fgnet_identification")
+def fgnet_identification(model, path: str | os.PathLike, **options) -> dict:
+    """FG-NET leave-one-image-out rank-1/5/10, aligned by the 68 landmarks (or ``align=``); ``distractors=``."""
+    from facesphere.evaluate.age import fgnet_identification as run
+
+    options.pop("out_dir", None)  # identification writes no files
+    return run(model, path, **options)
+
+
+@PROTOCOLS.register("fgnet_verification")
+def fgnet_verification(model, path: str | os.PathLike, **options) -> dict:
+    """FG-NET cross-age pairs (``min_age_gap=10``, ``seed=0``), 10-fold accuracy, TAR@FAR, VAL@FAR."""
+    from facesphere.evaluate.age import fgnet_verification as run
+
+    return run(model, path, **options)
+
+
+def get_protocol(name: str) -> Callable[..., dict]:
+    """The protocol function registered as ``name`` (KeyError listing the known names otherwise)."""
+    return PROTOCOLS.get(name)
+
+
+def list_protocols() -> list[str]:
+    return PROTOCOLS.names()
+
+
+def describe_protocols() -> dict[str, str]:
+    """``{name: first line of its docstring}``, for ``facesphere eval --list``."""
+    return {name: (PROTOCOLS.get(name).__doc__ or "").strip().splitlines()[0] for name in PROTOCOLS.names()}
+
+
+def run_protocol(name: str, model, path: str | os.PathLike, **options) -> dict:
+    """Run protocol ``name`` on the data at ``path``; the result also records ``protocol`` and ``data``."""
+    logger.info("evaluation protocol %s on %s", name, path)
+    result = get_protocol(name)(model, path, **options)
+    return {"protocol": name, "data": str(path), **result}
