@@ -57,6 +57,7 @@ class IResNet(Backbone):
         embedding_size: int = 512,
         dropout: float = 0.0,
         input_size: tuple[int, int] = (112, 112),
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if depth not in LAYERS:
@@ -86,6 +87,10 @@ class IResNet(Backbone):
         self.dropout = nn.Dropout(dropout)
         self.embedding = LinearBN(channels * height * width, embedding_size)
         self._init_weights()
+        # Imported weights may need another BN eps (InsightFace's iResNets use 2e-5); PyTorch's by default.
+        for m in self.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                m.eps = bn_eps
 
     def _init_weights(self) -> None:
         # Kaiming (fan_out) convs; BN gamma 1, beta 0; the FC keeps PyTorch's default init.
@@ -103,33 +108,38 @@ class IResNet(Backbone):
 
 
 @BACKBONES.register("iresnet18")
-def iresnet18(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112)) -> IResNet:
+def iresnet18(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112),
+               bn_eps: float = 1e-5) -> IResNet:
     """iResNet-18 (LResNet18E-IR), units per stage [2, 2, 2, 2]."""
-    return IResNet(18, embedding_size, dropout, input_size)
+    return IResNet(18, embedding_size, dropout, input_size, bn_eps)
 
 
 @BACKBONES.register("iresnet34")
-def iresnet34(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112)) -> IResNet:
+def iresnet34(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112),
+               bn_eps: float = 1e-5) -> IResNet:
     """iResNet-34 (LResNet34E-IR), units per stage [3, 4, 6, 3]."""
-    return IResNet(34, embedding_size, dropout, input_size)
+    return IResNet(34, embedding_size, dropout, input_size, bn_eps)
 
 
 @BACKBONES.register("iresnet50")
-def iresnet50(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112)) -> IResNet:
+def iresnet50(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112),
+               bn_eps: float = 1e-5) -> IResNet:
     """iResNet-50 (LResNet50E-IR), units per stage [3, 4, 14, 3]."""
-    return IResNet(50, embedding_size, dropout, input_size)
+    return IResNet(50, embedding_size, dropout, input_size, bn_eps)
 
 
 @BACKBONES.register("iresnet100")
-def iresnet100(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112)) -> IResNet:
+def iresnet100(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112),
+               bn_eps: float = 1e-5) -> IResNet:
     """iResNet-100 (LResNet100E-IR), units per stage [3, 13, 30, 3]."""
-    return IResNet(100, embedding_size, dropout, input_size)
+    return IResNet(100, embedding_size, dropout, input_size, bn_eps)
 
 
 @BACKBONES.register("iresnet200")
-def iresnet200(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112)) -> IResNet:
+def iresnet200(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112),
+               bn_eps: float = 1e-5) -> IResNet:
     """iResNet-200, units per stage [6, 26, 60, 6]."""
-    return IResNet(200, embedding_size, dropout, input_size)
+    return IResNet(200, embedding_size, dropout, input_size, bn_eps)
 
 
 __all__ = ["IResNet", "IRBlock", "LAYERS", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200"]

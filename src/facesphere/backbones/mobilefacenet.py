@@ -75,6 +75,7 @@ class MobileFaceNet(Backbone):
         embedding_size: int = 128,
         input_size: tuple[int, int] = (112, 112),
         variant: str = "",
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if variant not in ("", "m", "s"):
@@ -110,6 +111,10 @@ class MobileFaceNet(Backbone):
             self.embedding = nn.Identity()
             self.embedding_size = channels
         self._init_weights()
+        # Imported weights may need another BN eps (MXNet's default is 1e-3); PyTorch's by default.
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = bn_eps
 
     def _init_weights(self) -> None:
         # Kaiming (fan_out) for convs, as for MobileNetV2; BN starts as the identity map.
@@ -127,21 +132,24 @@ class MobileFaceNet(Backbone):
 
 
 @BACKBONES.register("mobilefacenet")
-def mobilefacenet(embedding_size: int = 128, input_size: tuple[int, int] = (112, 112)) -> MobileFaceNet:
+def mobilefacenet(embedding_size: int = 128, input_size: tuple[int, int] = (112, 112),
+                  bn_eps: float = 1e-5) -> MobileFaceNet:
     """MobileFaceNet of Table 1 (0.99M params, 221M MAdds at 112x112, D=128)."""
-    return MobileFaceNet(embedding_size, input_size)
+    return MobileFaceNet(embedding_size, input_size, bn_eps=bn_eps)
 
 
 @BACKBONES.register("mobilefacenet_m")
-def mobilefacenet_m(embedding_size: int = 512, input_size: tuple[int, int] = (112, 112)) -> MobileFaceNet:
+def mobilefacenet_m(embedding_size: int = 512, input_size: tuple[int, int] = (112, 112),
+                    bn_eps: float = 1e-5) -> MobileFaceNet:
     """MobileFaceNet-M: no linear 1x1 after the GDConv, so the embedding is the GDConv's 512 channels."""
-    return MobileFaceNet(embedding_size, input_size, variant="m")
+    return MobileFaceNet(embedding_size, input_size, variant="m", bn_eps=bn_eps)
 
 
 @BACKBONES.register("mobilefacenet_s")
-def mobilefacenet_s(embedding_size: int = 128, input_size: tuple[int, int] = (112, 112)) -> MobileFaceNet:
+def mobilefacenet_s(embedding_size: int = 128, input_size: tuple[int, int] = (112, 112),
+                    bn_eps: float = 1e-5) -> MobileFaceNet:
     """MobileFaceNet-S: MobileFaceNet-M without the 1x1 (512) before the GDConv; 128-d embedding."""
-    return MobileFaceNet(embedding_size, input_size, variant="s")
+    return MobileFaceNet(embedding_size, input_size, variant="s", bn_eps=bn_eps)
 
 
 __all__ = ["MobileFaceNet", "Bottleneck", "mobilefacenet", "mobilefacenet_m", "mobilefacenet_s", "BOTTLENECKS"]

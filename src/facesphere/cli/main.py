@@ -8,6 +8,7 @@ import typer
 
 from facesphere.cli import data as data_commands
 from facesphere.cli import models as model_commands
+from facesphere.cli import models_import
 from facesphere.cli import train as train_commands
 
 app = typer.Typer(name="facesphere", help="Face recognition on the hypersphere: train, evaluate and inspect models.",
@@ -17,6 +18,7 @@ app.command("quickstart")(train_commands.quickstart)
 app.command("backbones")(model_commands.backbones)
 app.command("heads")(model_commands.heads)
 app.command("config")(train_commands.show_config)
+app.command("import")(models_import.import_model)
 app.add_typer(data_commands.app, name="data")
 
 
