@@ -7,6 +7,7 @@ import logging
 import typer
 
 from facesphere.cli import data as data_commands
+from facesphere.cli import evaluate as eval_commands
 from facesphere.cli import models as model_commands
 from facesphere.cli import models_import
 from facesphere.cli import train as train_commands
@@ -19,6 +20,7 @@ app.command("backbones")(model_commands.backbones)
 app.command("heads")(model_commands.heads)
 app.command("config")(train_commands.show_config)
 app.command("import")(models_import.import_model)
+app.command("eval")(eval_commands.evaluate)
 app.add_typer(data_commands.app, name="data")
 
 

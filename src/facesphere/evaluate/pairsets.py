@@ -4,8 +4,8 @@ A ``PairSet`` holds each distinct image once plus index pairs into that list, so
 embeds every image a single time however many pairs use it (LFW: 7,701 images for 6,000 pairs).
 
 Preprocessing is a ``Preprocess`` callable (HxWx3 uint8 RGB -> normalised (3, H, W) float tensor), so a
-model card can bring its own size, colour order and mean/std; the default is facesphere's
-``to_tensor`` ((x - 127.5) / 128, RGB) after checking the 112x112 size.
+model card can bring its own size, colour order and mean/std (``model_input.CardPreprocess``); the
+default is facesphere's ``to_tensor`` ((x - 127.5) / 128, RGB) after checking the 112x112 size.
 
 VAL@FAR follows insightface's ``calculate_val`` (papers.md §12): for each of the k folds, the threshold
 giving the target FAR on the other folds is found by *linear interpolation* between the two ROC
@@ -364,9 +364,14 @@ def embed_images(
     """Embeddings (count, D) of images ``load(0..count-1)``, L2-normalised, flip as ``extract_embeddings``.
 
     ``model`` is an ``nn.Module`` or any function from a (B, C, H, W) tensor to (B, D) embeddings.
+    Image 0 is preprocessed once up front, so a preprocessing refusal (size, model card) comes
+    before any embedding is computed.
     """
     module = model if isinstance(model, nn.Module) else _FunctionModule(model)
-    dataset = _Images(count, load, preprocess or ImagePreprocess())
+    preprocess = preprocess or ImagePreprocess()
+    if count > 0:
+        preprocess(load(0))  # fail fast (wrong size, model-card mismatch) before the embedding pass
+    dataset = _Images(count, load, preprocess)
     return extract_embeddings(module, dataset, batch_size=batch_size, device=device, flip=flip,
                               amp_dtype=amp_dtype, progress=progress)
 

@@ -4,6 +4,8 @@ Every protocol is a function ``(model, path, **options) -> dict`` registered und
 is an ``nn.Module`` or a function from a (B, 3, H, W) tensor to (B, D) embeddings. Common options
 (``preprocess``, ``flip``, ``batch_size``, ``device``, ``amp_dtype``, ``out_dir``, ``progress``) are
 passed through to the embedding / evaluation functions; each protocol's docstring lists its own.
+With a model card, ``model_input.evaluate_with_card`` derives ``preprocess`` from the card and
+refuses mismatching input before any embedding (``facesphere eval``, training-time protocol runs).
 """
 
 from __future__ import annotations

@@ -86,8 +86,41 @@ class DataConfig(Strict):
         return self
 
 
+class ProtocolRun(Strict):
+    """A registered evaluation protocol run on ``path`` during training, as ``facesphere eval`` would run it.
+
+    ``options`` are the protocol's own (e.g. ``pairs``, ``n_folds``, ``center_crop``); flip and batch
+    size come from the eval section. ``label`` names the results (default: the protocol name).
+    """
+
+    name: str
+    path: Path
+    options: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_protocol(cls, value: str) -> str:
+        from facesphere.evaluate.protocols import PROTOCOLS
+
+        if value not in PROTOCOLS:
+            raise ValueError(f"unknown evaluation protocol {value!r}; known: {', '.join(PROTOCOLS.names())}")
+        return value
+
+    @field_validator("label")
+    @classmethod
+    def _plain_label(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "/" in value or value.startswith(".")):
+            raise ValueError("label must be a plain folder name (results go to <run>/eval/<label>/)")
+        return value
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
 class EvalConfig(Strict):
-    """Held-out verification on synthetic identities disjoint from the training ones."""
+    """Held-out verification on synthetic identities disjoint from the training ones, plus optional protocol runs."""
 
     enabled: bool = True
     num_identities: int = Field(100, ge=2)
@@ -97,6 +130,15 @@ class EvalConfig(Strict):
     every_steps: int = Field(0, ge=0, description="0: only at the end")
     flip: bool = True
     batch_size: int = Field(256, ge=1)
+    protocols: list[ProtocolRun] = Field(default_factory=list, description="protocol runs evaluated with the "
+                                         "held-out set (every_steps and at the end)")
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> "EvalConfig":
+        keys = [run.key for run in self.protocols]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"eval.protocols: give repeated protocols distinct labels, got {keys}")
+        return self
 
 
 class OptimConfig(Strict):

@@ -310,10 +310,56 @@ class Trainer:
             if writer is not None:
                 writer.add_scalar("eval/accuracy", report["accuracy_mean"], self.step)
             logger.info("step %d held-out verification accuracy %.4f ± %.4f", self.step, report["accuracy_mean"], report["accuracy_std"])
+            if self.cfg.eval.protocols:
+                report["protocols"] = self._evaluate_protocols(writer, plot)
             if plot:
-                atomic_write_text(self.run_dir / "evaluation.json", json.dumps(report, indent=2))
+                atomic_write_text(self.run_dir / "evaluation.json", json.dumps(report, indent=2, default=str))
         self._barrier()
         return report
+
+    def _evaluate_protocols(self, writer, plot: bool) -> dict[str, Any]:
+        """The configured protocol runs (``eval.protocols``) with the backbone's own card; rank 0 only.
+
+        Each run is logged, written to TensorBoard (``eval/<label>/...``) and appended to
+        ``eval_metrics.csv``; plots go to ``eval/<label>/`` at the end.
+        """
+        from facesphere.evaluate.model_input import evaluate_with_card, training_card
+
+        backbone = self.model.backbone
+        card = training_card(backbone, f"{self.cfg.name}-step{self.step}", self.cfg.model.backbone,
+                             self.cfg.model.backbone_args)
+        results, rows = {}, []
+        for run in self.cfg.eval.protocols:
+            out_dir = self.run_dir / "eval" / run.key if plot else None
+            result = evaluate_with_card(backbone, card, run.name, run.path, run.options, flip=self.cfg.eval.flip,
+                                        batch_size=self.cfg.eval.batch_size, device=self.ctx.device,
+                                        amp_dtype=self.amp_dtype, out_dir=out_dir)
+            results[run.key] = result
+            val = (result.get("val_at_far") or {}).get("val_mean")
+            row = {"step": self.step, "set": run.key, "accuracy_mean": result.get("accuracy_mean"),
+                   "accuracy_std": result.get("accuracy_std"), "val_at_far": val}
+            rows.append(row)
+            for name in ("accuracy_mean", "val_at_far"):
+                if writer is not None and isinstance(row[name], float):
+                    writer.add_scalar(f"eval/{run.key}/{name}", row[name], self.step)
+            logger.info("step %d %s: %s", self.step, run.key,
+                        ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)) or "no accuracy")
+        self._append_eval_metrics(rows)
+        return results
+
+    def _append_eval_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Append to ``eval_metrics.csv``, dropping rows at or after this step (left by a killed run)."""
+        path = self.run_dir / "eval_metrics.csv"
+        fields = ["step", "set", "accuracy_mean", "accuracy_std", "val_at_far"]
+        kept = []
+        if path.exists():
+            with open(path, newline="") as handle:
+                kept = [r for r in csv.DictReader(handle) if int(r["step"]) < self.step]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept + [{k: ("" if r[k] is None else r[k]) for k in fields} for r in rows])
 
 
 class _Progress:
