@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--classes", type=int, default=10572, help="ArcFace classes (CASIA-WebFace has 10,572)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per variant")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -96,12 +97,18 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
         command = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--batch", str(args.batch), "--classes", str(args.classes)]
-        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        try:
+            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            results[name] = {"timed_out_after_seconds": args.timeout}
+            print(f"{name}: timed out after {args.timeout} s", flush=True)
+            continue
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{name}: {results[name]['images_per_second']:.1f} images/s", flush=True)
     base = results["eager"]["images_per_second"]
     rows = [[name, f"{r['images_per_second']:.1f}", f"{r['images_per_second'] / base:.2f}x", f"{r['median_step_seconds']:.3f}",
-             f"{r['page_faults_per_step']:.0f}", f"{r['warmup_seconds']:.1f}"] for name, r in results.items()]
+             f"{r['page_faults_per_step']:.0f}", f"{r['warmup_seconds']:.1f}"] if "images_per_second" in r
+            else [name, f"timed out after {r['timed_out_after_seconds']:.0f} s", "", "", "", ""] for name, r in results.items()]
     table = markdown_table(["variant", "images/s", "vs eager", "median step (s)", "page faults/step", "warm-up (s)"], rows)
     table = (f"MobileFaceNet (D=128) + ArcFace ({args.classes} classes), batch {args.batch}, SGD, fp32 unless stated; "
              f"median of {args.steps} steps after {args.warmup} warm-up steps.\n\n" + table)
