@@ -431,8 +431,8 @@ def test_cross_entropy_decreases(name, num_classes):
 
 def test_registry_builds_every_name():
     expected = {"softmax", "normface", "sphereface", "coco", "cosface", "am_softmax", "arcface", "combined"}
-    assert expected <= set(HEADS.names())
-    for name in HEADS.names():
+    assert expected <= set(HEADS.names(aliases=True))
+    for name in HEADS.names(aliases=True):
         head = build_head(name, D, C)
         assert isinstance(head, MarginHead)
         assert head.weight.shape == (C, D)

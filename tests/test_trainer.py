@@ -90,9 +90,18 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
 
 @pytest.mark.slow
 def test_two_torchrun_processes_follow_one_process(tmp_path):
+    """Same global batch, 1 process vs 2 gloo processes: the loss curves agree to float32 rounding.
+
+    SphereFace-4 has no batch norm, so the comparison isolates data sharding, DDP gradient averaging
+    and loss reduction; cross-process batch norm is checked exactly (float64) in
+    test_distributed_batchnorm.py. (With BN, float32 rounding in an ill-conditioned BN backward at
+    initialisation is amplified by SGD within a few steps, for two threads as for two processes.)
+    """
     config = tmp_path / "tiny.yaml"
     config.write_text("{}\n")
-    overrides = sum((["--set", o] for o in TINY + [f"output_dir={tmp_path}", "train.steps=12", "train.checkpoint_every=100"]), [])
+    settings = TINY + [f"output_dir={tmp_path}", "train.steps=8", "train.checkpoint_every=100", "model.backbone=sphereface4",
+                       "model.backbone_args={embedding_size: 64}", "optim.lr=0.005"]
+    overrides = sum((["--set", o] for o in settings), [])
     single = subprocess.run(_cli("train", str(config), *overrides, "--set", "name=one"), env=_env(), capture_output=True,
                             text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
@@ -102,6 +111,6 @@ def test_two_torchrun_processes_follow_one_process(tmp_path):
     assert double.returncode == 0, double.stderr[-3000:]
     one = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.csv")]
     two = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.csv")]
-    assert len(one) == len(two) == 12
-    assert one[-1] < one[0]
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=2e-4, atol=2e-4)
+    assert len(one) == len(two) == 8
+    assert len(set(one)) == 8, "the loss must move for the comparison to mean anything"
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)

@@ -107,13 +107,16 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(input)
         dims = [0] + list(range(2, input.dim()))
         x = input if input.dtype == torch.float64 else input.float()
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-        stats = _AllReduceSum.apply(stats)
         channels = x.shape[1]
-        total = stats[-1]
-        mean = stats[:channels] / total
-        var = (stats[channels:2 * channels] / total - mean * mean).clamp_min(0)
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        # Two passes (global mean, then global sum of squared deviations): E[x^2] - mean^2 in float32
+        # loses enough digits to move an N-process run visibly off the single-process one.
+        count = torch.tensor([x.numel() / channels], dtype=x.dtype, device=x.device)
+        first = _AllReduceSum.apply(torch.cat([x.sum(dims), count]))
+        total = first[-1]
+        mean = first[:channels] / total
+        centred = x - mean.view(shape)
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / total
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -121,8 +124,7 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
                 unbiased = var * (total / (total - 1).clamp_min(1))
                 self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
                 self.running_var.mul_(1 - momentum).add_(unbiased.detach(), alpha=momentum)
-        shape = [1, channels] + [1] * (input.dim() - 2)
-        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        out = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         return out.to(input.dtype)
