@@ -24,7 +24,8 @@ DATA = Path(os.environ.get("FACESPHERE_DATA", Path(__file__).resolve().parents[2
 LFW = DATA / "data/lfw_112x112/lfw-112X112"
 PAIRS = DATA / "data/lfw_meta/facenet/data/pairs.txt"
 PUBLISHED = {"insightface_y1": "LFW 99.50 (its training log, InsightFace's own crops); independent check on these crops "
-                               "99.20-99.22", "xiaoccer": "LFW 99.2 claimed by its repository (see SOURCE.txt)"}
+                               "99.20-99.22", "xiaoccer": "LFW 99.30 claimed by its repository on SphereFace-aligned 112x96 crops (mirror-concat, "
+                         "fold-mean subtraction); paper MobileFaceNet 112x96: 99.18"}
 
 
 def facesphere(*args: str) -> subprocess.CompletedProcess:
