@@ -35,12 +35,14 @@ def main() -> None:
     evaluation = json.loads((args.output_dir / "quickstart" / "evaluation.json").read_text())
     metrics = (args.output_dir / "quickstart" / "metrics.csv").read_text().strip().splitlines()
     trained = 100 * evaluation["accuracy_mean"]
+    run_machine = json.loads((args.output_dir / "quickstart" / "machine.json").read_text())
     table = markdown_table(["wall time (s)", "untrained accuracy %", "trained accuracy %", "± std", "pairs", "unseen identities",
                             "TAR@FAR=1e-2"],
                            [[f"{wall:.0f}", f"{untrained:.2f}", f"{trained:.2f}", f"{100 * evaluation['accuracy_std']:.2f}",
                              evaluation["num_pairs"], evaluation["num_identities"], evaluation["tar_at_far"].get("0.01")]])
+    table += f"\n\nAllocator inside the quickstart process: {json.dumps(run_machine['allocator'])}"
     print(table)
-    write_results("quickstart", {"wall_seconds": wall, "untrained_accuracy": untrained / 100, "evaluation": evaluation,
+    write_results("quickstart", {"run_machine": run_machine, "wall_seconds": wall, "untrained_accuracy": untrained / 100, "evaluation": evaluation,
                                  "last_metrics_row": metrics[-1], "log_tail": log[-4000:]}, table)
 
 

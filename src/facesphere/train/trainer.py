@@ -30,6 +30,7 @@ from facesphere.train.data_setup import build_eval_set, build_train_set
 from facesphere.train.distributed import DistContext, all_reduce_mean, convert_batchnorm, init_distributed
 from facesphere.train.schedules import build_scheduler
 from facesphere.utils.files import atomic_write_text
+from facesphere.utils.machine import describe_machine
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ class Trainer:
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            atomic_write_text(self.run_dir / "machine.json", json.dumps(describe_machine(), indent=2, default=str))
         metrics = MetricsLog(self.run_dir / "metrics.csv", self.step) if ctx.is_main else None
         writer = self._tensorboard() if ctx.is_main else None
         module = self._train_module()
