@@ -85,7 +85,7 @@ def main() -> None:
              f"first {one[0]:.4f} → last {one[-1]:.4f}", ""],
             [f"MobileFaceNet + ArcFace: SIGKILL after checkpoint at step {killed_at}, resume vs uninterrupted", len(resumed),
              f"{resume_diff:.2e}", f"first {straight[0]:.4f} → last {straight[-1]:.4f}", f"{weight_diff:.2e}"]]
-    table = markdown_table(["comparison", "steps compared", "max |Δ loss|", "loss curve", "max |Δ weight| at the end"], rows)
+    table = markdown_table(["comparison", "steps compared", "max abs Δ loss", "loss curve", "max abs Δ weight at the end"], rows)
     print(table)
     write_results("parity", {"straight_losses": straight, "one_process_losses": one, "two_process_losses": two, "resumed_losses": resumed,
                              "killed_at_step": killed_at, "max_abs_loss_diff_distributed": dist_diff,
