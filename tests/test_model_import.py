@@ -27,6 +27,7 @@ from facesphere.models import (
     UnsupportedModel,
     WeightMismatch,
     import_insightface,
+    import_weights,
     import_xiaoccer,
     input_spec_of,
     load_model,
@@ -563,3 +564,13 @@ def test_import_command(tmp_path, caplog):
     assert card.name == "mobilefacenet_insightface_y1"
     again = runner.invoke(app, ["import", str(folder), str(tmp_path / "y1")])
     assert again.exit_code == 2 and "pass --overwrite to replace it" in caplog.text
+
+
+def test_import_accepts_the_symbol_file_the_folder_or_the_params(y1):
+    folder, model, _ = y1
+    reference = {k: v for k, v in model.state_dict().items()}
+    for source in (folder / "model-symbol.json", folder, folder / "model-0000.params"):
+        imported, card = import_weights(source)
+        assert card.backbone == "mobilefacenet"
+        for key, value in imported.state_dict().items():
+            assert torch.equal(value, reference[key]), (source, key)

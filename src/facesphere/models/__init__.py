@@ -41,6 +41,12 @@ def _resolve(source: Path, kind: str) -> tuple[str, Path]:
                          f"{[p.name for p in params + torch_files]}); pass the file itself")
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such file or folder")
+    if source.name.endswith("-symbol.json"):  # an MXNet symbol: import the one checkpoint beside it
+        prefix = source.name[: -len("-symbol.json")]
+        params = sorted(source.parent.glob(f"{prefix}-*.params"))
+        if len(params) != 1:
+            raise ValueError(f"{source}: expected one {prefix}-NNNN.params beside it, found {[p.name for p in params]}")
+        return ("insightface" if kind == "auto" else kind), params[0]
     if kind != "auto":
         return kind, source
     if source.suffix == ".params":
