@@ -111,7 +111,9 @@ def main() -> None:
             else [name, f"timed out after {r['timed_out_after_seconds']:.0f} s", "", "", "", ""] for name, r in results.items()]
     table = markdown_table(["variant", "images/s", "vs eager", "median step (s)", "page faults/step", "warm-up (s)"], rows)
     table = (f"MobileFaceNet (D=128) + ArcFace ({args.classes} classes), batch {args.batch}, SGD, fp32 unless stated; "
-             f"median of {args.steps} steps after {args.warmup} warm-up steps.\n\n" + table)
+             f"median of {args.steps} steps after {args.warmup} warm-up steps. Each variant runs in its own process with "
+             f"mallopt(mmap and trim thresholds 1 GiB), except 'default malloc'; per-variant allocator settings are in "
+             f"the JSON.\n\n" + table)
     print(table)
     write_results("train_throughput", {"args": vars(args), "variants": results}, table)
 
