@@ -6,7 +6,6 @@ import io
 import json
 import os
 import pickle
-import re
 
 import numpy as np
 import pytest
