@@ -11,14 +11,20 @@ import torch.multiprocessing as mp
 from facesphere.train.distributed import DistributedBatchNorm, convert_batchnorm
 
 
-def _worker(rank: int, world: int, init_file: str, result_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _batch_and_reference() -> tuple[torch.Tensor, torch.nn.BatchNorm2d]:
+    """The same global batch and affine BatchNorm in every process."""
     torch.manual_seed(0)
     x = torch.randn(8, 4, 5, 5, dtype=torch.float64)
-    reference = torch.nn.BatchNorm2d(4).double()
+    bn = torch.nn.BatchNorm2d(4).double()
     with torch.no_grad():
-        reference.weight.uniform_(0.5, 1.5)
-        reference.bias.uniform_(-0.5, 0.5)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return x, bn
+
+
+def _worker(rank: int, world: int, init_file: str, result_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    x, reference = _batch_and_reference()
     module = convert_batchnorm(torch.nn.Sequential(reference), torch.device("cpu"))[0].double()
     assert isinstance(module, DistributedBatchNorm)
     local = x[rank::world].clone().requires_grad_(True)
@@ -32,12 +38,7 @@ def _worker(rank: int, world: int, init_file: str, result_dir: str) -> None:
 def test_two_process_batchnorm_matches_full_batch(tmp_path):
     world = 2
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    torch.manual_seed(0)
-    x = torch.randn(8, 4, 5, 5, dtype=torch.float64)
-    bn = torch.nn.BatchNorm2d(4).double()
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
+    x, bn = _batch_and_reference()
     order = torch.cat([torch.arange(8)[r::world] for r in range(world)])
     xs = x[order].clone().requires_grad_(True)
     out = bn(xs)

@@ -66,14 +66,8 @@ def plot_roc(curves: Curves, path: str | os.PathLike, title: str = "ROC") -> Pat
     for name, (far, tar) in curves.items():
         x, y = _positive(far, tar)
         ax.step(x, y, where="post", label=str(name), linewidth=1.5)
-    ax.set_xscale("log")
-    ax.set_xlim(*FAR_RANGE)
     ax.set_ylim(0.0, 1.0)
-    ax.set_xlabel("False accept rate (FAR)")
-    ax.set_ylabel("True accept rate (TAR)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
+    _label_axes(ax, "False accept rate (FAR)", "True accept rate (TAR)", title, "lower right")
     return _save_atomic(fig, path)
 
 
@@ -90,13 +84,18 @@ def plot_det(curves: Curves, path: str | os.PathLike, title: str = "DET") -> Pat
         if y.size:
             lowest = min(lowest, float(y.min()))
         ax.step(x, y, where="post", label=str(name), linewidth=1.5)
-    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlim(*FAR_RANGE)
     ax.set_ylim(max(lowest / 2.0, 1e-6), 1.0)
-    ax.set_xlabel("False match rate (FMR)")
-    ax.set_ylabel("False non-match rate (FNMR)")
+    _label_axes(ax, "False match rate (FMR)", "False non-match rate (FNMR)", title, "upper right")
+    return _save_atomic(fig, path)
+
+
+def _label_axes(ax, xlabel: str, ylabel: str, title: str, legend: str) -> None:
+    """Log-scaled FAR axis over FAR_RANGE, labels, grid and legend (shared by ROC and DET)."""
+    ax.set_xscale("log")
+    ax.set_xlim(*FAR_RANGE)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right")
-    return _save_atomic(fig, path)
+    ax.legend(loc=legend)
