@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from facesphere.utils.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +34,10 @@ def _new_axes(figsize=(6.0, 5.0)):
 
 
 def _save_atomic(fig, path: str | os.PathLike) -> Path:
-    """Save as PNG to a temporary file beside ``path``, then ``os.replace`` it: readers never see half a file."""
+    """Save as PNG through ``atomic_path``: readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     logger.info("wrote %s", path)
     return path
 
