@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from facesphere.data.folders import IMAGE_EXTENSIONS, ImageFilesDataset, ImageFolderDataset
-from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, to_tensor, to_uint8
+from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, load_image_bytes, to_tensor, to_uint8
 from facesphere.data.lists import ImageListDataset, ListFileError, parse_list_file
 from facesphere.data.sampler import GlobalBatchSampler
 from facesphere.data.synthetic import (
@@ -62,6 +62,7 @@ __all__ = [
     "face_identity",
     "face_variation",
     "load_image",
+    "load_image_bytes",
     "parse_list_file",
     "render_face",
     "resize_to",

@@ -8,6 +8,7 @@ type, ``ImageError``, so loaders can catch exactly that and name the offending f
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -56,10 +57,32 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     """
     path = Path(path)
     try:
+        return _decode(path, path, max_pixels)
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory, not an image file") from None
+    except UnidentifiedImageError:
+        if _size_or_none(path) == 0:
+            raise ImageError(path, "empty file (0 bytes)") from None
+        raise ImageError(path, "not a recognised image format (or a corrupt header)") from None
+
+
+def load_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """``load_image`` for an encoded image held in memory (e.g. inside a ``.bin`` file); ``name`` labels errors."""
+    try:
+        return _decode(io.BytesIO(data), Path(name), max_pixels)
+    except UnidentifiedImageError:
+        raise ImageError(name, "not a recognised image format" if data else "empty image data") from None
+
+
+def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int | None) -> np.ndarray:
+    """The checks and decoding both loaders share; "unrecognised format" is left to the caller to word."""
+    try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its limit; treat that as a refusal too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if width <= 0 or height <= 0:
                     raise ImageError(path, f"zero-size image ({width}x{height})")
@@ -69,18 +92,10 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
                     )
                 image.load()
                 return _to_rgb_array(_upright(image, path))
-    except ImageError:
+    except (ImageError, FileNotFoundError, IsADirectoryError, UnidentifiedImageError):
         raise
-    except FileNotFoundError:
-        raise ImageError(path, "file not found") from None
-    except IsADirectoryError:
-        raise ImageError(path, "is a directory, not an image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(path, f"refused as a decompression bomb: {error}") from None
-    except UnidentifiedImageError:
-        if _size_or_none(path) == 0:
-            raise ImageError(path, "empty file (0 bytes)") from None
-        raise ImageError(path, "not a recognised image format (or a corrupt header)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated"), SyntaxError
         # (broken PNG chunks) or ValueError; the original message is kept as the reason.

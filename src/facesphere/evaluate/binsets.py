@@ -21,14 +21,11 @@ import io
 import logging
 import os
 import pickle
-import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError
-from facesphere.data.images import _to_rgb_array, _upright  # the same decode path as load_image
+from facesphere.data.images import DEFAULT_MAX_PIXELS, load_image_bytes
 from facesphere.data.transforms import resize_to
 
 logger = logging.getLogger(__name__)
@@ -202,25 +199,7 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
 
 def decode_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an encoded image into HxWx3 uint8 RGB, with ``load_image``'s checks; ``ImageError`` on failure."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width <= 0 or height <= 0:
-                    raise ImageError(name, f"zero-size image ({width}x{height})")
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageError(name, f"declared size {width}x{height} exceeds the limit of {max_pixels} pixels")
-                image.load()
-                return _to_rgb_array(_upright(image, Path(name)))
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(name, f"refused as a decompression bomb: {error}") from None
-    except UnidentifiedImageError:
-        raise ImageError(name, "not a recognised image format" if data else "empty image data") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageError(name, f"cannot decode: {error or type(error).__name__}") from None
+    return load_image_bytes(data, name, max_pixels)
 
 
 def _unique_encoded(encoded: list[bytes]) -> tuple[list[bytes], np.ndarray]:
