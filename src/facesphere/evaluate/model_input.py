@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from facesphere.evaluate.pairsets import ImagePreprocess
 from facesphere.models.card import FACESPHERE_MEAN, FACESPHERE_STD, InputSpec, ModelCard, ModelCardMismatch
 
 logger = logging.getLogger(__name__)
@@ -115,9 +116,8 @@ class CardPreprocess:
         self.center_crop = None if center_crop is None else parse_size(center_crop)
         if self.center_crop is not None and min(self.center_crop) <= 0:
             raise ValueError(f"center_crop must be positive, got {self.center_crop}")
-        self._mean = np.asarray(card.mean, dtype=np.float32)
-        self._std = np.asarray(card.std, dtype=np.float32)
-        self._facesphere = tuple(card.mean) == FACESPHERE_MEAN and tuple(card.std) == FACESPHERE_STD
+        # size checks and cropping happen here; the mean/std step is the generic one (to_tensor's LUT when it applies)
+        self._normalise = ImagePreprocess(size=None, mean=card.mean, std=card.std)
         self._checked: dict[tuple[int, int], tuple[int, int, int, int] | None] = {}
         # Colour order (and alignment, unless a crop changes it) are known now: refuse before any image is read.
         known = self.fed_spec(card.input_size)
@@ -168,12 +168,7 @@ class CardPreprocess:
         box = self._check_size((int(image.shape[0]), int(image.shape[1])))
         if box is not None:
             image = image[box[0]:box[2], box[1]:box[3]]
-        if self._facesphere:
-            from facesphere.data.images import to_tensor  # the trainer's exact LUT normalisation
-
-            return to_tensor(image)
-        x = (image.astype(np.float32) - self._mean) / self._std
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        return self._normalise(image)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able record of what was fed and how it was preprocessed (for results files)."""
