@@ -97,29 +97,27 @@ class TrainResult:
 
 
 class MetricsLog:
-    """CSV of per-step metrics (rank 0), truncated to the resumed step so a resume never duplicates rows."""
+    """A CSV of metrics rows (rank 0), truncated to the resumed step so a resume never duplicates rows."""
 
-    FIELDS = ["step", "epoch", "loss", "lr", "images_per_second", "elapsed_seconds"]
+    TRAIN_FIELDS = ["step", "epoch", "loss", "lr", "images_per_second", "elapsed_seconds"]
+    EVAL_FIELDS = ["step", "set", "accuracy_mean", "accuracy_std", "val_at_far"]
 
-    def __init__(self, path: Path, resume_step: int) -> None:
+    def __init__(self, path: Path, fields: list[str], resume_step: int) -> None:
         self.path = path
+        self.fields = fields
         rows: list[dict[str, str]] = []
         if resume_step > 0 and path.exists():
             with open(path, newline="") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+            writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        self.handle = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.handle, fieldnames=self.FIELDS)
 
     def write(self, row: dict[str, Any]) -> None:
-        self.writer.writerow(row)
-        self.handle.flush()
-
-    def close(self) -> None:
-        self.handle.close()
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.fields).writerow({k: "" if row.get(k) is None else row[k] for k in self.fields})
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -222,7 +220,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
             atomic_write_text(self.run_dir / "machine.json", json.dumps(describe_machine(), indent=2, default=str))
-        metrics = MetricsLog(self.run_dir / "metrics.csv", self.step) if ctx.is_main else None
+        metrics = MetricsLog(self.run_dir / "metrics.csv", MetricsLog.TRAIN_FIELDS, self.step) if ctx.is_main else None
+        if ctx.is_main and cfg.eval.protocols:
+            self.eval_log = MetricsLog(self.run_dir / "eval_metrics.csv", MetricsLog.EVAL_FIELDS, self.step)
         writer = self._tensorboard() if ctx.is_main else None
         module = self._train_module()
         module.train()
@@ -278,8 +278,6 @@ class Trainer:
                     module.train()
         finally:
             progress.close()
-            if metrics is not None:
-                metrics.close()
         wall = time.perf_counter() - start_time
         checkpoint = self.save()
         trained_images = (self.step - start_step) * cfg.data.batch_size
@@ -346,22 +344,9 @@ class Trainer:
                     writer.add_scalar(f"eval/{run.key}/{name}", row[name], self.step)
             logger.info("step %d %s: %s", self.step, run.key,
                         ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)) or "no accuracy")
-        self._append_eval_metrics(rows)
+        for row in rows:
+            self.eval_log.write(row)
         return results
-
-    def _append_eval_metrics(self, rows: list[dict[str, Any]]) -> None:
-        """Append to ``eval_metrics.csv``, dropping rows at or after this step (left by a killed run)."""
-        path = self.run_dir / "eval_metrics.csv"
-        fields = ["step", "set", "accuracy_mean", "accuracy_std", "val_at_far"]
-        kept = []
-        if path.exists():
-            with open(path, newline="") as handle:
-                kept = [r for r in csv.DictReader(handle) if int(r["step"]) < self.step]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(kept + [{k: ("" if r[k] is None else r[k]) for k in fields} for r in rows])
 
 
 class _Progress:
