@@ -54,9 +54,13 @@ class MarginHead(nn.Module):
         ):
             raise ValueError(f"labels must lie in [{IGNORE_LABEL}, {self.num_classes}), got "
                              f"[{int(labels.min())}, {int(labels.max())}]")
-        dtype = torch.float64 if torch.float64 in (embeddings.dtype, self.weight.dtype) else torch.float32
+        return self.exact_logits(embeddings, self.weight, labels)
+
+    def exact_logits(self, embeddings: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+        """:meth:`logits` in float32 (float64 if either input is) with autocast off, whatever the caller's precision."""
+        dtype = torch.float64 if torch.float64 in (embeddings.dtype, weight.dtype) else torch.float32
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return self.logits(embeddings.to(dtype), self.weight.to(dtype), labels.long())
+            return self.logits(embeddings.to(dtype), weight.to(dtype), labels.long())
 
     def logits(self, embeddings: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
         """Logits (N, C') of ``embeddings`` (N, D) against the centres ``weight`` (C', D).
