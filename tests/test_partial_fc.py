@@ -172,3 +172,36 @@ def test_two_processes_match_one_process(tmp_path, name, rate):
                 torch.testing.assert_close(p["extra"][n], q.grad, rtol=1e-10, atol=1e-14)
     if rate < 1:
         assert kept.numel() < CLASSES
+
+
+def test_resharding_recuts_centres_and_momentum_for_any_process_count():
+    """Shards saved by 3 ranks, re-cut for 2: centres and per-centre momentum rows land in the right place."""
+    from facesphere.train.resharding import reshard_classifier
+
+    classes, dim = 11, 4
+    full_weight = torch.arange(classes * dim, dtype=torch.float32).view(classes, dim)
+    saved = []
+    for rank in range(3):
+        shard = Shard.of(classes, rank, 3)
+        pfc = build_partial_fc("normface", dim, classes, shard=shard)
+        optimizer = torch.optim.SGD(pfc.head.parameters(), lr=0.1, momentum=0.9)
+        pfc.head.weight.grad = torch.ones_like(pfc.head.weight)
+        pfc.head.scale.grad = torch.tensor(1.0)
+        optimizer.step()
+        state = optimizer.state_dict()
+        state["state"][0]["momentum_buffer"] = full_weight[shard.start:shard.end] * 10
+        saved.append({"class_start": shard.start, "class_end": shard.end, "num_classes": classes,
+                      "head": {"weight": full_weight[shard.start:shard.end], "scale": torch.tensor(7.0)},
+                      "optimizer": state})
+    for rank in range(2):
+        shard = Shard.of(classes, rank, 2)
+        pfc = build_partial_fc("normface", dim, classes, shard=shard)
+        optimizer = torch.optim.SGD(pfc.head.parameters(), lr=0.1, momentum=0.9)
+        head_state, optimizer_state = reshard_classifier(saved[::-1], shard.start, shard.end, pfc.head, optimizer)
+        pfc.head.load_state_dict(head_state)
+        optimizer.load_state_dict(optimizer_state)
+        assert torch.equal(pfc.head.weight.detach(), full_weight[shard.start:shard.end])
+        assert float(pfc.head.scale.detach()) == 7.0
+        assert torch.equal(optimizer.state[pfc.head.weight]["momentum_buffer"], full_weight[shard.start:shard.end] * 10)
+    with pytest.raises(ValueError, match="do not tile"):
+        reshard_classifier(saved[:2], 0, 5, pfc.head, optimizer)

@@ -114,3 +114,67 @@ def test_two_torchrun_processes_follow_one_process(tmp_path):
     assert len(one) == len(two) == 8
     assert len(set(one)) == 8, "the loss must move for the comparison to mean anything"
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)
+
+
+def _pfc_overrides(tmp_path: Path, rate: float) -> list[str]:
+    settings = TINY + [f"output_dir={tmp_path}", "train.steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=3",
+                       "model.backbone=sphereface4", "model.backbone_args={embedding_size: 64}", "optim.lr=0.005",
+                       "model.partial_fc.enabled=true", f"model.partial_fc.sample_rate={rate}"]
+    return sum((["--set", o] for o in settings), [])
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _resume_from_step4(source: Path, target: Path) -> None:
+    """A new run folder holding only the step-4 checkpoint (main file and its shards) of ``source``."""
+    (target / "checkpoints").mkdir(parents=True)
+    for path in (source / "checkpoints").glob("step_00000004*"):
+        (target / "checkpoints" / path.name).write_bytes(path.read_bytes())
+
+
+@pytest.mark.slow
+def test_partial_fc_two_processes_follow_one_and_resume_on_either(tmp_path):
+    """Partial FC at r = 1: 2 gloo processes (centres sharded) follow 1 process; the 2-process step-4 checkpoint
+    resumes on 1 process (shards re-cut) and on 2 processes, continuing the same curve."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    overrides = _pfc_overrides(tmp_path, 1.0)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "facesphere"]
+    _run(_cli("train", str(config), *overrides, "--set", "name=one"))
+    _run(torchrun + ["train", str(config), *overrides, "--set", "name=two"])
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("step_00000004*")) == [
+        "step_00000004.pt", "step_00000004.shard-00000-of-00002.pt", "step_00000004.shard-00001-of-00002.pt"]
+    _resume_from_step4(tmp_path / "two", tmp_path / "two_to_one")
+    _run(_cli("train", str(config), *overrides, "--set", "name=two_to_one", "--resume", "latest"))
+    _resume_from_step4(tmp_path / "two", tmp_path / "two_to_two")
+    _run(torchrun + ["train", str(config), *overrides, "--set", "name=two_to_two", "--resume", "latest"])
+
+    curve = {name: [r["loss"] for r in read_metrics(tmp_path / name / "metrics.csv")]
+             for name in ("one", "two", "two_to_one", "two_to_two")}
+    assert len(set(curve["one"])) == 8, "the loss must move for the comparison to mean anything"
+    torch.testing.assert_close(torch.tensor(curve["two"]), torch.tensor(curve["one"]), rtol=1e-5, atol=1e-5)
+    assert curve["two_to_two"] == curve["two"][4:], "same process count: the resumed steps 5-8 are bit-identical"
+    torch.testing.assert_close(torch.tensor(curve["two_to_one"]), torch.tensor(curve["two"][4:]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_partial_fc_sampled_resume_is_exact(tmp_path):
+    """r = 0.5: sampling is seeded by the step, so a resumed 2-process run repeats the uninterrupted one exactly."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    overrides = _pfc_overrides(tmp_path, 0.5)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "facesphere"]
+    _run(torchrun + ["train", str(config), *overrides, "--set", "name=straight"])
+    _resume_from_step4(tmp_path / "straight", tmp_path / "resumed")
+    _run(torchrun + ["train", str(config), *overrides, "--set", "name=resumed", "--resume", "latest"])
+    straight = read_metrics(tmp_path / "straight" / "metrics.csv")
+    resumed = read_metrics(tmp_path / "resumed" / "metrics.csv")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight][4:]
+    for rank in range(2):
+        name = f"step_00000008.shard-{rank:05d}-of-00002.pt"
+        a = torch.load(tmp_path / "straight" / "checkpoints" / name, weights_only=True)
+        b = torch.load(tmp_path / "resumed" / "checkpoints" / name, weights_only=True)
+        torch.testing.assert_close(a["head"]["weight"], b["head"]["weight"], rtol=0, atol=0)

@@ -52,13 +52,32 @@ def checkpoint_path(folder: Path, step: int) -> Path:
     return Path(folder) / f"step_{step:08d}.pt"
 
 
+def shard_path(folder: Path, step: int, rank: int, world_size: int) -> Path:
+    """Where rank ``rank`` of ``world_size`` keeps its classifier shard of step ``step``."""
+    return Path(folder) / f"step_{step:08d}.shard-{rank:05d}-of-{world_size:05d}.pt"
+
+
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``step_XXXXXXXX.pt`` atomically, then delete all but the newest ``keep`` checkpoints."""
+    """Write ``step_XXXXXXXX.pt`` atomically, then delete all but the newest ``keep`` checkpoints (and their shards).
+
+    With a sharded classifier the shards are written first (:func:`save_shard`) and the main file
+    last, so a main file is only ever found next to its complete set of shards.
+    """
     path = checkpoint_path(folder, step)
     with atomic_path(path) as tmp:
         torch.save({**state, "step": step}, tmp)
     for old in list_checkpoints(folder)[:-keep]:
+        for shard in old.parent.glob(f"{old.stem}.shard-*.pt"):
+            shard.unlink(missing_ok=True)
         old.unlink(missing_ok=True)
+    return path
+
+
+def save_shard(folder: Path, step: int, rank: int, world_size: int, state: dict[str, Any]) -> Path:
+    """Write one rank's classifier shard atomically."""
+    path = shard_path(folder, step, rank, world_size)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 

@@ -20,11 +20,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PartialFCSettings(Strict):
+    """Partial FC (arXiv 2203.15565): class centres sharded across processes, negatives sampled at ``sample_rate``."""
+
+    enabled: bool = False
+    sample_rate: float = Field(1.0, gt=0, le=1, description="share of each shard's centres used per step "
+                               "(positives always kept)")
+
+
 class ModelConfig(Strict):
     backbone: str = "mobilefacenet"
     backbone_args: dict[str, Any] = Field(default_factory=dict)
     head: str = "arcface"
     head_args: dict[str, Any] = Field(default_factory=dict)
+    partial_fc: PartialFCSettings = Field(default_factory=PartialFCSettings)
 
     @model_validator(mode="after")
     def _known_components(self) -> "ModelConfig":

@@ -1,8 +1,11 @@
 """The training loop: backbone → margin head → cross-entropy, on one process or many (torchrun).
 
 The trainer never knows which head it runs: every head maps (embeddings, labels) to logits for
-``F.cross_entropy``. Data order and augmentation are pure functions of (seed, epoch, index), and the
-checkpoint stores every RNG state, so ``resume`` continues a killed run step for step.
+``F.cross_entropy``. With ``model.partial_fc.enabled`` the head runs inside Partial FC instead: the
+backbone is data-parallel (DDP), the class centres are sharded across processes with their own
+optimiser, and each process checkpoints its shard. Data order and augmentation are pure functions of
+(seed, epoch, index), and the checkpoint stores every RNG state, so ``resume`` continues a killed run
+step for step.
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from facesphere.backbones import Backbone, build_backbone
 from facesphere.heads import MarginHead, build_head
-from facesphere.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from facesphere.heads.partial_fc import PartialFC, Shard, build_partial_fc
+from facesphere.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_shard,
+    set_rng_state,
+    shard_path,
+)
 from facesphere.train.config import ExperimentConfig, dump_config
 from facesphere.train.data_setup import build_eval_set, build_train_set
 from facesphere.train.distributed import DistContext, all_reduce_mean, convert_batchnorm, init_distributed
@@ -36,9 +48,12 @@ logger = logging.getLogger(__name__)
 
 
 class FaceModel(nn.Module):
-    """Backbone and head as one module, so one DDP wrapper synchronises both."""
+    """Backbone and head as one module, so one DDP wrapper synchronises both.
 
-    def __init__(self, backbone: Backbone, head: MarginHead) -> None:
+    ``forward`` returns the head's output: logits for a margin head, the loss for Partial FC.
+    """
+
+    def __init__(self, backbone: Backbone, head: MarginHead | PartialFC) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -47,9 +62,17 @@ class FaceModel(nn.Module):
         return self.head(self.backbone(images), labels)
 
 
-def build_model(cfg: ExperimentConfig, num_classes: int) -> FaceModel:
+def build_model(cfg: ExperimentConfig, num_classes: int, ctx: DistContext | None = None) -> FaceModel:
+    """Backbone + head; with Partial FC the head holds only this process's shard of the class centres."""
     backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_args)
-    head = build_head(cfg.model.head, backbone.embedding_size, num_classes, **cfg.model.head_args)
+    m = cfg.model
+    if m.partial_fc.enabled:
+        ctx = ctx or DistContext()
+        shard = Shard.of(num_classes, ctx.rank, ctx.world_size)
+        head = build_partial_fc(m.head, backbone.embedding_size, num_classes, m.partial_fc.sample_rate, seed=cfg.seed,
+                                shard=shard, **m.head_args)
+    else:
+        head = build_head(m.head, backbone.embedding_size, num_classes, **m.head_args)
     return FaceModel(backbone, head)
 
 
@@ -57,11 +80,12 @@ def _is_no_decay(name: str, parameter: nn.Parameter) -> bool:
     return parameter.ndim <= 1  # biases, norm scales/shifts, PReLU slopes, learned head scales
 
 
-def build_optimizer(model: FaceModel, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig, prefix: str = "") -> torch.optim.Optimizer:
+    """SGD/AdamW over ``model``'s parameters; names under ``head.`` (after ``prefix``) get the head's decay."""
     o = cfg.optim
     head_decay = o.weight_decay if o.head_weight_decay is None else o.head_weight_decay
     groups: dict[tuple[str, float], list[nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
+    for name, parameter in model.named_parameters(prefix=prefix.rstrip(".")):
         if not parameter.requires_grad:
             continue
         decay = head_decay if name.startswith("head.") else o.weight_decay
@@ -137,22 +161,30 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.train_set, self.loader, self.sampler = build_train_set(cfg, self.ctx)
-        self.model = build_model(cfg, self.train_set.num_classes)
+        self.model = build_model(cfg, self.train_set.num_classes, self.ctx)
+        self.partial_fc = cfg.model.partial_fc.enabled
         if self.ctx.distributed and cfg.train.sync_batchnorm:
             self.model = convert_batchnorm(self.model, self.ctx.device)
         self.model.to(self.ctx.device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
+        if self.partial_fc:  # the shard is rank-local: its own optimiser, outside DDP
+            self.optimizers = [build_optimizer(self.model.backbone, cfg, "backbone."),
+                               build_optimizer(self.model.head, cfg, "head.")]
+        else:
+            self.optimizers = [build_optimizer(self.model, cfg)]
+        self.schedulers = [build_scheduler(o, cfg.train.steps, cfg.schedule) for o in self.optimizers]
+        self.optimizer, self.scheduler = self.optimizers[0], self.schedulers[0]
         self.amp_dtype = resolve_amp(cfg.train.amp, self.ctx.device)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
+        """The replicated state (rank 0 saves it); with Partial FC the centres live in the shard files."""
+        model = self.model.state_dict()
+        state = {
+            "model": {k: v for k, v in model.items() if not (self.partial_fc and k.startswith("head."))},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -160,16 +192,45 @@ class Trainer:
             "config": self.cfg.model_dump(mode="json"),
             "num_classes": self.train_set.num_classes,
         }
+        if self.partial_fc:
+            state["partial_fc"] = {"world_size": self.ctx.world_size, "scheduler": self.schedulers[1].state_dict()}
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def shard_state(self) -> dict[str, Any]:
+        """This rank's classifier shard: its class range, the head's parameters and their optimiser state."""
+        shard = self.model.head.shard
+        return {"class_start": shard.start, "class_end": shard.end, "num_classes": self.train_set.num_classes,
+                "head": self.model.head.head.state_dict(), "optimizer": self.optimizers[1].state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], shards: list[dict[str, Any]] | None = None) -> None:
         if state.get("num_classes") != self.train_set.num_classes:
             raise ValueError(f"checkpoint has {state.get('num_classes')} classes, the data has {self.train_set.num_classes}")
-        self.model.load_state_dict(state["model"])
+        if self.partial_fc != ("partial_fc" in state):
+            raise ValueError("the checkpoint was trained " + ("with" if "partial_fc" in state else "without") +
+                             " Partial FC; set model.partial_fc.enabled to match")
+        if self.partial_fc:
+            missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+            if unexpected or any(not k.startswith("head.") for k in missing):
+                raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+            self._load_shards(shards or [])
+            self.schedulers[1].load_state_dict(state["partial_fc"]["scheduler"])
+        else:
+            self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+
+    def _load_shards(self, shards: list[dict[str, Any]]) -> None:
+        """Cut this rank's class range out of the saved shards (saved by any number of processes)."""
+        from facesphere.train.resharding import reshard_classifier
+
+        pfc = self.model.head
+        head_state, optimizer_state = reshard_classifier(shards, pfc.shard.start, pfc.shard.end, pfc.head,
+                                                         self.optimizers[1])
+        pfc.head.load_state_dict(head_state)
+        self.optimizers[1].load_state_dict(optimizer_state)
 
     def resume(self, source: Path | str | bool = True) -> bool:
         """Load the latest checkpoint of this run (``True``) or a given path; False when there is none."""
@@ -177,11 +238,21 @@ class Trainer:
         if path is None:
             logger.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
             return False
-        self.load_state_dict(load_checkpoint(path, self.ctx.device))
+        state = load_checkpoint(path, self.ctx.device)
+        shards = None
+        if "partial_fc" in state:
+            saved_world = int(state["partial_fc"]["world_size"])
+            shards = [load_checkpoint(shard_path(path.parent, int(state["step"]), r, saved_world), self.ctx.device)
+                      for r in range(saved_world)]
+        self.load_state_dict(state, shards)
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
     def save(self) -> Path | None:
+        """Shards first (every rank), then the main file (rank 0): a main file always has its shards."""
+        if self.partial_fc:
+            save_shard(self.checkpoint_dir, self.step, self.ctx.rank, self.ctx.world_size, self.shard_state())
+            self._barrier()
         path = None
         if self.ctx.is_main:
             path = save_checkpoint(self.checkpoint_dir, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
@@ -207,7 +278,12 @@ class Trainer:
             epoch, offset = epoch + 1, 0
 
     def _train_module(self) -> nn.Module:
-        module: nn.Module = self.model
+        """The module the loop calls: DDP (and compile) around the replicated part, the Partial FC shard outside."""
+        if self.partial_fc:
+            return FaceModel(self._wrap(self.model.backbone), self.model.head)
+        return self._wrap(self.model)
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
         if self.ctx.distributed:
             module = DistributedDataParallel(module, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None)
         if self.cfg.train.compile:
@@ -243,19 +319,24 @@ class Trainer:
                 head.update(self.step)
                 autocast = torch.autocast(device_type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
                 with autocast:
-                    logits = module(images, labels)
-                loss = F.cross_entropy(logits, labels)
+                    output = module(images, labels)
+                loss = output if self.partial_fc else F.cross_entropy(output, labels)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower the lr or check the data")
-                self.optimizer.zero_grad(set_to_none=True)
+                for optimizer in self.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 if cfg.train.grad_clip:
+                    # With Partial FC only the backbone is clipped: the centres' norm is spread over ranks.
                     self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-                self.scaler.step(self.optimizer)
+                    clipped = self.model.backbone if self.partial_fc else self.model
+                    nn.utils.clip_grad_norm_(clipped.parameters(), cfg.train.grad_clip)
+                for optimizer in self.optimizers:
+                    self.scaler.step(optimizer)
                 self.scaler.update()
                 lr = self.optimizer.param_groups[0]["lr"]
-                self.scheduler.step()
+                for scheduler in self.schedulers:
+                    scheduler.step()
                 self.step += 1
                 window_images += images.shape[0] * ctx.world_size
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
