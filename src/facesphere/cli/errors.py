@@ -13,7 +13,8 @@ from facesphere.train.config import ConfigError
 
 logger = logging.getLogger("facesphere")
 
-EXPECTED_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError, FloatingPointError)
+EXPECTED_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, KeyError,
+                   FloatingPointError)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""The data layer: image decoding, augmentation, data sets (synthetic, folder, list), batch sampling, loaders.
+"""The data layer: image decoding, augmentation, data sets (synthetic, folder, list, RecordIO), batch sampling, loaders.
 
 Every data set returns ``(image, label)`` with ``image`` a float32 (3, H, W) RGB tensor normalised as
 (x - 127.5) / 128 and ``label`` an int in [0, num_classes); it exposes ``num_classes``, ``labels``
@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from facesphere.data.folders import IMAGE_EXTENSIONS, ImageFilesDataset, ImageFolderDataset
+from facesphere.data.folders import IMAGE_EXTENSIONS, EncodedImagesDataset, ImageFilesDataset, ImageFolderDataset
 from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, load_image_bytes, to_tensor, to_uint8
 from facesphere.data.lists import ImageListDataset, ListFileError, parse_list_file
+from facesphere.data.record_dataset import PackResult, RecordDataset, describe_records, pack_folder, read_layout
+from facesphere.data.recordio import IRHeader, RecordIOError, RecordIOReader, RecordIOWriter
 from facesphere.data.sampler import GlobalBatchSampler
 from facesphere.data.synthetic import (
     FaceIdentity,
@@ -43,27 +45,37 @@ __all__ = [
     "ColorJitter",
     "Compose",
     "DEFAULT_MAX_PIXELS",
+    "EncodedImagesDataset",
     "FaceIdentity",
     "FaceVariation",
     "GlobalBatchSampler",
     "HorizontalFlip",
     "IMAGE_EXTENSIONS",
+    "IRHeader",
     "ImageError",
     "ImageFilesDataset",
     "ImageFolderDataset",
     "ImageListDataset",
     "ListFileError",
+    "PackResult",
+    "RecordDataset",
+    "RecordIOError",
+    "RecordIOReader",
+    "RecordIOWriter",
     "ScaleTranslate",
     "SyntheticFaces",
     "as_transform",
     "augment_rng",
     "build_loader",
     "contact_sheet",
+    "describe_records",
     "face_identity",
     "face_variation",
     "load_image",
     "load_image_bytes",
+    "pack_folder",
     "parse_list_file",
+    "read_layout",
     "render_face",
     "resize_to",
     "set_loader_epoch",

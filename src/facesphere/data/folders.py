@@ -19,7 +19,98 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-class ImageFilesDataset(Dataset):
+class EncodedImagesDataset(Dataset):
+    """Labelled encoded images decoded on access: the shared base of file-backed and record-backed data sets.
+
+    Subclasses provide ``decode(index)`` (the stored image as HxWx3 uint8 RGB) and ``source(index)`` (what
+    error messages name); this class does the rest the same way for all of them: every image is brought
+    to ``image_size`` (H, W), resized when it differs or rejected with an ``ImageError`` when ``strict``
+    (``image_size=None``: the size of the first image), and augmentation is seeded by (seed, epoch, index)
+    only, so it does not depend on workers or ranks.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        num_classes: int,
+        image_size: tuple[int, int] | None = None,
+        augment: Any = None,
+        seed: int = 0,
+        strict: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if not len(self.labels):
+            raise ValueError("no images")
+        self.num_classes = int(num_classes)
+        if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{self.labels.min()}, {self.labels.max()}]")
+        self.seed = int(seed)
+        self.strict = bool(strict)
+        self.max_pixels = max_pixels
+        self.augment = augment
+        self._transform = as_transform(augment)
+        self._epoch = SharedEpoch(0)
+        if image_size is None:
+            first = self.decode(0)
+            image_size = (int(first.shape[0]), int(first.shape[1]))
+            logger.info("image size %dx%d taken from %s", image_size[0], image_size[1], self.source(0))
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+
+    def decode(self, index: int) -> np.ndarray:
+        """Stored image ``index`` as HxWx3 uint8 RGB, neither resized nor augmented."""
+        raise NotImplementedError
+
+    def source(self, index: int) -> str:
+        """Where image ``index`` comes from, for messages (a path, ``file#key``, ...)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation of ``epoch``; visible to persistent DataLoader workers too."""
+        self._epoch.set(epoch)
+
+    def load_uint8(self, index: int) -> np.ndarray:
+        """Sample ``index`` as an HxWx3 uint8 RGB array at ``image_size``, augmented for the current epoch."""
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        image = self.decode(index)
+        if image.shape[:2] != self.image_size:
+            if self.strict:
+                raise ImageError(
+                    self.source(index),
+                    f"size {image.shape[0]}x{image.shape[1]} differs from the expected {self.image_size[0]}x{self.image_size[1]}",
+                )
+            image = resize_to(image, self.image_size)
+        if self._transform is not None:
+            image = self._transform(image, augment_rng(self.seed, self.epoch, index))
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.load_uint8(index)
+        return to_tensor(image), int(self.labels[index])
+
+    def verify(self) -> list[ImageError]:
+        """Decode every image once and return the errors (empty when all images are readable)."""
+        errors = []
+        for index in range(len(self)):
+            try:
+                self.decode(index)
+            except ImageError as error:
+                errors.append(error)
+        return errors
+
+
+class ImageFilesDataset(EncodedImagesDataset):
     """Labelled image files, decoded on access; the base of ``ImageFolderDataset`` and ``ImageListDataset``.
 
     Every image is brought to ``image_size`` (H, W): resized when it differs, or rejected with an
@@ -43,67 +134,17 @@ class ImageFilesDataset(Dataset):
         if not paths:
             raise ValueError("no images")
         self.paths = [Path(p) for p in paths]
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.num_classes = int(num_classes)
-        if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{self.labels.min()}, {self.labels.max()}]")
-        self.seed = int(seed)
-        self.strict = bool(strict)
-        self.max_pixels = max_pixels
-        self.augment = augment
-        self._transform = as_transform(augment)
-        self._epoch = SharedEpoch(0)
-        if image_size is None:
-            first = load_image(self.paths[0], max_pixels)
-            image_size = (int(first.shape[0]), int(first.shape[1]))
-            logger.info("image size %dx%d taken from %s", image_size[0], image_size[1], self.paths[0])
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-
-    def __len__(self) -> int:
-        return len(self.paths)
+        super().__init__(labels, num_classes, image_size, augment, seed, strict, max_pixels)
 
     @property
     def samples(self) -> list[tuple[Path, int]]:
         return list(zip(self.paths, self.labels.tolist()))
 
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
+    def decode(self, index: int) -> np.ndarray:
+        return load_image(self.paths[index], self.max_pixels)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation of ``epoch``; visible to persistent DataLoader workers too."""
-        self._epoch.set(epoch)
-
-    def load_uint8(self, index: int) -> np.ndarray:
-        """Sample ``index`` as an HxWx3 uint8 RGB array at ``image_size``, augmented for the current epoch."""
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        path = self.paths[index]  # IndexError for out-of-range indices
-        image = load_image(path, self.max_pixels)
-        if image.shape[:2] != self.image_size:
-            if self.strict:
-                raise ImageError(
-                    path, f"size {image.shape[0]}x{image.shape[1]} differs from the expected {self.image_size[0]}x{self.image_size[1]}"
-                )
-            image = resize_to(image, self.image_size)
-        if self._transform is not None:
-            image = self._transform(image, augment_rng(self.seed, self.epoch, index))
-        return image
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.load_uint8(index)
-        return to_tensor(image), int(self.labels[index])
-
-    def verify(self) -> list[ImageError]:
-        """Decode every file once and return the errors (empty when all images are readable)."""
-        errors = []
-        for path in self.paths:
-            try:
-                load_image(path, self.max_pixels)
-            except ImageError as error:
-                errors.append(error)
-        return errors
+    def source(self, index: int) -> str:
+        return str(self.paths[index])
 
 
 def _is_hidden(path: Path) -> bool:

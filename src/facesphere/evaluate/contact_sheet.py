@@ -22,7 +22,8 @@ from facesphere.utils.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PairTile", "failure_contact_sheet", "render_failure_sheet", "select_failures", "write_failure_sheet"]
+__all__ = ["PairTile", "failure_contact_sheet", "render_failure_sheet", "render_image_grid", "select_failures",
+           "write_failure_sheet", "write_image_grid"]
 
 _BACKGROUND = (255, 255, 255)
 _TEXT = (20, 20, 20)
@@ -166,3 +167,34 @@ def failure_contact_sheet(
                          captions[k] if captions is not None else "") for k in indices]
 
     return write_failure_sheet(path, tiles(fa), tiles(fr), **kwargs)
+
+
+def render_image_grid(images: Sequence[np.ndarray], captions: Sequence[str] = (), tile: int = 96, columns: int = 8,
+                      title: str = "") -> np.ndarray:
+    """Single images in rows of ``columns`` tiles, each with its caption underneath (e.g. samples of a data set)."""
+    if tile < 16 or columns < 1:
+        raise ValueError(f"tile must be >= 16 and columns >= 1, got {tile} and {columns}")
+    font = _font()
+    gap, text_h, header_h = 6, 16, 22 if title else 0
+    columns = max(1, min(columns, len(images)))
+    rows = max(1, -(-len(images) // columns))
+    sheet = Image.new("RGB", (gap + columns * (tile + gap), gap + header_h + rows * (tile + text_h + gap)), _BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((gap, gap), title, fill=_TEXT, font=font)
+    for k, image in enumerate(images):
+        row, col = divmod(k, columns)
+        x0, y0 = gap + col * (tile + gap), gap + header_h + row * (tile + text_h + gap)
+        sheet.paste(Image.fromarray(_fit(image, tile)), (x0, y0))
+        if k < len(captions) and captions[k]:
+            draw.text((x0, y0 + tile + 2), captions[k][: max(6, tile // 6)], fill=_TEXT, font=font)
+    return np.asarray(sheet, dtype=np.uint8)
+
+
+def write_image_grid(path: str | os.PathLike, images: Sequence[np.ndarray], captions: Sequence[str] = (), **kwargs) -> Path:
+    """Render (``render_image_grid`` options) and write the grid as a PNG at ``path``, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(render_image_grid(images, captions, **kwargs)).save(tmp, format="PNG")
+    logger.info("wrote %s (%d images)", path, len(images))
+    return path

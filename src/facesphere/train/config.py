@@ -77,8 +77,9 @@ class SyntheticSettings(Strict):
 
 
 class DataConfig(Strict):
-    kind: Literal["synthetic", "folder", "list"] = "synthetic"
-    root: Path | None = None
+    kind: Literal["synthetic", "folder", "list", "record"] = "synthetic"
+    root: Path | None = Field(None, description="folder: the image folder; record: the folder holding train.rec/.idx "
+                              "(or the .rec itself); list: the base of relative paths")
     list_file: Path | None = None
     image_size: tuple[int, int] | None = None
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
@@ -90,6 +91,8 @@ class DataConfig(Strict):
     def _paths(self) -> "DataConfig":
         if self.kind == "folder" and self.root is None:
             raise ValueError("data.kind 'folder' needs data.root")
+        if self.kind == "record" and self.root is None:
+            raise ValueError("data.kind 'record' needs data.root (the folder with train.rec, or the .rec file)")
         if self.kind == "list" and self.list_file is None:
             raise ValueError("data.kind 'list' needs data.list_file")
         return self

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 
-from facesphere.data import (AugmentConfig, GlobalBatchSampler, ImageFolderDataset, ImageListDataset, SyntheticFaces,
-                             build_loader)
+from facesphere.data import (AugmentConfig, GlobalBatchSampler, ImageFolderDataset, ImageListDataset, RecordDataset,
+                             SyntheticFaces, build_loader)
 from facesphere.train.config import ExperimentConfig
 from facesphere.train.distributed import DistContext
 
@@ -21,6 +21,8 @@ def build_dataset(cfg: ExperimentConfig):
         s = d.synthetic
         return SyntheticFaces(s.num_identities, s.samples_per_identity, image_size=image_size, seed=s.seed,
                               identity_offset=s.identity_offset, augment=augment, difficulty=s.difficulty)
+    if d.kind == "record":
+        return RecordDataset(d.root, image_size=d.image_size or _backbone_input_size(cfg), augment=augment, seed=cfg.seed)
     if d.kind == "folder":
         return ImageFolderDataset(d.root, image_size=d.image_size or _backbone_input_size(cfg), augment=augment, seed=cfg.seed)
     return ImageListDataset(d.list_file, root=d.root, image_size=d.image_size or _backbone_input_size(cfg), augment=augment,
