@@ -5,8 +5,8 @@ the EXIF orientation, converts every Pillow mode (grayscale, alpha, palette, 16-
 8-bit RGB, refuses decompression bombs before decoding, and reports every failure as one exception
 type, ``ImageError``, so loaders can catch exactly that and name the offending file.
 
-``load_image_bytes`` decodes plain JPEGs (RGB or grayscale, upright, complete) with OpenCV once Pillow
-has read and checked the header: the same libjpeg-turbo pixels, roughly 1.4-2x the speed of the Pillow
+Plain JPEGs (RGB or grayscale, upright, complete) are decoded with OpenCV once Pillow has read and
+checked the header: the same libjpeg-turbo pixels, roughly 1.4-2x the speed of the Pillow
 path for 112x112 face crops (``benchmarks/data_throughput.py``). Anything else goes through Pillow.
 """
 
@@ -68,11 +68,14 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     """
     path = Path(path)
     try:
-        return _decode(path, path, max_pixels)
+        data = path.read_bytes()
+        return _decode(io.BytesIO(data), path, max_pixels, data)
     except FileNotFoundError:
         raise ImageError(path, "file not found") from None
     except IsADirectoryError:
         raise ImageError(path, "is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
     except UnidentifiedImageError:
         if _size_or_none(path) == 0:
             raise ImageError(path, "empty file (0 bytes)") from None
