@@ -90,16 +90,17 @@ def decoder_benchmark(blobs: list[bytes], repeats: int) -> dict:
     return results
 
 
-def loader_rate(dataset, workers: int, batch: int) -> dict:
+def loader_rate(dataset, workers: int, batch: int, epochs: int) -> dict:
     """Images/s of one full epoch after a warm-up epoch (workers persistent, so start-up is excluded)."""
     sampler = GlobalBatchSampler(len(dataset), batch, seed=0, drop_last=True)
     loader = build_loader(dataset, sampler, num_workers=workers, persistent_workers=workers > 0)
     for _ in loader:  # warm-up epoch
         pass
-    sampler.set_epoch(1)
-    dataset.set_epoch(1)
-    start = time.perf_counter()
-    count = sum(len(labels) for _, labels in loader)
+    start, count = time.perf_counter(), 0
+    for epoch in range(1, epochs + 1):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        count += sum(len(labels) for _, labels in loader)
     seconds = time.perf_counter() - start
     del loader
     return {"images_per_second": count / seconds, "images": count, "seconds": seconds}
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000, help="LFW JPEGs to use")
     parser.add_argument("--repeats", type=int, default=5, help="decoder passes (best is kept)")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loader (after a warm-up epoch)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="smoke test: 384 images, 2 repeats, batch 64, "
                                                               "results written as data_throughput_quick")
@@ -160,7 +162,7 @@ def main() -> None:
         for name, dataset in datasets.items():
             for workers in args.workers:
                 loaders[f"{name}, {workers} workers"] = {"dataset": name, "workers": workers,
-                                                         **loader_rate(dataset, workers, args.batch)}
+                                                         **loader_rate(dataset, workers, args.batch, args.epochs)}
                 logger.info("%s, %d workers: %.0f images/s", name, workers,
                             loaders[f"{name}, {workers} workers"]["images_per_second"])
 
@@ -180,10 +182,10 @@ def main() -> None:
     base_loader = {r["dataset"]: r["images_per_second"] for r in loaders.values() if r["workers"] == min(args.workers)}
     rows = [[r["dataset"], r["workers"], f"{r['images_per_second']:.0f}",
              f"{r['images_per_second'] / base_loader[r['dataset']]:.2f}x"] for r in loaders.values()]
-    table += (f"(b) One epoch of {len(paths)} images ({packed.identities} identities, packed in {pack_seconds:.1f} s into "
+    table += (f"(b) {args.epochs} epochs of {len(paths)} images ({packed.identities} identities, packed in {pack_seconds:.1f} s into "
               f"{packed.bytes / 1e6:.1f} MB) after a warm-up epoch, batch {args.batch}, flip 0.5, "
               f"{os.cpu_count()} logical CPUs shared with the main process. RecordDataset decodes through "
-              "`load_image_bytes` (OpenCV JPEG path), ImageFolderDataset through `load_image` (Pillow).\n\n"
+              "`load_image_bytes` (OpenCV JPEG path), ImageFolderDataset through `load_image` (the same checked OpenCV path).\n\n"
               + markdown_table(["dataset", "workers", "images/s", f"vs {min(args.workers)} workers"], rows))
     print(table)
     write_results("data_throughput_quick" if args.quick else "data_throughput",
