@@ -20,9 +20,12 @@ logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-DEFAULT_THRESHOLD = 1 << 30  # 1 GiB: mallopt takes an int, so this is close to the largest useful value
+DEFAULT_THRESHOLD = 1 << 30
+"""1 GiB for both thresholds. Higher values (up to 2**31 - 1 for mmap; -1 disables trimming) also keep
+multi-GiB classifier temporaries in the heap and made a 1M-class Partial FC step ~4x faster here, but
+the heap then fragments and a 1M-class full classifier ran out of 24 GiB (benchmarks/partial_fc.py)."""
 
-_applied: dict[str, int] = {}
+_applied: dict[str, int | str] = {}
 
 
 def _libc():
@@ -35,22 +38,21 @@ def _libc():
         return None
 
 
-def tune_malloc(threshold: int = DEFAULT_THRESHOLD) -> bool:
-    """Raise glibc's mmap and trim thresholds; returns True when both were accepted.
-
-    Skipped (returns False) on non-glibc systems and when ``FACESPHERE_MALLOC=default``.
+def tune_malloc(mmap_threshold: int = DEFAULT_THRESHOLD, trim_threshold: int = DEFAULT_THRESHOLD) -> bool:
+    """Raise glibc's mmap and trim thresholds (a negative trim threshold disables trimming); True when both
+    were accepted. Skipped (returns False) on non-glibc systems and when ``FACESPHERE_MALLOC=default``.
     """
     if os.environ.get("FACESPHERE_MALLOC", "").lower() == "default":
         return False
     libc = _libc()
     if libc is None:
         return False
-    ok_mmap = libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(threshold)) == 1
-    ok_trim = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(threshold)) == 1
+    ok_mmap = libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold)) == 1
+    ok_trim = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)) == 1
     if ok_mmap:
-        _applied["mmap_threshold"] = threshold
+        _applied["mmap_threshold"] = mmap_threshold
     if ok_trim:
-        _applied["trim_threshold"] = threshold
+        _applied["trim_threshold"] = "disabled" if trim_threshold < 0 else trim_threshold
     logger.debug("mallopt mmap_threshold=%s trim_threshold=%s", ok_mmap, ok_trim)
     return ok_mmap and ok_trim
 
