@@ -21,9 +21,11 @@ logger = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 DEFAULT_THRESHOLD = 1 << 30
-"""1 GiB for both thresholds. Higher values (up to 2**31 - 1 for mmap; -1 disables trimming) also keep
-multi-GiB classifier temporaries in the heap and made a 1M-class Partial FC step ~4x faster here, but
-the heap then fragments and a 1M-class full classifier ran out of 24 GiB (benchmarks/partial_fc.py)."""
+"""1 GiB for both thresholds. Higher values (2**31 - 1 for mmap, the most mallopt takes; -1 disables
+trimming) also keep multi-GiB classifier temporaries in the heap: a 1M-class Partial FC step ran 4.3x
+faster (benchmarks/partial_fc.py), but the heap fragments, and with them the 1M-class full classifier
+of that benchmark was killed for exceeding this machine's 24 GiB. Pass them to tune_malloc when the
+memory is there."""
 
 _applied: dict[str, int | str] = {}
 
