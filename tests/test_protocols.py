@@ -13,16 +13,15 @@ import torch
 from PIL import Image
 
 from facesphere.data.images import to_tensor
+from facesphere.align.similarity import ARCFACE_POINTS_112
+from facesphere.align.similarity import align_similarity, umeyama
 from facesphere.evaluate.age import (
-    ARCFACE_TEMPLATE_112,
-    align_similarity,
     cacd_vs_cv_folds,
     fgnet_five_points,
     fgnet_verification_pairs,
     parse_cacd_vs,
     parse_fgnet,
     read_pts,
-    umeyama,
 )
 from facesphere.evaluate.binsets import BinFormatError, UnsafePickleError, load_bin, read_bin
 from facesphere.evaluate.contact_sheet import PairTile, select_failures, write_failure_sheet
@@ -360,12 +359,12 @@ def test_umeyama_and_alignment_land_on_the_template():
     rng = np.random.default_rng(3)
     angle, scale, shift = 0.4, 2.3, np.array([61.0, 47.0])
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    src = ARCFACE_TEMPLATE_112 @ (scale * rot).T + shift  # the template seen in a bigger, rotated photo
-    m = umeyama(src, ARCFACE_TEMPLATE_112)
+    src = ARCFACE_POINTS_112 @ (scale * rot).T + shift  # the template seen in a bigger, rotated photo
+    m = umeyama(src, ARCFACE_POINTS_112)
     mapped = np.c_[src, np.ones(5)] @ m.T
-    assert np.allclose(mapped[:, :2], ARCFACE_TEMPLATE_112, atol=1e-9)
+    assert np.allclose(mapped[:, :2], ARCFACE_POINTS_112, atol=1e-9)
     noisy = src + rng.normal(scale=0.5, size=src.shape)
-    m2 = umeyama(noisy, ARCFACE_TEMPLATE_112)
+    m2 = umeyama(noisy, ARCFACE_POINTS_112)
     assert np.allclose(m2[:2, :2], m[:2, :2], atol=0.05)
     # image check: bright discs at the eye centres of a 300x300 photo land on the template's eyes
     image = np.zeros((300, 300, 3), np.uint8)
@@ -375,7 +374,7 @@ def test_umeyama_and_alignment_land_on_the_template():
     aligned = align_similarity(image, src)
     assert aligned.shape == (112, 112, 3)
     mask = aligned[..., 0].astype(float)
-    for (tx, ty) in ARCFACE_TEMPLATE_112[:2]:
+    for (tx, ty) in ARCFACE_POINTS_112[:2]:
         win = (np.abs(xx[:112, :112] - tx) < 12) & (np.abs(yy[:112, :112] - ty) < 12)
         w = mask * win
         cx, cy = (w * xx[:112, :112]).sum() / w.sum(), (w * yy[:112, :112]).sum() / w.sum()

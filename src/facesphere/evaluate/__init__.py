@@ -36,9 +36,6 @@ __all__ = [
 
 # Protocols (issue 3): pair-set sources, the safe .bin reader, identification, cross-age sets, registry.
 from facesphere.evaluate.age import (
-    ARCFACE_TEMPLATE_112,
-    align_similarity,
-    arcface_template,
     evaluate_cacd_vs,
     fgnet_five_points,
     fgnet_identification,
@@ -47,7 +44,6 @@ from facesphere.evaluate.age import (
     parse_cacd_vs,
     parse_fgnet,
     read_pts,
-    umeyama,
 )
 from facesphere.evaluate.binsets import BinFormatError, UnsafePickleError, load_bin, read_bin
 from facesphere.evaluate.contact_sheet import failure_contact_sheet, write_failure_sheet
@@ -66,7 +62,6 @@ from facesphere.evaluate.pairsets import (
 from facesphere.evaluate.protocols import describe_protocols, get_protocol, list_protocols, run_protocol
 
 __all__ += [
-    "ARCFACE_TEMPLATE_112",
     "BinFormatError",
     "CMCResult",
     "ImagePreprocess",
@@ -74,8 +69,6 @@ __all__ += [
     "PairsFileError",
     "Preprocess",
     "UnsafePickleError",
-    "align_similarity",
-    "arcface_template",
     "cmc",
     "describe_protocols",
     "embed_images",
@@ -100,7 +93,6 @@ __all__ += [
     "read_bin",
     "read_pts",
     "run_protocol",
-    "umeyama",
     "val_at_far",
     "write_failure_sheet",
 ]

@@ -23,7 +23,7 @@ with an age gap >= ``min_age_gap``, and as many different-person pairs with the 
 
 Alignment without a detector: FG-NET's 68 points reduce to the 5 ArcFace points
 (``fgnet_five_points``) and ``align_similarity`` warps with the least-squares similarity (Umeyama)
-onto the ArcFace 112x112 template.
+onto the ArcFace 112x112 template (``facesphere.align.similarity``).
 """
 
 from __future__ import annotations
@@ -36,21 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
+from facesphere.align.similarity import align_similarity, template_for_size
 from facesphere.data.images import load_image
 from facesphere.data.transforms import resize_to
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ARCFACE_TEMPLATE_112",
     "CACD_FOLD_SIZE",
     "AlignedLoader",
     "FGNetImage",
-    "align_similarity",
-    "arcface_template",
     "cacd_vs_cv_folds",
     "evaluate_cacd_vs",
     "fgnet_five_points",
@@ -61,69 +58,7 @@ __all__ = [
     "parse_cacd_vs",
     "parse_fgnet",
     "read_pts",
-    "umeyama",
 ]
-
-# --------------------------------------------------------------------------- alignment
-
-ARCFACE_TEMPLATE_112 = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float64,
-)
-"""ArcFace 5-point template for 112x112 crops (x, y): image-left eye, image-right eye, nose tip,
-image-left and image-right mouth corners."""
-
-
-def arcface_template(size: tuple[int, int] = (112, 112)) -> np.ndarray:
-    """The template for (H, W): 112x112 as is, 112x96 shifted 8 px left (SphereFace crop), n·112 square scaled."""
-    h, w = int(size[0]), int(size[1])
-    if (h, w) == (112, 96):
-        return ARCFACE_TEMPLATE_112 - np.array([8.0, 0.0])
-    if h == w and h % 112 == 0:
-        return ARCFACE_TEMPLATE_112 * (h / 112.0)
-    raise ValueError(f"no ArcFace template for size {h}x{w}; pass template= explicitly")
-
-
-def umeyama(src, dst, estimate_scale: bool = True) -> np.ndarray:
-    """Least-squares similarity (Umeyama 1991) mapping ``src`` onto ``dst`` points, as a 3x3 matrix.
-
-    ``dst ≈ (T @ [src, 1]ᵀ)ᵀ[:, :2]`` minimising the summed squared error; a reflection is never used.
-    """
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    if src.shape != dst.shape or src.ndim != 2 or src.shape[0] < 2:
-        raise ValueError(f"src and dst must both be (N >= 2, D), got {src.shape} and {dst.shape}")
-    n, dim = src.shape
-    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
-    sc, dc = src - mu_s, dst - mu_d
-    var_s = float((sc**2).sum() / n)
-    if var_s <= 1e-12:
-        raise ValueError("source points are degenerate (all equal)")
-    cov = dc.T @ sc / n
-    u, sing, vt = np.linalg.svd(cov)
-    d = np.ones(dim)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        d[-1] = -1.0
-    rot = u @ np.diag(d) @ vt
-    scale = float((sing * d).sum() / var_s) if estimate_scale else 1.0
-    out = np.eye(dim + 1)
-    out[:dim, :dim] = scale * rot
-    out[:dim, dim] = mu_d - scale * rot @ mu_s
-    return out
-
-
-def align_similarity(image: np.ndarray, points, template=None, size: tuple[int, int] = (112, 112),
-                     border_value: int = 0) -> np.ndarray:
-    """Warp ``image`` so its 5 ``points`` (template order) land on the template; (H, W) = ``size``."""
-    template = arcface_template(size) if template is None else np.asarray(template, dtype=np.float64)
-    points = np.asarray(points, dtype=np.float64)
-    if points.shape != template.shape:
-        raise ValueError(f"points {points.shape} do not match the template {template.shape}")
-    matrix = umeyama(points, template)[:2]
-    return cv2.warpAffine(np.ascontiguousarray(image), matrix, (int(size[1]), int(size[0])),
-                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=(border_value,) * 3)
-
 
 def _centre_crop(image: np.ndarray, fraction: float, size: tuple[int, int]) -> np.ndarray:
     h, w = image.shape[:2]
@@ -317,7 +252,7 @@ def fgnet_loader(size: tuple[int, int] = (112, 112), align: Callable[[np.ndarray
     if align is not None:
         external = AlignedLoader(align, size)
         return lambda item: external(item.path)
-    template = arcface_template(size)
+    template = template_for_size(size)
 
     def load(item: FGNetImage) -> np.ndarray:
         if item.points_path is None:

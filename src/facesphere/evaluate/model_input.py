@@ -54,7 +54,7 @@ LOADER_COLOUR = "RGB"
 """Colour order of every image facesphere's loaders (``load_image``, ``.bin`` decoding) return."""
 
 SELF_ALIGNING_PROTOCOLS = frozenset({"fgnet_identification", "fgnet_verification"})
-"""Protocols that align faces themselves, by landmarks, to ``size=(H, W)`` (``age.arcface_template``)."""
+"""Protocols that align faces themselves, by landmarks, to ``size=(H, W)`` (``facesphere.align.similarity.template_for_size``)."""
 
 CROPPED_ALIGNMENTS = {("arcface_112x112", (112, 96)): "sphereface_112x96"}
 """(alignment, centre-crop size) -> alignment of the crop, where the templates say so exactly."""
@@ -74,7 +74,7 @@ def parse_size(value: Any) -> tuple[int, int]:
 
 
 def _alignment_for_size(size: tuple[int, int]) -> str | None:
-    """Name of the template ``age.arcface_template(size)`` aligns to, when it has one."""
+    """Name of the template ``template_for_size(size)`` aligns to, when it has one."""
     h, w = size
     if (h, w) == (112, 96):
         return "sphereface_112x96"

@@ -1,0 +1,209 @@
+"""The face pipeline as one object: detect → (68 landmarks) → align → embed → compare.
+
+``FaceAnalyzer.analyze(images)`` takes a batch of photos (arrays or paths) and returns, per image,
+every face with its box, score, 5 landmarks, optional 68 landmarks, aligned crop and unit-length
+embedding. Detection runs once per batch, embedding once over all the batch's faces. The crop is
+cut on the template the embedding model's card names, at the card's input size, so a model never
+sees faces aligned for another model; a photo that cannot be read becomes an error entry of its own
+and the rest of the batch is still analysed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from facesphere.align.similarity import align_faces, get_template
+from facesphere.data.images import ImageError, load_image
+from facesphere.models.card import ModelCard, ModelCardMismatch
+from facesphere.pipeline.threshold import Threshold
+
+logger = logging.getLogger(__name__)
+
+
+class Embedder(Protocol):
+    card: ModelCard
+
+    def embed(self, images: np.ndarray, flip: bool = False) -> np.ndarray: ...
+
+
+@dataclass
+class Face:
+    """One detected face. Coordinates are (x, y) pixels of the original photo."""
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+    crop: np.ndarray
+    embedding: np.ndarray | None = None
+    landmarks68: np.ndarray | None = None
+
+    def to_dict(self, crop: bool = False, embedding: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"box": _round(self.box), "score": round(float(self.score), 5),
+                               "landmarks": _round(self.landmarks)}
+        if self.landmarks68 is not None:
+            out["landmarks68"] = _round(self.landmarks68)
+        if embedding and self.embedding is not None:
+            out["embedding"] = [round(float(v), 7) for v in self.embedding]
+        if crop:
+            out["crop_shape"] = list(self.crop.shape)
+        return out
+
+
+@dataclass
+class ImageResult:
+    """The faces of one input (largest first), or the error that stopped it."""
+
+    source: str
+    faces: list[Face] = field(default_factory=list)
+    error: str | None = None
+    size: tuple[int, int] | None = None
+
+    def to_dict(self, **face_options) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.source}
+        if self.error is not None:
+            out["error"] = self.error
+        else:
+            out["size"] = list(self.size) if self.size else None
+            out["faces"] = [f.to_dict(**face_options) for f in self.faces]
+        return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    cosine: float
+    same: bool | None
+    threshold: float | None
+
+
+def _round(array: np.ndarray) -> list:
+    return np.round(np.asarray(array, dtype=np.float64), 2).tolist()
+
+
+class FaceAnalyzer:
+    """Detector + optional 68-point landmarker + embedder, enforcing the embedder's model card.
+
+    Args:
+        detector: any ``facesphere.detect`` detector (batch of RGB uint8 photos → boxes, scores, 5 points).
+        embedder: a PyTorch or ONNX Runtime embedder with a ``card`` and ``embed(crops, flip)``.
+        landmarker: optional 68-point model with ``landmarks(image, boxes)``.
+        flip: flip-sum test-time augmentation of the embeddings.
+        threshold: a calibrated :class:`Threshold` for :meth:`compare` decisions.
+    """
+
+    def __init__(self, detector, embedder: Embedder | None = None, landmarker=None, flip: bool = True,
+                 threshold: Threshold | None = None, score_threshold: float | None = None,
+                 min_face_size: float | None = None, max_faces: int | None = None, alignment: str | None = None) -> None:
+        self.detector = detector
+        self.embedder = embedder
+        self.landmarker = landmarker
+        self.flip = bool(flip)
+        self.score_threshold = score_threshold
+        self.min_face_size = min_face_size
+        self.max_faces = max_faces
+        if embedder is not None:
+            card = embedder.card
+            template = get_template(card.alignment)
+            if alignment is not None and alignment != card.alignment:
+                raise ModelCardMismatch(card.name, [f"model expects faces aligned to {card.alignment}, got {alignment}"])
+            if tuple(template.size) != tuple(card.input_size):
+                raise ModelCardMismatch(card.name, [f"template {template.name} makes {template.size} crops but the model "
+                                                    f"expects {tuple(card.input_size)}"])
+            if threshold is not None:
+                threshold.check_model(card.name, card.embedding_size)
+            self.alignment = card.alignment
+        else:
+            self.alignment = alignment or "arcface_112x112"
+            get_template(self.alignment)
+        self.threshold = threshold
+
+    # ------------------------------------------------------------------------------------------ analyse
+    def analyze(self, images: Sequence[np.ndarray | str | os.PathLike], embed: bool = True) -> list[ImageResult]:
+        """Faces of every input; unreadable inputs become results with ``error`` set."""
+        results, arrays, keep = [], [], []
+        for index, item in enumerate(images):
+            source = str(item) if isinstance(item, (str, os.PathLike)) else f"<array {index}>"
+            try:
+                array = load_image(item) if isinstance(item, (str, os.PathLike)) else _check_array(item, source)
+            except ImageError as error:
+                results.append(ImageResult(source, error=str(error)))
+                continue
+            results.append(ImageResult(source, size=(int(array.shape[0]), int(array.shape[1]))))
+            arrays.append(array)
+            keep.append(len(results) - 1)
+        detections = self.detector.detect(arrays, score_threshold=self.score_threshold, min_face_size=self.min_face_size,
+                                          max_faces=self.max_faces) if arrays else []
+        all_faces: list[Face] = []
+        for array, slot, found in zip(arrays, keep, detections):
+            faces = self._faces(array, found)
+            results[slot].faces = faces
+            all_faces.extend(faces)
+        if embed and self.embedder is not None and all_faces:
+            embeddings = self.embed_crops(np.stack([f.crop for f in all_faces]))
+            for face, vector in zip(all_faces, embeddings):
+                face.embedding = vector
+        return results
+
+    def _faces(self, image: np.ndarray, found) -> list[Face]:
+        if len(found.boxes) == 0:
+            return []
+        order = np.argsort(-(found.boxes[:, 2] - found.boxes[:, 0]) * (found.boxes[:, 3] - found.boxes[:, 1]))
+        boxes, scores, points = found.boxes[order], found.scores[order], found.landmarks[order]
+        crops = align_faces(image, points, self.alignment)
+        dense = self.landmarker.landmarks(image, boxes) if self.landmarker is not None else [None] * len(boxes)
+        return [Face(box=boxes[i], score=float(scores[i]), landmarks=points[i], crop=crops[i], landmarks68=dense[i])
+                for i in range(len(boxes))]
+
+    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Unit-length embeddings of aligned RGB uint8 crops (N, H, W, 3) made on this analyser's template."""
+        if self.embedder is None:
+            raise ValueError("this analyser has no embedding model")
+        vectors = np.asarray(self.embedder.embed(crops, flip=self.flip), dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
+
+    # ------------------------------------------------------------------------------------------ compare
+    def compare(self, a, b) -> Comparison:
+        """Cosine of two faces (or embeddings) and the decision at the calibrated threshold, if any."""
+        ea, eb = (_embedding_of(x) for x in (a, b))
+        cosine = float(np.dot(ea, eb) / max(np.linalg.norm(ea) * np.linalg.norm(eb), 1e-12))
+        if self.threshold is None:
+            return Comparison(cosine, None, None)
+        return Comparison(cosine, bool(self.threshold.decide(cosine)), self.threshold.value)
+
+
+def _embedding_of(item) -> np.ndarray:
+    vector = item.embedding if isinstance(item, Face) else item
+    if vector is None:
+        raise ValueError("the face has no embedding (analyse with an embedding model)")
+    return np.asarray(vector, dtype=np.float64).ravel()
+
+
+def _check_array(image, source: str) -> np.ndarray:
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ImageError(source, f"expected an HxWx3 uint8 RGB array, got {array.dtype} {array.shape}")
+    return array
+
+
+def input_sources(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files given directly, and the image files inside given folders (sorted, recursive)."""
+    from facesphere.data.folders import IMAGE_EXTENSIONS
+
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            out.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+        else:
+            out.append(path)
+    return out
+
+
+__all__ = ["Comparison", "Face", "FaceAnalyzer", "ImageResult", "input_sources"]
