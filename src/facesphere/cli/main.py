@@ -8,6 +8,7 @@ import typer
 
 from facesphere.cli import data as data_commands
 from facesphere.cli import evaluate as eval_commands
+from facesphere.cli import faces as face_commands
 from facesphere.cli import models as model_commands
 from facesphere.cli import models_import
 from facesphere.cli import train as train_commands
@@ -21,6 +22,8 @@ app.command("heads")(model_commands.heads)
 app.command("config")(train_commands.show_config)
 app.command("import")(models_import.import_model)
 app.command("eval")(eval_commands.evaluate)
+for _name in ("detect", "align", "embed", "verify", "draw", "calibrate"):
+    app.command(_name)(getattr(face_commands, _name))
 app.add_typer(data_commands.app, name="data")
 
 
@@ -29,12 +32,14 @@ def setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug log
           default_malloc: bool = typer.Option(False, "--default-malloc",
                                               help="keep glibc's default malloc thresholds (slower eager training)")) -> None:
     """Set up logging and tune glibc malloc (large mmap/trim thresholds) before any work starts."""
+    from rich.console import Console
     from rich.logging import RichHandler
 
     from facesphere.utils.allocator import tune_malloc
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
+                        force=True)  # stderr: stdout carries JSON results
     if not default_malloc:
         tune_malloc()
 

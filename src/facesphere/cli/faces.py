@@ -1,0 +1,230 @@
+"""``facesphere detect | align | embed | verify | draw | calibrate``: the face pipeline on files and folders.
+
+Inputs are image files or folders (searched recursively for images). Results are JSON (stdout, or
+``--out``); an input that cannot be read gets an ``error`` entry and the others are still processed.
+Weights are given by path: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from facesphere.cli.errors import user_errors
+
+logger = logging.getLogger("facesphere")
+
+DETECTOR_HELP = "detector: retinaface (PyTorch), scrfd or yunet (ONNX Runtime)"
+WEIGHTS_HELP = "detector weights file (.pth for retinaface, .onnx for scrfd/yunet)"
+MODEL_HELP = "embedding model: a facesphere model folder (card.json + model.safetensors) or an exported .onnx"
+LANDMARKS_HELP = "optional 68-point landmark model (PFLD .onnx)"
+
+Inputs = typer.Argument(..., help="image files and/or folders")
+DetectorOpt = typer.Option("retinaface", "--detector", help=DETECTOR_HELP)
+WeightsOpt = typer.Option(..., "--detector-weights", help=WEIGHTS_HELP, exists=True, dir_okay=False)
+ScoreOpt = typer.Option(None, "--score", min=0.0, max=1.0, help="detection score threshold (default: the detector's)")
+MinFaceOpt = typer.Option(None, "--min-face", min=0.0, help="ignore faces whose box is smaller than this (pixels)")
+MaxFacesOpt = typer.Option(None, "--max-faces", min=1, help="keep at most this many faces per image (largest score)")
+OutOpt = typer.Option(None, "--out", help="write the JSON here (atomically) instead of stdout")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for the networks")
+
+
+def load_embedder(path: Path, threads: int | None = None):
+    """A PyTorch embedder for a model folder, an ONNX Runtime one for a ``.onnx`` file."""
+    if path.suffix.lower() == ".onnx":
+        from facesphere.models.onnx_runtime import OnnxEmbedder
+
+        return OnnxEmbedder(path, threads=threads)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: expected a model folder (card.json + model.safetensors) or an .onnx file")
+    from facesphere.models.torch_embedder import TorchEmbedder
+
+    return TorchEmbedder.from_folder(path)
+
+
+def build_analyzer(detector: str, weights: Path, model: Path | None = None, landmarks68: Path | None = None,
+                   score: float | None = None, min_face: float | None = None, max_faces: int | None = None,
+                   threads: int | None = None, flip: bool = True, threshold: Path | None = None,
+                   alignment: str | None = None):
+    from facesphere.detect import build_detector
+    from facesphere.pipeline import FaceAnalyzer, Threshold
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    kwargs = {"threads": threads} if threads and detector != "retinaface" else {}
+    landmarker = None
+    if landmarks68 is not None:
+        from facesphere.align.landmarks68 import PFLD68
+
+        landmarker = PFLD68(landmarks68)
+    return FaceAnalyzer(build_detector(detector, weights, **kwargs), load_embedder(model, threads) if model else None,
+                        landmarker=landmarker, flip=flip, threshold=Threshold.load(threshold) if threshold else None,
+                        score_threshold=score, min_face_size=min_face, max_faces=max_faces, alignment=alignment)
+
+
+def emit(payload: Any, out: Path | None) -> None:
+    """JSON to ``out`` (atomically) or stdout (logs go to stderr, so stdout stays pure JSON)."""
+    text = json.dumps(payload, indent=2)
+    if out is None:
+        typer.echo(text)
+        return
+    from facesphere.utils.files import atomic_write_text
+
+    atomic_write_text(out, text + "\n")
+    logger.info("wrote %s", out)
+
+
+def _summary(results) -> None:
+    faces = sum(len(r.faces) for r in results)
+    errors = [r for r in results if r.error]
+    logger.info("%d images, %d faces, %d unreadable", len(results), faces, len(errors))
+    for r in errors:
+        logger.warning("%s", r.error)
+
+
+def _sources(inputs: list[Path]) -> list[Path]:
+    from facesphere.pipeline import input_sources
+
+    sources = input_sources(inputs)
+    if not sources:
+        raise ValueError("no images found in the inputs")
+    return sources
+
+
+def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+           landmarks68: Optional[Path] = typer.Option(None, "--landmarks68", help=LANDMARKS_HELP),
+           score: Optional[float] = ScoreOpt, min_face: Optional[float] = MinFaceOpt,
+           max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt,
+           out: Optional[Path] = OutOpt) -> None:
+    """Faces in each image: box, score, 5 landmarks (and 68 with --landmarks68), as JSON."""
+    with user_errors():
+        analyzer = build_analyzer(detector, detector_weights, None, landmarks68, score, min_face, max_faces, threads)
+        results = analyzer.analyze(_sources(inputs), embed=False)
+        _summary(results)
+        emit([r.to_dict() for r in results], out)
+
+
+def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-dir", help="folder for the crops"),
+          detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+          alignment: str = typer.Option("arcface_112x112", "--alignment", help="template: arcface_112x112 or "
+                                        "sphereface_112x96 (ignored with --model: the model's card decides)"),
+          model: Optional[Path] = typer.Option(None, "--model", help="align for this model's card"),
+          score: Optional[float] = ScoreOpt, min_face: Optional[float] = MinFaceOpt,
+          max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt,
+          out: Optional[Path] = OutOpt) -> None:
+    """Aligned face crops as PNG files (<image stem>_face<k>.png) and a JSON index."""
+    from facesphere.pipeline.drawing import write_png
+
+    with user_errors():
+        analyzer = build_analyzer(detector, detector_weights, model, None, score, min_face, max_faces, threads,
+                                  alignment=None if model else alignment)
+        results = analyzer.analyze(_sources(inputs), embed=False)
+        payload = []
+        for index, result in enumerate(results):
+            entry = result.to_dict()
+            for k, face in enumerate(result.faces):
+                path = out_dir / f"{index:05d}_{Path(result.source).stem}_face{k}.png"
+                write_png(path, face.crop)
+                entry["faces"][k]["crop"] = str(path)
+            payload.append(entry)
+        _summary(results)
+        logger.info("crops (%s) written to %s", analyzer.alignment, out_dir)
+        emit(payload, out)
+
+
+def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model", help=MODEL_HELP),
+          detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+          flip: bool = typer.Option(True, "--flip/--no-flip", help="flip-sum test-time augmentation"),
+          score: Optional[float] = ScoreOpt, min_face: Optional[float] = MinFaceOpt,
+          max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt,
+          out: Optional[Path] = OutOpt) -> None:
+    """Unit-length embeddings of every face, with boxes and landmarks, as JSON."""
+    with user_errors():
+        analyzer = build_analyzer(detector, detector_weights, model, None, score, min_face, max_faces, threads, flip)
+        results = analyzer.analyze(_sources(inputs))
+        _summary(results)
+        card = analyzer.embedder.card
+        emit({"model": card.name, "embedding_size": card.embedding_size, "alignment": card.alignment, "flip": flip,
+              "images": [r.to_dict() for r in results]}, out)
+
+
+def verify(image1: Path = typer.Argument(..., help="first photo"), image2: Path = typer.Argument(..., help="second photo"),
+           model: Path = typer.Option(..., "--model", help=MODEL_HELP), detector: str = DetectorOpt,
+           detector_weights: Path = WeightsOpt,
+           threshold: Optional[Path] = typer.Option(None, "--threshold", help="threshold file from `facesphere calibrate`"),
+           flip: bool = typer.Option(True, "--flip/--no-flip"), threads: Optional[int] = ThreadsOpt,
+           out: Optional[Path] = OutOpt) -> None:
+    """Are the largest faces of two photos the same person? Cosine, and the decision at a calibrated threshold."""
+    with user_errors():
+        analyzer = build_analyzer(detector, detector_weights, model, None, threads=threads, flip=flip, threshold=threshold)
+        first, second = analyzer.analyze([image1, image2])
+        for result in (first, second):
+            if result.error:
+                raise ValueError(result.error)
+            if not result.faces:
+                raise ValueError(f"{result.source}: no face found")
+        comparison = analyzer.compare(first.faces[0], second.faces[0])
+        emit({"image1": str(image1), "image2": str(image2), "model": analyzer.embedder.card.name,
+              "cosine": round(comparison.cosine, 6), "threshold": comparison.threshold, "same": comparison.same,
+              "faces": [first.faces[0].to_dict(embedding=False), second.faces[0].to_dict(embedding=False)]}, out)
+
+
+def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-dir", help="folder for the PNGs"),
+         detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+         landmarks68: Optional[Path] = typer.Option(None, "--landmarks68", help=LANDMARKS_HELP),
+         score: Optional[float] = ScoreOpt, min_face: Optional[float] = MinFaceOpt,
+         max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt) -> None:
+    """Each photo as a PNG with boxes, scores and landmarks drawn on it."""
+    from facesphere.data.images import load_image
+    from facesphere.pipeline.drawing import draw_faces, write_png
+
+    with user_errors():
+        analyzer = build_analyzer(detector, detector_weights, None, landmarks68, score, min_face, max_faces, threads)
+        sources = _sources(inputs)
+        results = analyzer.analyze(sources, embed=False)
+        for index, (source, result) in enumerate(zip(sources, results)):
+            if result.error:
+                continue
+            path = out_dir / f"{index:05d}_{source.stem}.png"
+            write_png(path, draw_faces(load_image(source), result.faces))
+        _summary(results)
+        logger.info("drawings written to %s", out_dir)
+
+
+def calibrate(pairs: Path = typer.Argument(..., help="CSV of path1,path2,same (1/0) lines, paths relative to it"),
+              model: Path = typer.Option(..., "--model", help=MODEL_HELP), out: Path = typer.Option(..., "--out"),
+              far: float = typer.Option(1e-3, "--far", help="target false accept rate"),
+              detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+              flip: bool = typer.Option(True, "--flip/--no-flip"), threads: Optional[int] = ThreadsOpt) -> None:
+    """A decision threshold for --far from labelled pairs of photos, through the whole pipeline."""
+    import numpy as np
+
+    from facesphere.evaluate.pairsets import read_pairs_csv
+    from facesphere.pipeline import calibrate_threshold
+
+    with user_errors():
+        paths1, paths2, labels, _ = read_pairs_csv(pairs)
+        analyzer = build_analyzer(detector, detector_weights, model, threads=threads, flip=flip)
+        unique = sorted({str(p) for p in [*paths1, *paths2]})
+        results = dict(zip(unique, analyzer.analyze(unique)))
+        scores, same, skipped = [], [], 0
+        for a, b, label in zip(paths1, paths2, labels):
+            ra, rb = results[str(a)], results[str(b)]
+            if ra.error or rb.error or not ra.faces or not rb.faces:
+                skipped += 1
+                continue
+            scores.append(analyzer.compare(ra.faces[0], rb.faces[0]).cosine)
+            same.append(bool(label))
+        if skipped:
+            logger.warning("%d of %d pairs skipped (unreadable photo or no face)", skipped, len(labels))
+        card = analyzer.embedder.card
+        threshold = calibrate_threshold(np.array(scores), np.array(same), far, card.name, card.embedding_size)
+        threshold.save(out)
+        logger.info("threshold %.4f at FAR %.3g (measured FAR %.4g, TAR %s) from %d pairs -> %s", threshold.value, far,
+                    threshold.measured_far, threshold.measured_tar, len(scores), out)
