@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -30,6 +31,29 @@ from facesphere.train.trainer import read_metrics
 
 PFC = ["model.backbone=sphereface4", "model.backbone_args={embedding_size: 128}", "optim.lr=0.005",
        "model.partial_fc.enabled=true"]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), so torchrun's workers die with it whatever their session."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def losses(run: Path) -> list[float]:
@@ -64,11 +88,16 @@ def main() -> None:
     seconds["straight"] = train("straight", torchrun, *sampled)
     killed = out / "killed"
     proc = subprocess.Popen(cli(common + ["--set", "name=killed", *sampled], torchrun), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not list_checkpoints(killed / "checkpoints") and proc.poll() is None:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+    victims = [proc.pid, *descendants(proc.pid)]
+    for pid in victims:  # torchrun and both workers at once, as a crashed node
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
+    time.sleep(1)
+    assert len(victims) >= 3 and not [pid for pid in victims if running(pid)], "a worker survived"
     killed_at = int(list_checkpoints(killed / "checkpoints")[-1].stem.split("_")[1])
     seconds["resumed"] = train("killed", torchrun, *sampled, "--resume", "latest")
     moved = out / "moved"  # the first checkpoint of the 2-process r=1.0 run, continued by one process

@@ -46,6 +46,15 @@ def get_template(name: str) -> Template:
         raise ValueError(f"unknown alignment template {name!r}; known: {', '.join(TEMPLATES)}") from None
 
 
+def template_name_for_size(size: tuple[int, int]) -> str:
+    """The named template whose crop is ``size`` (H, W)."""
+    for template in TEMPLATES.values():
+        if template.size == (int(size[0]), int(size[1])):
+            return template.name
+    raise ValueError(f"no named alignment template makes {size[0]}x{size[1]} crops; known: "
+                     + ", ".join(f"{t.name} ({t.size[0]}x{t.size[1]})" for t in TEMPLATES.values()))
+
+
 def template_for_size(size: tuple[int, int]) -> np.ndarray:
     """Template points for a crop (H, W): 112x112 and 112x96 as named above, n·112 squares scaled."""
     h, w = int(size[0]), int(size[1])
@@ -112,4 +121,4 @@ def align_faces(image: np.ndarray, landmarks: np.ndarray, alignment: str = "arcf
 
 
 __all__ = ["ARCFACE_POINTS_112", "SPHEREFACE_POINTS_112x96", "TEMPLATES", "Template", "align_faces", "align_similarity",
-           "get_template", "template_for_size", "umeyama"]
+           "get_template", "template_for_size", "template_name_for_size", "umeyama"]

@@ -53,7 +53,7 @@ __all__ = [
 LOADER_COLOUR = "RGB"
 """Colour order of every image facesphere's loaders (``load_image``, ``.bin`` decoding) return."""
 
-SELF_ALIGNING_PROTOCOLS = frozenset({"fgnet_identification", "fgnet_verification"})
+SELF_ALIGNING_PROTOCOLS = frozenset({"cacd_vs", "fgnet_identification", "fgnet_verification"})
 """Protocols that align faces themselves, by landmarks, to ``size=(H, W)`` (``facesphere.align.similarity.template_for_size``)."""
 
 CROPPED_ALIGNMENTS = {("arcface_112x112", (112, 96)): "sphereface_112x96"}

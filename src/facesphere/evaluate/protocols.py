@@ -63,19 +63,40 @@ def csv_pairs(model, path: str | os.PathLike, *, root: str | os.PathLike | None 
     return evaluate_pairset(model, PairSet.from_csv(path, root=root), **options)
 
 
+def _detector_alignment(options: dict) -> None:
+    """``detector=NAME, detector_weights=PATH`` become an ``align`` callable: the largest detected face, on the
+    template of ``size`` (so the protocol runs through the whole detect-align pipeline)."""
+    name, weights = options.pop("detector", None), options.pop("detector_weights", None)
+    if name is None and weights is None:
+        return
+    if name is None or weights is None:
+        raise ValueError("give both detector= and detector_weights=")
+    if "align" in options:
+        raise ValueError("give either align= or detector=, not both")
+    from facesphere.align.similarity import template_name_for_size
+    from facesphere.detect import build_detector
+    from facesphere.pipeline.analyzer import FaceAnalyzer
+
+    alignment = template_name_for_size(tuple(options.get("size", (112, 112))))
+    options["align"] = FaceAnalyzer(build_detector(name, weights), alignment=alignment).align_largest
+
+
 @PROTOCOLS.register("cacd_vs")
 def cacd_vs(model, path: str | os.PathLike, **options) -> dict:
-    """CACD-VS cross-age verification over the folds present; ``align=`` detector+aligner callable, ``size=``."""
+    """CACD-VS cross-age verification over the folds present; ``detector=``/``detector_weights=`` (or an ``align``
+    callable) align the raw photos, ``size=``."""
     from facesphere.evaluate.age import evaluate_cacd_vs
 
+    _detector_alignment(options)
     return evaluate_cacd_vs(model, path, **options)
 
 
 @PROTOCOLS.register("fgnet_identification")
 def fgnet_identification(model, path: str | os.PathLike, **options) -> dict:
-    """FG-NET leave-one-image-out rank-1/5/10, aligned by the 68 landmarks (or ``align=``); ``distractors=``."""
+    """FG-NET leave-one-image-out rank-1/5/10, aligned by the 68 landmarks (or ``detector=``); ``distractors=``."""
     from facesphere.evaluate.age import fgnet_identification as run
 
+    _detector_alignment(options)
     options.pop("out_dir", None)  # identification writes no files
     return run(model, path, **options)
 
@@ -85,6 +106,7 @@ def fgnet_verification(model, path: str | os.PathLike, **options) -> dict:
     """FG-NET cross-age pairs (``min_age_gap=10``, ``seed=0``), 10-fold accuracy, TAR@FAR, VAL@FAR."""
     from facesphere.evaluate.age import fgnet_verification as run
 
+    _detector_alignment(options)
     return run(model, path, **options)
 
 

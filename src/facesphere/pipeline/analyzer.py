@@ -150,6 +150,11 @@ class FaceAnalyzer:
                 face.embedding = vector
         return results
 
+    def align_largest(self, image: np.ndarray) -> np.ndarray | None:
+        """The aligned crop of the largest face in an RGB photo, or None when there is none (protocol aligners)."""
+        faces = self.analyze([image], embed=False)[0].faces
+        return faces[0].crop if faces else None
+
     def _faces(self, image: np.ndarray, found) -> list[Face]:
         if len(found.boxes) == 0:
             return []
