@@ -346,8 +346,7 @@ def test_fgnet_parsing_and_landmarks():
 def test_five_points_and_pts_format(tmp_path):
     pts = np.arange(136, dtype=float).reshape(68, 2)
     five = fgnet_five_points(pts)
-    assert np.allclose(five[0], pts[36:42].mean(0)) and np.allclose(five[1], pts[42:48].mean(0))
-    assert np.allclose(five[2:], pts[[30, 48, 54]])
+    assert np.allclose(five, pts[[31, 36, 67, 48, 54]])  # FG-NET markup: pupils, nose tip, mouth corners
     with pytest.raises(ValueError):
         fgnet_five_points(pts[:67])
     f = tmp_path / "x.pts"

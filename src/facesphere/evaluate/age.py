@@ -12,7 +12,7 @@ face is found); without it a centre crop is resized, which is only good for smok
 
 **FG-NET**: 1,002 photos of 82 people aged 0-69; ``SSSAyy[x].JPG`` = subject SSS at age yy (x = a/b
 for two photos at one age) and 68 manual landmarks per photo in ``points/sssayy[x].pts`` (iBUG .pts,
-0-based indices below). papers.md §9(f) lists FG-NET as "leave-one-out, or the MegaFace FG-NET probe
+0-based indices; FG-NET's own markup, not iBUG's, see ``FGNET_FIVE``). papers.md §9(f) lists FG-NET as "leave-one-out, or the MegaFace FG-NET probe
 with 1M distractors". The "leave-one-person-out" protocol of age-invariant FR trains on 81 people and
 tests on the 82nd; for a model that never trains on FG-NET the training side is void, and what is
 left is the leave-one-image-out search used by the published rank-1 figures: each image in turn is
@@ -236,15 +236,18 @@ def read_pts(path: str | os.PathLike) -> np.ndarray:
     return pts
 
 
-def fgnet_five_points(pts68) -> np.ndarray:
-    """68 iBUG points (0-based) -> the 5 ArcFace points: eye centres (36-41, 42-47), nose tip 30, mouth 48, 54.
+FGNET_FIVE = (31, 36, 67, 48, 54)
+"""FG-NET's own 68-point markup (not iBUG's): 31 and 36 are the pupils (image-left eye first), 67 the
+nose tip, 48 and 54 the image-left and image-right mouth corners. Its eye contours are 27-30 and
+32-35, jaw 0-14, brows 15-26, nose 37-47 and 67, mouth 48-66 (checked by drawing the indices)."""
 
-    Points 36-41 are the subject's right eye, i.e. the image-left one, matching the template's order.
-    """
+
+def fgnet_five_points(pts68) -> np.ndarray:
+    """FG-NET's 68 manual points (0-based) -> the 5 template points: pupils 31 and 36, nose tip 67, mouth 48, 54."""
     p = np.asarray(pts68, dtype=np.float64)
     if p.shape != (68, 2):
         raise ValueError(f"expected (68, 2) landmarks, got {p.shape}")
-    return np.stack([p[36:42].mean(axis=0), p[42:48].mean(axis=0), p[30], p[48], p[54]])
+    return p[list(FGNET_FIVE)]
 
 
 def fgnet_loader(size: tuple[int, int] = (112, 112), align: Callable[[np.ndarray], np.ndarray | None] | None = None):
