@@ -8,6 +8,7 @@ import typer
 
 from facesphere.cli import data as data_commands
 from facesphere.cli import evaluate as eval_commands
+from facesphere.cli import export as export_commands
 from facesphere.cli import faces as face_commands
 from facesphere.cli import models as model_commands
 from facesphere.cli import models_import
@@ -22,6 +23,7 @@ app.command("heads")(model_commands.heads)
 app.command("config")(train_commands.show_config)
 app.command("import")(models_import.import_model)
 app.command("eval")(eval_commands.evaluate)
+app.command("export")(export_commands.export_command)
 for _name in ("detect", "align", "embed", "verify", "draw", "calibrate"):
     app.command(_name)(getattr(face_commands, _name))
 app.add_typer(data_commands.app, name="data")

@@ -1,0 +1,146 @@
+"""Embedding throughput on the CPU: PyTorch eager, eager with BatchNorm folded, and ONNX Runtime, against the
+multiply-add bound at this machine's measured matmul peak.
+
+MobileFaceNet as in the paper (112x112, D=128) at batch 1 and 32, and iResNet-50 at batch 32 for scale
+(random weights: speed does not depend on them). Every variant runs in this process on the same random
+normalised batch with the same thread count; faces/s = batch / median batch time after warm-up. The
+bound is faces/s = peak / (2 * multiply-adds per face), with peak the best fp32 GFLOP/s of a large
+``torch.mm`` measured in the same run: what the network would reach if every layer ran at matmul speed
+(depthwise convolutions never do).
+
+    python benchmarks/embedding_speed.py [--threads 2] [--seconds 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from _common import markdown_table, setup_logging, write_results
+
+logger = logging.getLogger("embedding_speed")
+
+CASES = [("mobilefacenet", 1), ("mobilefacenet", 32), ("iresnet50", 32)]
+"""(backbone, batch) rows; --quick skips iResNet-50."""
+
+
+def matmul_peak_gflops(n: int, seconds: float) -> float:
+    """Best fp32 GFLOP/s of an n x n by n x n ``torch.mm`` (2 n^3 flops), over ``seconds`` of repeats."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)  # warm-up
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
+
+
+def median_seconds(step, seconds: float, warmup: int = 2, min_runs: int = 3) -> tuple[float, int]:
+    """(median wall time of ``step()``, number of timed runs): at least ``min_runs``, else until ``seconds`` pass."""
+    for _ in range(warmup):
+        step()
+    times, end = [], time.perf_counter() + seconds
+    while len(times) < min_runs or time.perf_counter() < end:
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), len(times)
+
+
+def variants(name: str, threads: int, work: Path) -> tuple[dict, object]:
+    """({label: callable on a float32 (N, 3, H, W) numpy batch}, the eager backbone) for one backbone."""
+    import torch
+
+    from facesphere.backbones import build_backbone, fuse_batchnorm
+    from facesphere.evaluate.model_input import training_card
+    from facesphere.models.export_onnx import export_onnx
+    from facesphere.models.onnx_runtime import OnnxEmbedder
+
+    torch.manual_seed(0)
+    model = build_backbone(name).eval()
+    card = training_card(model, name, name)
+    folded = fuse_batchnorm(model)
+    onnx = OnnxEmbedder(export_onnx(model, card, work / f"{name}.onnx"), threads=threads)
+
+    def torch_runner(module):
+        def run(batch):
+            with torch.inference_mode():
+                return module(torch.from_numpy(batch))
+        return run
+
+    return {"PyTorch eager fp32": torch_runner(model), "PyTorch eager, BN folded": torch_runner(folded),
+            f"ONNX Runtime CPU ({threads} threads)": onnx.run}, model
+
+
+def main() -> None:
+    from facesphere.utils.allocator import tune_malloc
+
+    tune_malloc()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
+    parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per variant (at least 3 runs)")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul measuring the peak")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 s per variant, MobileFaceNet only, "
+                                                              "1024 matmul; results written as embedding_speed_quick")
+    args = parser.parse_args()
+    cases = CASES
+    if args.quick:
+        args.seconds, args.matmul_size = min(args.seconds, 1.0), min(args.matmul_size, 1024)
+        cases = [c for c in CASES if c[0] != "iresnet50"]
+    setup_logging()
+
+    import numpy as np
+    import torch
+
+    from facesphere.backbones import count_complexity
+
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak_gflops(args.matmul_size, 2 * args.seconds)
+    logger.info("fp32 matmul peak (%dx%d, %d threads): %.1f GFLOP/s", args.matmul_size, args.matmul_size,
+                args.threads, peak)
+    results, rows, built = [], [], {}
+    with tempfile.TemporaryDirectory(prefix="facesphere-speed-") as work:
+        for name, batch in cases:
+            if name not in built:
+                built[name] = variants(name, args.threads, Path(work))
+            runners, model = built[name]
+            madds = count_complexity(model).multiply_adds
+            h, w = model.input_size
+            x = np.random.default_rng(0).uniform(-1, 1, (batch, 3, h, w)).astype(np.float32)
+            bound = peak * 1e9 / (2 * madds)
+            eager = None
+            for label, run in runners.items():
+                seconds, runs = median_seconds(lambda run=run, x=x: run(x), args.seconds)
+                faces = batch / seconds
+                eager = eager or faces
+                results.append({"backbone": name, "batch": batch, "variant": label, "median_batch_seconds": seconds,
+                                "runs": runs, "faces_per_second": faces, "vs_eager": faces / eager,
+                                "share_of_bound": faces / bound})
+                rows.append([name, batch, label, f"{1000 * seconds:.1f}", f"{faces:.1f}", f"{faces / eager:.2f}x",
+                             f"{100 * faces / bound:.1f}%"])
+                logger.info("%s", rows[-1])
+            results.append({"backbone": name, "batch": batch, "variant": "matmul-peak bound", "multiply_adds": madds,
+                            "peak_gflops": peak, "faces_per_second": bound, "vs_eager": bound / eager})
+            rows.append([name, batch, f"bound: {peak:.0f} GFLOP/s / (2 x {madds / 1e6:.0f}M MAdds)",
+                         f"{1000 * batch / bound:.1f}", f"{bound:.1f}", f"{bound / eager:.2f}x", "100%"])
+    table = (f"Embedding throughput, {args.threads} threads, random weights and inputs; median batch time over at "
+             f"least {args.seconds:g} s after 2 warm-up batches; 'vs eager' = against PyTorch eager fp32 at the same "
+             f"backbone and batch in this run. Bound = measured fp32 matmul peak ({args.matmul_size}x"
+             f"{args.matmul_size} torch.mm: {peak:.1f} GFLOP/s) / (2 x multiply-adds per face). ONNX Runtime runs "
+             "the file `facesphere export` writes (BN folded, dynamic batch).\n\n"
+             + markdown_table(["backbone", "batch", "variant", "ms/batch", "faces/s", "vs eager", "of bound"], rows))
+    print(table)
+    write_results("embedding_speed_quick" if args.quick else "embedding_speed",
+                  {"args": vars(args), "matmul_peak_gflops": peak, "results": results}, table)
+
+
+if __name__ == "__main__":
+    main()
