@@ -1,5 +1,9 @@
-"""Embedding throughput on the CPU: PyTorch eager, eager with BatchNorm folded, and ONNX Runtime, against the
-multiply-add bound at this machine's measured matmul peak.
+"""Pipeline speed on the CPU in one run: detection ms per 640x480 photo for each detector, then embedding
+throughput (PyTorch eager, eager with BatchNorm folded, ONNX Runtime) against the multiply-add bound at
+this machine's measured matmul peak.
+
+Detection: FG-NET photos resized to 640x480, batch 1, median over repeats after warm-up, each detector
+at its defaults (640x640 letterbox canvas) and on a native 640x480 canvas (``input_size=None``).
 
 MobileFaceNet as in the paper (112x112, D=128) at batch 1 and 32, and iResNet-50 at batch 32 for scale
 (random weights: speed does not depend on them). Every variant runs in this process on the same random
@@ -8,7 +12,7 @@ bound is faces/s = peak / (2 * multiply-adds per face), with peak the best fp32 
 ``torch.mm`` measured in the same run: what the network would reach if every layer ran at matmul speed
 (depthwise convolutions never do).
 
-    python benchmarks/embedding_speed.py [--threads 2] [--seconds 5] [--quick]
+    python benchmarks/pipeline_speed.py [--threads 2] [--seconds 5] [--quick]
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from _common import markdown_table, setup_logging, write_results
 
-logger = logging.getLogger("embedding_speed")
+logger = logging.getLogger("pipeline_speed")
 
 CASES = [("mobilefacenet", 1), ("mobilefacenet", 32), ("iresnet50", 32)]
 """(backbone, batch) rows; --quick skips iResNet-50."""
@@ -89,7 +93,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per variant (at least 3 runs)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul measuring the peak")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 s per variant, MobileFaceNet only, "
-                                                              "1024 matmul; results written as embedding_speed_quick")
+                                                              "1024 matmul; results written as pipeline_speed_quick")
     args = parser.parse_args()
     cases = CASES
     if args.quick:
@@ -106,6 +110,7 @@ def main() -> None:
     peak = matmul_peak_gflops(args.matmul_size, 2 * args.seconds)
     logger.info("fp32 matmul peak (%dx%d, %d threads): %.1f GFLOP/s", args.matmul_size, args.matmul_size,
                 args.threads, peak)
+    detection_rows, detection = detection_latency(args.threads, 3 if args.quick else 10, 5 if args.quick else 20)
     results, rows, built = [], [], {}
     with tempfile.TemporaryDirectory(prefix="facesphere-speed-") as work:
         for name, batch in cases:
@@ -137,9 +142,35 @@ def main() -> None:
              f"{args.matmul_size} torch.mm: {peak:.1f} GFLOP/s) / (2 x multiply-adds per face). ONNX Runtime runs "
              "the file `facesphere export` writes (BN folded, dynamic batch).\n\n"
              + markdown_table(["backbone", "batch", "variant", "ms/batch", "faces/s", "vs eager", "of bound"], rows))
+    table = ("Detection, ms per 640x480 photo (batch 1, median; FG-NET photos resized), "
+             f"{args.threads} threads:\n\n"
+             + markdown_table(["detector", "640x640 letterbox canvas", "native 640x480 canvas"], detection_rows)
+             + "\n\n" + table)
     print(table)
-    write_results("embedding_speed_quick" if args.quick else "embedding_speed",
-                  {"args": vars(args), "matmul_peak_gflops": peak, "results": results}, table)
+    write_results("pipeline_speed_quick" if args.quick else "pipeline_speed",
+                  {"args": vars(args), "matmul_peak_gflops": peak, "detection_ms": detection, "results": results}, table)
+
+
+def detection_latency(threads: int, photos: int, repeats: int) -> tuple[list[list], dict]:
+    """ms per 640x480 photo for every detector of benchmarks/detection.py, letterboxed and native."""
+    import cv2
+
+    from detection import DATA, DETECTORS, FGNET, build, latency_ms
+    from facesphere.data.images import load_image
+    from facesphere.evaluate.age import parse_fgnet
+
+    items = parse_fgnet(FGNET)[::max(1, 1002 // photos)][:photos]
+    images = [cv2.resize(load_image(i.path), (640, 480), interpolation=cv2.INTER_AREA) for i in items]
+    rows, out = [], {}
+    for label, (kind, weights) in DETECTORS.items():
+        if not (DATA / weights).exists():
+            raise FileNotFoundError(f"{DATA / weights} is missing (set FACESPHERE_DATA)")
+        letterbox = latency_ms(build(kind, weights, threads), images, repeats)
+        native = latency_ms(build(kind, weights, threads, input_size=None), images, repeats)
+        out[label] = {"letterbox_640": letterbox, "native_640x480": native}
+        rows.append([label, f"{letterbox:.1f}", f"{native:.1f}"])
+        logger.info("%s", rows[-1])
+    return rows, out
 
 
 if __name__ == "__main__":
