@@ -183,3 +183,31 @@ def test_cli_verify_and_draw(y1_folder, tmp_path):
     assert painted.shape == original.shape and (painted != original).any(axis=2).mean() > 0.002
     missing = runner.invoke(app, ["verify", str(_cacd("0001_0.jpg")), str(tmp_path / "nope.jpg"), *common])
     assert missing.exit_code == 2 and "file not found" in missing.output
+
+
+def test_cli_calibrate_then_verify_with_the_threshold(y1_folder, tmp_path):
+    """A threshold calibrated on labelled photo pairs through the pipeline, then used by verify."""
+    weights = require_data(RETINAFACE)
+    rows = ["path1,path2,same"]
+    rows += [f"{_cacd(f'{k:04d}_0.jpg')},{_cacd(f'{k:04d}_1.jpg')},1" for k in range(10)]
+    rows += [f"{_cacd(f'{k:04d}_0.jpg')},{_cacd(f'{k:04d}_1.jpg')},0" for k in range(200, 220)]
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("\n".join(rows) + "\n")
+    runner = CliRunner()
+    common = ["--model", str(y1_folder), "--detector-weights", str(weights)]
+    done = runner.invoke(app, ["calibrate", str(pairs), *common, "--far", "0.05", "--out", str(tmp_path / "t.json")])
+    assert done.exit_code == 0, done.output
+    threshold = json.loads((tmp_path / "t.json").read_text())
+    assert threshold["model"] == "mobilefacenet_insightface_y1" and threshold["calibration_pairs"] == {
+        "genuine": 10, "impostor": 20}
+    assert threshold["measured_far"] <= 0.05
+    verdicts = {}
+    for name, (a, b) in {"same": ("0002_0.jpg", "0002_1.jpg"), "other": ("0202_0.jpg", "0202_1.jpg")}.items():
+        out = tmp_path / f"{name}.json"
+        result = runner.invoke(app, ["verify", str(_cacd(a)), str(_cacd(b)), *common, "--threshold",
+                                     str(tmp_path / "t.json"), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        verdicts[name] = json.loads(out.read_text())
+        assert verdicts[name]["threshold"] == threshold["value"]
+        assert verdicts[name]["same"] == (verdicts[name]["cosine"] >= threshold["value"])
+    assert verdicts["same"]["same"] and not verdicts["other"]["same"]
