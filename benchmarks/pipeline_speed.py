@@ -110,6 +110,8 @@ def main() -> None:
     peak = matmul_peak_gflops(args.matmul_size, 2 * args.seconds)
     logger.info("fp32 matmul peak (%dx%d, %d threads): %.1f GFLOP/s", args.matmul_size, args.matmul_size,
                 args.threads, peak)
+    parity = onnx_parity_on_real_faces(64 if not args.quick else 16)
+    logger.info("ONNX Runtime vs PyTorch on real faces: %s", parity)
     detection_rows, detection = detection_latency(args.threads, 3 if args.quick else 10, 5 if args.quick else 20)
     results, rows, built = [], [], {}
     with tempfile.TemporaryDirectory(prefix="facesphere-speed-") as work:
@@ -142,13 +144,41 @@ def main() -> None:
              f"{args.matmul_size} torch.mm: {peak:.1f} GFLOP/s) / (2 x multiply-adds per face). ONNX Runtime runs "
              "the file `facesphere export` writes (BN folded, dynamic batch).\n\n"
              + markdown_table(["backbone", "batch", "variant", "ms/batch", "faces/s", "vs eager", "of bound"], rows))
-    table = ("Detection, ms per 640x480 photo (batch 1, median; FG-NET photos resized), "
+    table = (f"ONNX parity: the imported InsightFace MobileFaceNet y1 exported by `facesphere export` (BN folded), "
+             f"ONNX Runtime vs PyTorch on {parity['rows']} LFW faces with flip-sum: max (1 - cosine) "
+             f"{parity['max_cosine_difference']:.2e}, max |difference| {parity['max_abs_difference']:.2e} "
+             f"(relative {parity['relative_abs_difference']:.2e}).\n\n"
+             "Detection, ms per 640x480 photo (batch 1, median; FG-NET photos resized), "
              f"{args.threads} threads:\n\n"
              + markdown_table(["detector", "640x640 letterbox canvas", "native 640x480 canvas"], detection_rows)
              + "\n\n" + table)
     print(table)
     write_results("pipeline_speed_quick" if args.quick else "pipeline_speed",
-                  {"args": vars(args), "matmul_peak_gflops": peak, "detection_ms": detection, "results": results}, table)
+                  {"args": vars(args), "matmul_peak_gflops": peak, "onnx_parity_y1": parity, "detection_ms": detection,
+                   "results": results}, table)
+
+
+def onnx_parity_on_real_faces(count: int) -> dict:
+    """y1 (imported from MXNet) in PyTorch vs its ONNX export in ONNX Runtime, on real aligned LFW faces."""
+    import dataclasses
+
+    import numpy as np
+
+    from detection import DATA
+    from facesphere.data.images import load_image
+    from facesphere.models import import_weights
+    from facesphere.models.embedding_parity import compare_embeddings
+    from facesphere.models.export_onnx import export_onnx
+    from facesphere.models.onnx_runtime import OnnxEmbedder
+    from facesphere.models.torch_embedder import TorchEmbedder
+
+    model, card = import_weights(DATA / "weights/mobilefacenet_insightface_y1")
+    paths = sorted((DATA / "data/lfw_112x112/lfw-112X112").glob("*/*.jpg"))[:: 13_233 // count][:count]
+    faces = np.stack([load_image(p) for p in paths])
+    with tempfile.TemporaryDirectory(prefix="facesphere-parity-") as work:
+        onnx = OnnxEmbedder(export_onnx(model, card, Path(work) / "y1.onnx"))
+        result = compare_embeddings(TorchEmbedder(model.eval(), card).embed(faces, flip=True), onnx.embed(faces, flip=True))
+    return dataclasses.asdict(result)
 
 
 def detection_latency(threads: int, photos: int, repeats: int) -> tuple[list[list], dict]:
