@@ -38,7 +38,7 @@ def facesphere(*args: str) -> None:
 def evaluate(model: Path, protocol: str, data: Path, out: Path, *options: str) -> dict:
     sets = sum((["--set", o] for o in options), [])
     facesphere("eval", str(model), protocol, str(data), *sets, "--out", str(out))
-    return json.loads((out / "results.json").read_text())
+    return json.loads((out / "results.json").read_text())["report"]
 
 
 def landmark_error(name: str, weights: Path) -> dict:
