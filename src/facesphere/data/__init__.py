@@ -85,6 +85,15 @@ __all__ = [
 ]
 
 
+def _default_start_method() -> str:
+    """forkserver where available: forking a process whose OpenCV, ONNX Runtime or OpenMP thread pools are
+    running copies their locks without their threads, and a worker can then wait forever (it happened in
+    this project's test suite); workers started from a clean server process cannot inherit such a lock."""
+    import multiprocessing
+
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 def _worker_init(worker_id: int) -> None:
     """One intra-op thread per worker: workers already run in parallel, more threads only oversubscribe.
 
@@ -106,6 +115,9 @@ def build_loader(
 ) -> DataLoader:
     """A DataLoader driven by a batch sampler (e.g. ``GlobalBatchSampler``).
 
+    Workers start by ``forkserver`` unless ``multiprocessing_context`` says otherwise (see
+    ``_default_start_method``); data sets must therefore be picklable, as all of facesphere's are.
+
     ``persistent_workers`` defaults to True whenever there are workers (they keep their per-process
     caches across epochs; data sets share their epoch counter with them, so ``set_epoch`` still
     reaches them). Call ``set_loader_epoch(loader, epoch)`` before iterating each epoch.
@@ -120,8 +132,7 @@ def build_loader(
         kwargs["persistent_workers"] = bool(persistent_workers)
         if prefetch_factor is not None:
             kwargs["prefetch_factor"] = prefetch_factor
-        if multiprocessing_context is not None:
-            kwargs["multiprocessing_context"] = multiprocessing_context
+        kwargs["multiprocessing_context"] = multiprocessing_context or _default_start_method()
     # A private generator: creating an iterator must not consume the global torch RNG, or a resumed run's
     # dropout / augmentation draws would drift from the uninterrupted run (augmentation is index-seeded anyway).
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
