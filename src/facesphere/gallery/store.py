@@ -1,0 +1,190 @@
+"""A persistent gallery of enrolled identities: SQLite in WAL mode, bound to one model card.
+
+The store is the truth: identities (unique name, JSON metadata) and their templates (one unit embedding
+per enrolled image). Every write is one transaction committed with ``synchronous=FULL``, so an
+enrolment that returned survives a kill -9 of the process. A gallery records the card of the model
+that made its templates and refuses embeddings of any other model (templates of different models
+never mix). Search indexes (``facesphere.gallery.index``) are rebuilt from the store.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facesphere.models.card import ModelCard
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS identities (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, metadata TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS templates (
+    id INTEGER PRIMARY KEY, identity INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+    embedding BLOB NOT NULL, source TEXT, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS templates_identity ON templates(identity);
+"""
+
+
+class GalleryError(ValueError):
+    """A gallery operation that cannot be done (unknown identity, wrong model, bad embedding)."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    metadata: dict[str, Any]
+    templates: int
+
+
+def _card_key(card: ModelCard) -> dict[str, Any]:
+    """What must agree for templates to be comparable: the model and its input contract."""
+    return {"name": card.name, "backbone": card.backbone, "embedding_size": card.embedding_size,
+            "input_size": list(card.input_size), "alignment": card.alignment, "colour_order": card.colour_order,
+            "weights_sha256": card.weights_sha256}
+
+
+class Gallery:
+    """Open (or create, when ``card`` is given) the gallery database at ``path``."""
+
+    def __init__(self, path: str | Path, card: ModelCard | None = None) -> None:
+        self.path = Path(path)
+        exists = self.path.exists()
+        if not exists and card is None:
+            raise GalleryError(f"{self.path} does not exist; give the model card to create a gallery")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        stored = self._db.execute("SELECT value FROM meta WHERE key='card'").fetchone()
+        if stored is None:
+            if card is None:
+                raise GalleryError(f"{self.path} is not a facesphere gallery (no model card)")
+            with self._transaction():
+                self._db.execute("INSERT INTO meta VALUES ('card', ?)", (card.model_dump_json(),))
+            stored = (card.model_dump_json(),)
+        self.card = ModelCard.model_validate_json(stored[0])
+        if card is not None and _card_key(card) != _card_key(self.card):
+            raise GalleryError(f"{self.path} holds templates of model {self.card.name!r}; embeddings of "
+                               f"{card.name!r} cannot be mixed in (use another gallery)")
+        self.embedding_size = self.card.embedding_size
+
+    # ------------------------------------------------------------------------------------------ writes
+    def _transaction(self):
+        db = self._db
+
+        class _Tx:
+            def __enter__(self):
+                db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, kind, value, tb):
+                db.execute("COMMIT" if kind is None else "ROLLBACK")
+                return False
+
+        return _Tx()
+
+    def _check(self, embeddings) -> np.ndarray:
+        array = np.asarray(embeddings, dtype=np.float32)
+        if array.ndim == 1:
+            array = array[None]
+        if array.ndim != 2 or array.shape[1] != self.embedding_size or not len(array):
+            raise GalleryError(f"expected (N, {self.embedding_size}) embeddings of {self.card.name!r}, got "
+                               f"{array.shape}")
+        norms = np.linalg.norm(array, axis=1, keepdims=True)
+        if not np.isfinite(array).all() or (norms < 1e-6).any():
+            raise GalleryError("embeddings must be finite and non-zero")
+        return array / norms
+
+    def enrol(self, name: str, embeddings, metadata: dict[str, Any] | None = None,
+              sources: Sequence[str] | None = None) -> Identity:
+        """Add templates to ``name`` (created if new; ``metadata`` merged in) in one durable transaction."""
+        if not name or not isinstance(name, str):
+            raise GalleryError("an identity needs a non-empty name")
+        vectors = self._check(embeddings)
+        sources = list(sources) if sources is not None else [None] * len(vectors)
+        if len(sources) != len(vectors):
+            raise GalleryError(f"{len(sources)} sources for {len(vectors)} embeddings")
+        now = time.time()
+        with self._transaction():
+            row = self._db.execute("SELECT id, metadata FROM identities WHERE name=?", (name,)).fetchone()
+            if row is None:
+                identity = self._db.execute("INSERT INTO identities (name, metadata, created, updated) VALUES (?,?,?,?)",
+                                            (name, json.dumps(metadata or {}), now, now)).lastrowid
+            else:
+                identity = row[0]
+                merged = {**json.loads(row[1]), **(metadata or {})}
+                self._db.execute("UPDATE identities SET metadata=?, updated=? WHERE id=?", (json.dumps(merged), now, identity))
+            self._db.executemany("INSERT INTO templates (identity, embedding, source, created) VALUES (?,?,?,?)",
+                                 [(identity, v.tobytes(), s, now) for v, s in zip(vectors, sources)])
+        return self.get(name)
+
+    def update(self, name: str, metadata: dict[str, Any]) -> Identity:
+        """Replace ``name``'s metadata."""
+        with self._transaction():
+            done = self._db.execute("UPDATE identities SET metadata=?, updated=? WHERE name=?",
+                                    (json.dumps(metadata), time.time(), name)).rowcount
+        if not done:
+            raise GalleryError(f"no identity named {name!r}")
+        return self.get(name)
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` and all its templates."""
+        with self._transaction():
+            done = self._db.execute("DELETE FROM identities WHERE name=?", (name,)).rowcount
+        if not done:
+            raise GalleryError(f"no identity named {name!r}")
+
+    # ------------------------------------------------------------------------------------------ reads
+    def get(self, name: str) -> Identity:
+        row = self._db.execute("SELECT i.name, i.metadata, COUNT(t.id) FROM identities i LEFT JOIN templates t "
+                               "ON t.identity=i.id WHERE i.name=? GROUP BY i.id", (name,)).fetchone()
+        if row is None:
+            raise GalleryError(f"no identity named {name!r}")
+        return Identity(row[0], json.loads(row[1]), int(row[2]))
+
+    def identities(self) -> list[Identity]:
+        rows = self._db.execute("SELECT i.name, i.metadata, COUNT(t.id) FROM identities i LEFT JOIN templates t "
+                                "ON t.identity=i.id GROUP BY i.id ORDER BY i.name").fetchall()
+        return [Identity(r[0], json.loads(r[1]), int(r[2])) for r in rows]
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM identities").fetchone()[0])
+
+    def identity_templates(self) -> tuple[list[str], np.ndarray]:
+        """Names and one unit template per identity (the normalised mean of its image embeddings)."""
+        rows = self._db.execute("SELECT i.name, t.embedding FROM templates t JOIN identities i ON t.identity=i.id "
+                                "ORDER BY i.name, t.id").fetchall()
+        names: list[str] = []
+        sums: list[np.ndarray] = []
+        for name, blob in rows:
+            vector = np.frombuffer(blob, dtype=np.float32)
+            if names and names[-1] == name:
+                sums[-1] = sums[-1] + vector
+            else:
+                names.append(name)
+                sums.append(vector.astype(np.float32).copy())
+        if not sums:
+            return [], np.zeros((0, self.embedding_size), dtype=np.float32)
+        matrix = np.stack(sums)
+        return names, matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["Gallery", "GalleryError", "Identity"]
