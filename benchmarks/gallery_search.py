@@ -1,0 +1,77 @@
+"""1:N search on a synthetic gallery: queries/s, recall@1 against exact search, memory and build time per index.
+
+The gallery is N random unit vectors of dimension D (default 1M x 512); each query is a gallery vector plus
+noise (its own identity is the exact answer's usual winner). Every index type of ``facesphere.gallery``
+answers the same queries; recall@1 is the share of queries whose top-1 equals exact search's top-1, and
+memory is the serialised index size.
+
+    python benchmarks/gallery_search.py [--size 1000000] [--dim 512] [--queries 1000] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from _common import markdown_table, setup_logging, write_results
+
+VARIANTS = [("flat", "fp32"), ("flat", "fp16"), ("flat", "int8"), ("hnsw", "fp16"), ("hnsw", "int8"), ("ivfpq", "fp32")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--noise", type=float, default=0.6, help="norm of the noise added to each query's source")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=[f"{k}:{s}" for k, s in VARIANTS])
+    args = parser.parse_args()
+    setup_logging()
+    import faiss
+
+    from facesphere.gallery import build_faiss_index
+    from facesphere.utils.allocator import tune_malloc
+
+    tune_malloc()
+    faiss.omp_set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((args.size, args.dim), dtype=np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    sources = rng.choice(args.size, args.queries, replace=False)
+    noise = rng.standard_normal((args.queries, args.dim), dtype=np.float32)
+    queries = gallery[sources] + args.noise * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    rows, results, exact_top = [], [], None
+    for variant in args.variants:
+        kind, storage = variant.split(":")
+        started = time.perf_counter()
+        index = build_faiss_index(gallery, kind, storage)
+        build = time.perf_counter() - started
+        started = time.perf_counter()
+        _, found = index.search(queries, 1)
+        seconds = time.perf_counter() - started
+        top = found[:, 0]
+        if exact_top is None:
+            if (kind, storage) != ("flat", "fp32"):
+                raise ValueError("the first variant must be flat:fp32 (the exact reference)")
+            exact_top = top
+        recall = float((top == exact_top).mean())
+        memory = faiss.serialize_index(index).nbytes
+        qps = args.queries / seconds
+        results.append({"kind": kind, "storage": storage, "build_seconds": build, "queries_per_second": qps,
+                        "recall_at_1_vs_exact": recall, "index_bytes": int(memory)})
+        rows.append([kind, storage, f"{qps:,.0f}", f"{recall:.4f}", f"{memory / 2**20:,.0f}", f"{build:.1f}"])
+        print(rows[-1], flush=True)
+        del index
+    table = (f"{args.size:,} x {args.dim} random unit templates, {args.queries} queries (a template + noise of norm "
+             f"{args.noise}), top-1, {args.threads} threads; exact top-1 found its own source for "
+             f"{float((exact_top == sources).mean()):.3f} of the queries.\n\n"
+             + markdown_table(["index", "storage", "queries/s", "recall@1 vs exact", "memory MiB", "build s"], rows))
+    print(table)
+    write_results("gallery_search", {"args": vars(args), "results": results}, table)
+
+
+if __name__ == "__main__":
+    main()
