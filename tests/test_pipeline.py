@@ -211,3 +211,19 @@ def test_cli_calibrate_then_verify_with_the_threshold(y1_folder, tmp_path):
         assert verdicts[name]["threshold"] == threshold["value"]
         assert verdicts[name]["same"] == (verdicts[name]["cosine"] >= threshold["value"])
     assert verdicts["same"]["same"] and not verdicts["other"]["same"]
+
+
+def test_analyser_with_68_point_landmarks(detector):
+    from facesphere.align import PFLD68, five_from_68
+
+    analyzer = FaceAnalyzer(detector, None, landmarker=PFLD68(require_data("weights/pfld68_cunjian_onnx/pfld.onnx")))
+    face = analyzer.analyze([_cacd("0000_0.jpg")], embed=False)[0].faces[0]
+    assert face.landmarks68.shape == (68, 2)
+    x1, y1, x2, y2 = face.box
+    width = x2 - x1
+    assert ((face.landmarks68 >= [x1 - 0.1 * width, y1 - 0.1 * width]) &
+            (face.landmarks68 <= [x2 + 0.1 * width, y2 + 0.1 * width])).all()
+    # the 68 points' eyes, nose and mouth agree with the detector's 5 points
+    inter_ocular = np.linalg.norm(face.landmarks[0] - face.landmarks[1])
+    assert np.linalg.norm(five_from_68(face.landmarks68) - face.landmarks, axis=1).mean() < 0.15 * inter_ocular
+    assert "landmarks68" in face.to_dict()
