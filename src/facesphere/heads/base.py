@@ -43,17 +43,9 @@ class MarginHead(nn.Module):
         Labels must lie in [-1, C). The range is checked only for CPU labels: checking CUDA labels
         would force a host-device synchronisation every step.
         """
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings must be (N, {self.embedding_size}), got {tuple(embeddings.shape)}")
         if labels is None:
             labels = torch.full((embeddings.shape[0],), IGNORE_LABEL, dtype=torch.long, device=embeddings.device)
-        elif labels.shape != (embeddings.shape[0],):
-            raise ValueError(f"labels must be (N,) = ({embeddings.shape[0]},), got {tuple(labels.shape)}")
-        elif labels.device.type == "cpu" and labels.numel() and (
-            int(labels.min()) < IGNORE_LABEL or int(labels.max()) >= self.num_classes
-        ):
-            raise ValueError(f"labels must lie in [{IGNORE_LABEL}, {self.num_classes}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        check_inputs(embeddings, labels, self.embedding_size, IGNORE_LABEL, self.num_classes)
         return self.exact_logits(embeddings, self.weight, labels)
 
     def exact_logits(self, embeddings: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
@@ -72,6 +64,17 @@ class MarginHead(nn.Module):
 
     def update(self, step: int) -> None:
         """Called by the trainer before each optimisation step (annealing schedules); default no-op."""
+
+
+def check_inputs(embeddings: Tensor, labels: Tensor, embedding_size: int, low: int, high: int) -> None:
+    """Embeddings (N, D) and labels (N,) in [low, high); the range only for CPU labels (a CUDA check would
+    force a host-device synchronisation every step)."""
+    if embeddings.ndim != 2 or embeddings.shape[1] != embedding_size:
+        raise ValueError(f"embeddings must be (N, {embedding_size}), got {tuple(embeddings.shape)}")
+    if labels.shape != (embeddings.shape[0],):
+        raise ValueError(f"labels must be (N,) = ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+    if labels.device.type == "cpu" and labels.numel() and (int(labels.min()) < low or int(labels.max()) >= high):
+        raise ValueError(f"labels must lie in [{low}, {high}), got [{int(labels.min())}, {int(labels.max())}]")
 
 
 def cosine(embeddings: Tensor, weight: Tensor) -> Tensor:
@@ -159,6 +162,7 @@ __all__ = [
     "CosineMarginHead",
     "HEADS",
     "build_head",
+    "check_inputs",
     "cosine",
     "target_mask",
     "safe_acos",

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from facesphere.heads.base import IGNORE_LABEL, MarginHead, build_head
+from facesphere.heads.base import IGNORE_LABEL, MarginHead, build_head, check_inputs
 
 INIT_BLOCK_ROWS = 4096
 """Centres are initialised in blocks of this many rows, each from its own seed, independent of sharding."""
@@ -206,13 +206,8 @@ class PartialFC(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy of this rank's batch together with every other rank's (same value everywhere)."""
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings must be (N, {self.embedding_size}), got {tuple(embeddings.shape)}")
-        if labels.shape != (embeddings.shape[0],):
-            raise ValueError(f"labels must be (N,) = ({embeddings.shape[0]},), got {tuple(labels.shape)}")
         labels = labels.long()
-        if labels.device.type == "cpu" and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+        check_inputs(embeddings, labels, self.embedding_size, 0, self.num_classes)
         all_embeddings = gather_rows(embeddings)
         all_labels = gather_labels(labels)
         in_shard = (all_labels >= self.shard.start) & (all_labels < self.shard.end)
