@@ -181,18 +181,22 @@ def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-d
          score: Optional[float] = ScoreOpt, min_face: Optional[float] = MinFaceOpt,
          max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt) -> None:
     """Each photo as a PNG with boxes, scores and landmarks drawn on it."""
-    from facesphere.data.images import load_image
+    from facesphere.data.images import ImageError, load_image
+    from facesphere.pipeline import ImageResult
     from facesphere.pipeline.drawing import draw_faces, write_png
 
     with user_errors():
         analyzer = build_analyzer(detector, detector_weights, None, landmarks68, score, min_face, max_faces, threads)
-        sources = _sources(inputs)
-        results = analyzer.analyze(sources, embed=False)
-        for index, (source, result) in enumerate(zip(sources, results)):
-            if result.error:
+        results = []
+        for index, source in enumerate(_sources(inputs)):  # one photo at a time: each is decoded once
+            try:
+                image = load_image(source)
+            except ImageError as error:
+                results.append(ImageResult(str(source), error=str(error)))
                 continue
-            path = out_dir / f"{index:05d}_{source.stem}.png"
-            write_png(path, draw_faces(load_image(source), result.faces))
+            result = analyzer.analyze([image], embed=False)[0]
+            results.append(result)
+            write_png(out_dir / f"{index:05d}_{source.stem}.png", draw_faces(image, result.faces))
         _summary(results)
         logger.info("drawings written to %s", out_dir)
 
