@@ -72,7 +72,7 @@ def test_identity_template_is_the_normalised_mean_and_search_is_open_set(tmp_pat
     top = index.search(mean, k=2)[0]
     assert top[0].name == "alice" and top[0].score == pytest.approx(1.0, abs=1e-5) and top[1].name == "bob"
     stranger = index.search(-mean, k=1, threshold=0.5)[0]
-    assert stranger[0].name is None and stranger[0].score < 0.5
+    assert not stranger[0].known and stranger[0].score < 0.5 and top[0].known
 
 
 @pytest.mark.parametrize("kind,storage,floor", [("flat", "fp32", 1.0), ("flat", "fp16", 0.99), ("flat", "int8", 0.97),
@@ -122,3 +122,32 @@ def test_kill_9_during_enrolment_loses_no_acknowledged_identity(tmp_path):
         assert all(i.templates == 2 for i in g.identities()), "a transaction was half applied"
         names, _ = g.identity_templates()
         assert len(SearchIndex.from_gallery(g)) == len(names) == len(stored)
+
+
+@pytest.mark.parametrize("kind,storage", [("flat", "fp32"), ("flat", "fp16"), ("hnsw", "fp32"), ("ivfpq", "fp32")])
+def test_put_and_discard_match_a_rebuild(kind, storage):
+    rng = np.random.default_rng(3)
+    templates = _unit(rng, 3000, 32)
+    names = [f"p{i}" for i in range(len(templates))]
+    index = SearchIndex(names, templates, kind=kind, storage=storage)
+    live = dict(zip(names, templates))
+    for i in range(0, 3000, 7):  # replace every 7th template, remove every 11th identity, add 50 new ones
+        live[names[i]] = _unit(rng, 1, 32)[0]
+        index.put(names[i], live[names[i]])
+    for i in range(0, 3000, 11):
+        del live[names[i]]
+        index.discard(names[i])
+    for i in range(50):
+        live[f"new{i}"] = _unit(rng, 1, 32)[0]
+        index.put(f"new{i}", live[f"new{i}"])
+    assert sorted(index.names) == sorted(live) and len(index) == len(live)
+    assert index.dead_fraction == pytest.approx((429 + 273) / (3000 + 429 + 50))  # each replaced or removed row is dead
+    rebuilt = SearchIndex(list(live), np.stack(list(live.values())), kind="flat")
+    probes = list(live)[::13]
+    got = [m[0].name for m in index.search(np.stack([live[n] for n in probes]), k=1)]
+    want = [m[0].name for m in rebuilt.search(np.stack([live[n] for n in probes]), k=1)]
+    assert want == probes
+    assert np.mean([a == b for a, b in zip(got, want)]) >= (1.0 if kind == "flat" else 0.9)
+    removed = [names[i] for i in range(0, 3000, 11)]
+    hits = {m.name for row in index.search(templates[::11], k=5) for m in row}
+    assert not hits & set(removed), "a removed identity was returned"

@@ -3,7 +3,7 @@
 Index kinds: ``flat`` (exact), ``hnsw`` (graph, no training), ``ivfpq`` (inverted lists + product
 quantisation, trained on the gallery itself); ``auto`` picks exact below 100k templates, HNSW below
 2M, IVF-PQ above. Storage ``fp32``, ``fp16`` or ``int8`` (scalar quantisation) for flat and HNSW.
-Search is open-set: a match below ``threshold`` is reported as unknown.
+Search is open-set: a match below ``threshold`` is reported as not known.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ Storage = Literal["fp32", "fp16", "int8"]
 
 @dataclass(frozen=True)
 class Match:
-    name: str | None
+    """A gallery identity and its cosine to the query; ``known`` is False below the open-set threshold."""
+
+    name: str
     score: float
+    known: bool = True
 
 
 def choose_kind(count: int) -> str:
@@ -58,42 +61,98 @@ def build_faiss_index(matrix: np.ndarray, kind: IndexKind = "auto", storage: Sto
     return index
 
 
+def _search_parameters(index, selector):
+    """faiss search parameters of the index's kind carrying ``selector`` and its current search breadth."""
+    import faiss
+
+    if hasattr(index, "hnsw"):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=index.hnsw.efSearch)
+    if hasattr(index, "nprobe"):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=index.nprobe)
+    return faiss.SearchParameters(sel=selector)
+
+
 class SearchIndex:
-    """Names + a faiss index of their templates; ``search`` returns the top-k matches per query."""
+    """Names + a faiss index of their templates; ``search`` returns the top-k matches per query.
+
+    ``put``/``discard`` keep it in step with a changing gallery without a rebuild: a replaced or removed
+    template's row is masked out of every search (faiss ``IDSelectorBitmap``) and a new row appended.
+    ``dead_fraction`` tells when a rebuild from the store would pay.
+    """
 
     def __init__(self, names: list[str], matrix: np.ndarray, kind: IndexKind = "auto", storage: Storage = "fp32",
                  **options) -> None:
-        if len(names) != len(matrix):
-            raise ValueError(f"{len(names)} names for {len(matrix)} templates")
-        self.names = list(names)
-        self.dim = int(matrix.shape[1]) if len(matrix) else 0
-        self.index = build_faiss_index(matrix, kind, storage, **options) if len(matrix) else None
+        matrix = np.asarray(matrix, dtype=np.float32)
+        if matrix.ndim != 2 or len(names) != len(matrix):
+            raise ValueError(f"{len(names)} names for templates of shape {matrix.shape}")
+        if len(set(names)) != len(names):
+            raise ValueError("names must be unique (one template per identity)")
+        self.dim = int(matrix.shape[1])
+        self.kind = choose_kind(len(matrix)) if kind == "auto" else kind
+        if self.kind == "ivfpq" and not len(matrix):
+            self.kind = "flat"  # nothing to train quantisers on yet
+        self.storage = storage
+        self.index = build_faiss_index(matrix, self.kind, storage, **options)
+        self._names: list[str | None] = list(names)
+        self._rows = {name: row for row, name in enumerate(names)}
+        self._dead = 0
 
     @classmethod
     def from_gallery(cls, gallery, kind: IndexKind = "auto", storage: Storage = "fp32", **options) -> SearchIndex:
         names, matrix = gallery.identity_templates()
-        return cls(names, matrix if len(matrix) else np.zeros((0, gallery.embedding_size), np.float32), kind, storage,
-                   **options)
+        return cls(names, matrix, kind, storage, **options)
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self._rows)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._rows)
+
+    @property
+    def dead_fraction(self) -> float:
+        return self._dead / max(1, len(self._names))
+
+    def put(self, name: str, template) -> None:
+        """Add ``name`` with ``template``, or replace its template."""
+        vector = np.asarray(template, dtype=np.float32).reshape(1, -1)
+        if vector.shape[1] != self.dim:
+            raise ValueError(f"template must have {self.dim} values, got {vector.shape[1]}")
+        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        self.discard(name)
+        self.index.add(np.ascontiguousarray(vector))
+        self._rows[name] = len(self._names)
+        self._names.append(name)
+
+    def discard(self, name: str) -> None:
+        """Remove ``name`` from every later search (no-op when absent)."""
+        row = self._rows.pop(name, None)
+        if row is not None:
+            self._names[row] = None
+            self._dead += 1
 
     def search(self, queries, k: int = 5, threshold: float | None = None) -> list[list[Match]]:
-        """Top-k (name, cosine) per query, best first; below ``threshold`` the name is None (unknown)."""
+        """Top-k matches per query, best first; a score below ``threshold`` is marked not ``known``."""
+        import faiss
+
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None]
-        if self.index is None:
-            return [[] for _ in queries]
-        if queries.shape[1] != self.dim:
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (N, {self.dim}), got {queries.shape}")
-        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        scores, indices = self.index.search(np.ascontiguousarray(queries), min(k, len(self.names)))
-        out = []
-        for row_scores, row_indices in zip(scores, indices):
-            out.append([Match(self.names[i] if threshold is None or s >= threshold else None, float(s))
-                        for s, i in zip(row_scores, row_indices) if i >= 0])
-        return out
+        if not self._rows:
+            return [[] for _ in queries]
+        queries = np.ascontiguousarray(queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12))
+        k = min(int(k), len(self._rows))
+        if self._dead:
+            alive = np.packbits(np.array([n is not None for n in self._names]), bitorder="little")
+            selector = faiss.IDSelectorBitmap(len(self._names), faiss.swig_ptr(alive))
+            scores, indices = self.index.search(queries, k, params=_search_parameters(self.index, selector))
+        else:
+            scores, indices = self.index.search(queries, k)
+        return [[Match(self._names[i], float(s), threshold is None or bool(s >= threshold))
+                 for s, i in zip(row_scores, row_indices) if i >= 0]
+                for row_scores, row_indices in zip(scores, indices)]
 
 
 __all__ = ["Match", "SearchIndex", "build_faiss_index", "choose_kind"]

@@ -177,6 +177,15 @@ class Gallery:
         matrix = np.stack(sums)
         return names, matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
+    def template(self, name: str) -> np.ndarray:
+        """``name``'s unit template: the normalised mean of its image embeddings."""
+        rows = self._db.execute("SELECT t.embedding FROM templates t JOIN identities i ON t.identity=i.id "
+                                "WHERE i.name=?", (name,)).fetchall()
+        if not rows:
+            raise GalleryError(f"no identity named {name!r}")
+        total = np.sum([np.frombuffer(blob, dtype=np.float32) for (blob,) in rows], axis=0)
+        return (total / np.linalg.norm(total)).astype(np.float32)
+
     def close(self) -> None:
         self._db.close()
 
