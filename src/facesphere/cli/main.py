@@ -12,6 +12,7 @@ from facesphere.cli import export as export_commands
 from facesphere.cli import faces as face_commands
 from facesphere.cli import models as model_commands
 from facesphere.cli import models_import
+from facesphere.cli import serve as serve_commands
 from facesphere.cli import train as train_commands
 
 app = typer.Typer(name="facesphere", help="Face recognition on the hypersphere: train, evaluate and inspect models.",
@@ -26,6 +27,7 @@ app.command("eval")(eval_commands.evaluate)
 app.command("export")(export_commands.export_command)
 for _name in ("detect", "align", "embed", "verify", "draw", "calibrate"):
     app.command(_name)(getattr(face_commands, _name))
+app.command("serve")(serve_commands.serve)
 app.add_typer(data_commands.app, name="data")
 
 

@@ -1,0 +1,97 @@
+"""A gallery store and its search index kept in step, for a long-running service.
+
+Every change is committed to the store first and applied to the index only after the commit returned,
+all under one lock: a search never sees an identity the store could lose, and a crash loses nothing
+the index had (the index is rebuilt from the store at start-up). When a quarter of the index's rows
+are replaced or removed templates, it is rebuilt from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from facesphere.gallery.index import IndexKind, Match, SearchIndex, Storage
+from facesphere.gallery.store import Gallery, Identity
+
+logger = logging.getLogger(__name__)
+
+
+class LiveGallery:
+    """``Gallery`` + ``SearchIndex`` behind one lock; safe to call from many threads."""
+
+    def __init__(self, gallery: Gallery, kind: IndexKind = "auto", storage: Storage = "fp32",
+                 rebuild_at: float = 0.25, **index_options) -> None:
+        self.gallery = gallery
+        self.kind, self.storage, self.index_options = kind, storage, index_options
+        self.rebuild_at = rebuild_at
+        self._lock = threading.RLock()
+        self.rebuild()
+
+    @property
+    def card(self):
+        return self.gallery.card
+
+    def rebuild(self) -> None:
+        """Build the index afresh from the store."""
+        with self._lock:
+            self.index = SearchIndex.from_gallery(self.gallery, self.kind, self.storage, **self.index_options)
+            logger.info("search index: %d identities, %s/%s", len(self.index), self.index.kind, self.index.storage)
+
+    def _after_write(self) -> None:
+        if self.index.dead_fraction > self.rebuild_at:
+            self.rebuild()
+
+    def enrol(self, name: str, embeddings, metadata: dict[str, Any] | None = None, sources=None) -> Identity:
+        with self._lock:
+            identity = self.gallery.enrol(name, embeddings, metadata, sources)
+            self.index.put(name, self.gallery.template(name))
+            self._after_write()
+            return identity
+
+    def update(self, name: str, metadata: dict[str, Any]) -> Identity:
+        with self._lock:
+            return self.gallery.update(name, metadata)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self.gallery.remove(name)
+            self.index.discard(name)
+            self._after_write()
+
+    def get(self, name: str) -> Identity:
+        with self._lock:
+            return self.gallery.get(name)
+
+    def identities(self) -> list[Identity]:
+        with self._lock:
+            return self.gallery.identities()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self.index)
+
+    def search(self, queries, k: int = 5, threshold: float | None = None) -> list[list[Match]]:
+        with self._lock:
+            return self.index.search(queries, k, threshold)
+
+    def disagreements(self, min_score: float = 0.98) -> list[str]:
+        """What differs between index and store: missing/extra names, or a stored template not found as itself."""
+        with self._lock:
+            names, matrix = self.gallery.identity_templates()
+            problems = [f"{n}: in the store, not in the index" for n in sorted(set(names) - set(self.index.names))]
+            problems += [f"{n}: in the index, not in the store" for n in sorted(set(self.index.names) - set(names))]
+            for start in range(0, len(names), 4096):
+                found = self.index.search(matrix[start:start + 4096], k=1)
+                for name, top in zip(names[start:start + 4096], found):
+                    if not top or top[0].name != name or top[0].score < min_score:
+                        problems.append(f"{name}: its stored template finds {top[0] if top else None}")
+            return problems
+
+    def close(self) -> None:
+        with self._lock:
+            self.gallery.close()
+
+
+__all__ = ["LiveGallery"]

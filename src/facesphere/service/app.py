@@ -1,0 +1,278 @@
+"""The REST API and web page of ``facesphere serve`` (FastAPI).
+
+Endpoints under ``/v1`` need an ``X-API-Key`` header: detect, embed, verify, identify, and enrol / list /
+update / delete identities of the gallery. ``/health`` and the page (``/``) are open; the page asks for
+a key and sends it with every call. Bodies over ``max_request_bytes`` get 413, images whose declared
+size exceeds ``max_image_pixels`` get 413, unreadable images 400, photos without a face 422. Every
+error is JSON ``{"error": "..."}``. The OpenAPI spec is at ``/openapi.json``.
+
+The networks run one request at a time (each call already uses every CPU thread); gallery writes are
+committed to the SQLite store before the search index changes (``LiveGallery``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+from hashlib import sha256
+from importlib import resources
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Security, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+import facesphere
+from facesphere.data.images import ImageError, load_image_bytes
+from facesphere.gallery import GalleryError, Identity, LiveGallery
+from facesphere.service.limits import BodySizeLimit
+from facesphere.service.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="one of the keys the service was started with")
+
+
+# ---------------------------------------------------------------------------------------------- response models
+class FaceOut(BaseModel):
+    box: list[float] = Field(description="x1, y1, x2, y2 in pixels of the uploaded photo")
+    score: float
+    landmarks: list[list[float]] = Field(description="5 points: eyes, nose tip, mouth corners (x, y)")
+    embedding: list[float] | None = None
+
+
+class MatchOut(BaseModel):
+    name: str
+    score: float = Field(description="cosine between the face and the identity's template")
+    known: bool = Field(description="score >= the service's open-set threshold (always true without one)")
+
+
+class IdentifiedFace(FaceOut):
+    matches: list[MatchOut]
+
+
+class PhotoOut(BaseModel):
+    width: int
+    height: int
+    faces: list[FaceOut]
+
+
+class IdentifyOut(BaseModel):
+    width: int
+    height: int
+    threshold: float | None
+    faces: list[IdentifiedFace]
+
+
+class VerifyOut(BaseModel):
+    cosine: float
+    same: bool | None = Field(description="decision at the service's threshold (null without one)")
+    threshold: float | None
+    faces: list[FaceOut]
+
+
+class IdentityOut(BaseModel):
+    name: str
+    metadata: dict[str, Any]
+    templates: int
+
+
+class MetadataIn(BaseModel):
+    metadata: dict[str, Any]
+
+
+class InfoOut(BaseModel):
+    version: str
+    model: str
+    embedding_size: int
+    alignment: str
+    identities: int
+    index: str
+    threshold: float | None
+    limits: dict[str, int]
+
+
+def _identity(identity: Identity) -> IdentityOut:
+    return IdentityOut(name=identity.name, metadata=identity.metadata, templates=identity.templates)
+
+
+# ---------------------------------------------------------------------------------------------- the app
+class FaceService:
+    """The analyser, the live gallery and the limits shared by every request."""
+
+    def __init__(self, analyzer, gallery: LiveGallery, settings: ServiceSettings) -> None:
+        if analyzer.embedder is None:
+            raise ValueError("the service needs an embedding model")
+        card = analyzer.embedder.card
+        if (card.name, card.embedding_size) != (gallery.card.name, gallery.card.embedding_size):
+            raise GalleryError(f"the gallery holds templates of {gallery.card.name!r}, the service runs {card.name!r}")
+        self.analyzer, self.gallery, self.settings = analyzer, gallery, settings
+        self.analyzer.max_faces = settings.max_faces
+        self._model_lock = threading.Lock()
+        self._key_digests = [sha256(k.encode()).digest() for k in settings.api_keys]
+
+    def check_key(self, key: str | None) -> None:
+        if not key:
+            raise HTTPException(401, "missing API key: send it in the X-API-Key header")
+        digest = sha256(key.encode()).digest()
+        if not any(hmac.compare_digest(digest, known) for known in self._key_digests):
+            raise HTTPException(401, "invalid API key")
+
+    def decode(self, upload: UploadFile) -> np.ndarray:
+        data = upload.file.read()
+        name = upload.filename or "upload"
+        try:
+            return load_image_bytes(data, name, max_pixels=self.settings.max_image_pixels)
+        except ImageError as error:
+            status = 413 if "exceeds the limit" in error.reason else 400
+            raise HTTPException(status, str(error)) from None
+
+    def faces(self, upload: UploadFile, embed: bool = True):
+        image = self.decode(upload)
+        with self._model_lock:
+            result = self.analyzer.analyze([image], embed=embed)[0]
+        return image, result.faces
+
+    def one_face(self, upload: UploadFile, index: int = 0):
+        _, faces = self.faces(upload)
+        if not faces:
+            raise HTTPException(422, f"{upload.filename or 'upload'}: no face found")
+        if index >= len(faces):
+            raise HTTPException(422, f"{upload.filename or 'upload'}: face {index} asked for, {len(faces)} found")
+        return faces[index]
+
+
+def _face_out(face, embedding: bool = False) -> FaceOut:
+    values = face.to_dict(embedding=embedding)
+    return FaceOut(box=values["box"], score=values["score"], landmarks=values["landmarks"],
+                   embedding=values.get("embedding"))
+
+
+def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings) -> FastAPI:
+    """The FastAPI application serving ``analyzer`` and ``gallery`` within ``settings``' limits."""
+    service = FaceService(analyzer, gallery, settings)
+    app = FastAPI(title="facesphere", version=facesphere.__version__,
+                  description="Face detection, embedding, verification and 1:N identification against an enrolled "
+                              "gallery. Every /v1 endpoint needs an X-API-Key header.")
+    app.state.service = service
+
+    def require_key(key: Annotated[str | None, Security(API_KEY)]) -> None:
+        service.check_key(key)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, error: HTTPException):
+        return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
+
+    @app.exception_handler(GalleryError)
+    async def _gallery_error(request: Request, error: GalleryError):
+        status = 404 if str(error).startswith("no identity named") else 422
+        return JSONResponse({"error": str(error)}, status_code=status)
+
+    keyed = [Depends(require_key)]
+
+    @app.get("/health", tags=["service"])
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/info", dependencies=keyed, tags=["service"])
+    def info() -> InfoOut:
+        card = analyzer.embedder.card
+        return InfoOut(version=facesphere.__version__, model=card.name, embedding_size=card.embedding_size,
+                       alignment=card.alignment, identities=len(gallery),
+                       index=f"{gallery.index.kind}/{gallery.index.storage}", threshold=settings.match_threshold,
+                       limits={"max_request_bytes": settings.max_request_bytes,
+                               "max_image_pixels": settings.max_image_pixels, "max_faces": settings.max_faces,
+                               "max_files": settings.max_files})
+
+    @app.post("/v1/detect", dependencies=keyed, tags=["faces"])
+    def detect(image: UploadFile = File(..., description="a photo (JPEG, PNG, ...)")) -> PhotoOut:
+        """Faces in a photo, largest first: box, score, 5 landmarks."""
+        array, faces = service.faces(image, embed=False)
+        return PhotoOut(width=array.shape[1], height=array.shape[0], faces=[_face_out(f) for f in faces])
+
+    @app.post("/v1/embed", dependencies=keyed, tags=["faces"])
+    def embed(image: UploadFile = File(...)) -> PhotoOut:
+        """Every face with its unit-length embedding."""
+        array, faces = service.faces(image)
+        return PhotoOut(width=array.shape[1], height=array.shape[0], faces=[_face_out(f, True) for f in faces])
+
+    @app.post("/v1/verify", dependencies=keyed, tags=["faces"])
+    def verify(image1: UploadFile = File(...), image2: UploadFile = File(...)) -> VerifyOut:
+        """Are the largest faces of two photos the same person?"""
+        first, second = service.one_face(image1), service.one_face(image2)
+        cosine = float(np.dot(first.embedding, second.embedding))
+        threshold = settings.match_threshold
+        return VerifyOut(cosine=round(cosine, 6), same=None if threshold is None else cosine >= threshold,
+                         threshold=threshold, faces=[_face_out(first), _face_out(second)])
+
+    @app.post("/v1/identify", dependencies=keyed, tags=["gallery"])
+    def identify(image: UploadFile = File(...), k: int = Query(settings.top_k, ge=1, le=100)) -> IdentifyOut:
+        """Every face of a photo with its top-k gallery matches (open-set: ``known`` says above the threshold)."""
+        array, faces = service.faces(image)
+        found = gallery.search(np.stack([f.embedding for f in faces]), k, settings.match_threshold) if faces else []
+        out = [IdentifiedFace(**_face_out(face).model_dump(),
+                              matches=[MatchOut(name=m.name, score=round(m.score, 6), known=m.known) for m in matches])
+               for face, matches in zip(faces, found)]
+        return IdentifyOut(width=array.shape[1], height=array.shape[0], threshold=settings.match_threshold, faces=out)
+
+    @app.post("/v1/identities", dependencies=keyed, tags=["gallery"], status_code=201)
+    def enrol(name: str = Form(..., min_length=1, max_length=200),
+              images: list[UploadFile] = File(..., description="one or more photos of the person"),
+              face: int = Form(0, ge=0, description="which face of each photo, 0 = the largest"),
+              metadata: str = Form("{}", description="JSON object merged into the identity's metadata")) -> IdentityOut:
+        """Enrol a person (or add photos to them): one template per photo, committed before the reply."""
+        if len(images) > settings.max_files:
+            raise HTTPException(413, f"{len(images)} photos in one enrolment; the limit is {settings.max_files}")
+        try:
+            extra = json.loads(metadata)
+        except json.JSONDecodeError as error:
+            raise HTTPException(422, f"metadata is not JSON: {error}") from None
+        if not isinstance(extra, dict):
+            raise HTTPException(422, "metadata must be a JSON object")
+        faces = [service.one_face(upload, face) for upload in images]
+        identity = gallery.enrol(name.strip(), np.stack([f.embedding for f in faces]), extra,
+                                 [u.filename or "upload" for u in images])
+        logger.info("enrolled %r (%d templates)", identity.name, identity.templates)
+        return _identity(identity)
+
+    @app.get("/v1/identities", dependencies=keyed, tags=["gallery"])
+    def list_identities() -> list[IdentityOut]:
+        return [_identity(i) for i in gallery.identities()]
+
+    @app.get("/v1/identities/{name}", dependencies=keyed, tags=["gallery"])
+    def get_identity(name: str) -> IdentityOut:
+        return _identity(gallery.get(name))
+
+    @app.patch("/v1/identities/{name}", dependencies=keyed, tags=["gallery"])
+    def update_identity(name: str, body: MetadataIn) -> IdentityOut:
+        """Replace an identity's metadata."""
+        return _identity(gallery.update(name, body.metadata))
+
+    @app.delete("/v1/identities/{name}", dependencies=keyed, tags=["gallery"], status_code=204)
+    def delete_identity(name: str) -> Response:
+        gallery.remove(name)
+        logger.info("removed %r", name)
+        return Response(status_code=204)
+
+    static = resources.files("facesphere.service") / "static"
+
+    @app.get("/", include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse((static / "index.html").read_text(encoding="utf-8"))
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    return app
+
+
+__all__ = ["FaceService", "create_app"]
