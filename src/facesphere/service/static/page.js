@@ -27,7 +27,8 @@ async function call(path, options = {}) {
 
 function drawFaces(image, faces) {
   const canvas = $("canvas");
-  const scale = Math.min(1, 900 / image.width);
+  const scale = Math.min(900 / image.width, 600 / image.height);  // fit 900 x 600, enlarging small photos
+  canvas.dataset.scale = String(scale);
   canvas.width = Math.round(image.width * scale);
   canvas.height = Math.round(image.height * scale);
   const ctx = canvas.getContext("2d");
@@ -36,7 +37,7 @@ function drawFaces(image, faces) {
   ctx.font = "bold 14px system-ui, sans-serif";
   faces.forEach((face, i) => {
     const colour = COLOURS[i % COLOURS.length];
-    const [x1, y1, x2, y2] = face.box.map((v) => v * scale);
+    const [x1, y1, x2, y2] = face.box.map((v) => Math.round(v * scale));  // whole pixels: crisp lines
     ctx.strokeStyle = colour;
     ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
     ctx.fillStyle = colour;
