@@ -10,6 +10,7 @@ from facesphere.cli import data as data_commands
 from facesphere.cli import evaluate as eval_commands
 from facesphere.cli import export as export_commands
 from facesphere.cli import faces as face_commands
+from facesphere.cli import gallery as gallery_commands
 from facesphere.cli import models as model_commands
 from facesphere.cli import models_import
 from facesphere.cli import serve as serve_commands
@@ -29,6 +30,7 @@ for _name in ("detect", "align", "embed", "verify", "draw", "calibrate"):
     app.command(_name)(getattr(face_commands, _name))
 app.command("serve")(serve_commands.serve)
 app.add_typer(data_commands.app, name="data")
+app.add_typer(gallery_commands.app, name="gallery")
 
 
 @app.callback()
@@ -44,6 +46,7 @@ def setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug log
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
                         force=True)  # stderr: stdout carries JSON results
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried is not news
     if not default_malloc:
         tune_malloc()
 

@@ -1,0 +1,103 @@
+"""``facesphere gallery enrol | list | remove | check``: manage a gallery database offline.
+
+A running ``facesphere serve`` keeps its index in memory: restart it after offline changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from facesphere.cli.errors import user_errors
+from facesphere.cli.faces import MODEL_HELP, DetectorOpt, OutOpt, ThreadsOpt, WeightsOpt, build_analyzer, emit
+
+logger = logging.getLogger("facesphere")
+app = typer.Typer(help="Enrol, list, remove and check the identities of a gallery database.", no_args_is_help=True)
+GalleryArg = typer.Argument(..., help="gallery database (SQLite)")
+
+
+@app.command("enrol")
+def enrol(gallery: Path = GalleryArg,
+          folder: Path = typer.Argument(..., exists=True, file_okay=False,
+                                        help="one sub-folder of photos per person; the sub-folder's name is the identity"),
+          model: Path = typer.Option(..., "--model", help=MODEL_HELP), detector: str = DetectorOpt,
+          detector_weights: Path = WeightsOpt, batch: int = typer.Option(16, "--batch", min=1, help="photos per pass"),
+          threads: Optional[int] = ThreadsOpt) -> None:
+    """Enrol the largest face of every photo (one template per photo); photos without a face are reported."""
+    from rich.progress import Progress
+
+    from facesphere.gallery import Gallery
+    from facesphere.pipeline import input_sources
+
+    with user_errors():
+        people = sorted(p for p in folder.iterdir() if p.is_dir())
+        if not people:
+            raise ValueError(f"{folder}: no sub-folders (expected one per person)")
+        analyzer = build_analyzer(detector, detector_weights, model, threads=threads)
+        skipped = 0
+        with Gallery(gallery, analyzer.embedder.card) as store, Progress() as progress:
+            task = progress.add_task("enrolling", total=len(people))
+            for person in people:
+                photos = input_sources([person])
+                vectors, sources = [], []
+                for start in range(0, len(photos), batch):
+                    for result in analyzer.analyze(photos[start:start + batch]):
+                        if result.error or not result.faces:
+                            logger.warning("%s: %s", result.source, result.error or "no face found")
+                            skipped += 1
+                            continue
+                        vectors.append(result.faces[0].embedding)
+                        sources.append(result.source)
+                if vectors:
+                    store.enrol(person.name, vectors, sources=sources)
+                progress.advance(task)
+            logger.info("%s: %d identities; %d photos skipped", gallery, len(store), skipped)
+
+
+@app.command("list")
+def list_identities(gallery: Path = GalleryArg, out: Optional[Path] = OutOpt) -> None:
+    """Identities with their metadata and template counts, and the model the gallery is bound to, as JSON."""
+    from facesphere.gallery import Gallery
+
+    with user_errors(), Gallery(_existing(gallery)) as store:
+        emit({"model": store.card.name, "embedding_size": store.embedding_size,
+              "identities": [{"name": i.name, "metadata": i.metadata, "templates": i.templates}
+                             for i in store.identities()]}, out)
+
+
+@app.command("remove")
+def remove(gallery: Path = GalleryArg, names: list[str] = typer.Argument(..., help="identities to delete")) -> None:
+    """Delete identities and all their templates."""
+    from facesphere.gallery import Gallery
+
+    with user_errors(), Gallery(_existing(gallery)) as store:
+        for name in names:
+            store.remove(name)
+            logger.info("removed %r", name)
+
+
+@app.command("check")
+def check(gallery: Path = GalleryArg, index: str = typer.Option("auto", "--index", help="auto, flat, hnsw or ivfpq"),
+          storage: str = typer.Option("fp32", "--storage", help="fp32, fp16 or int8")) -> None:
+    """Build the search index from the store and check that every identity's template finds itself first."""
+    from facesphere.gallery import Gallery, LiveGallery
+
+    with user_errors():
+        live = LiveGallery(Gallery(_existing(gallery)), kind=index, storage=storage)
+        problems = live.disagreements()
+        for problem in problems[:20]:
+            logger.error("%s", problem)
+        live.close()
+        if problems:
+            raise ValueError(f"{len(problems)} disagreements between the index and the store")
+        logger.info("%d identities: the %s/%s index agrees with the store", len(live), live.index.kind,
+                    live.index.storage)
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such gallery")
+    return path
