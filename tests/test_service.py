@@ -6,6 +6,7 @@ import io
 import json
 import struct
 import zlib
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -200,3 +201,13 @@ def test_served_page_references_only_shipped_assets(service):
     html = client.get("/").text
     for asset in ("/static/page.js", "/static/page.css"):
         assert asset in html and client.get(asset).status_code == 200
+
+
+def test_names_with_slashes_and_unicode_round_trip(service):
+    client, _, _ = service
+    name = "Zoë / team-A"
+    made = client.post("/v1/identities", data={"name": name}, files=_upload("0001_0.jpg", _photo("0001_0.jpg"), "images"))
+    assert made.status_code == 201 and made.json()["name"] == name
+    assert client.get(f"/v1/identities/{quote(name)}").json()["name"] == name
+    assert client.delete(f"/v1/identities/{quote(name)}").status_code == 204
+    assert client.get("/v1/identities").json() == []

@@ -249,16 +249,16 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings) -> Fas
     def list_identities() -> list[IdentityOut]:
         return [_identity(i) for i in gallery.identities()]
 
-    @app.get("/v1/identities/{name}", dependencies=keyed, tags=["gallery"])
+    @app.get("/v1/identities/{name:path}", dependencies=keyed, tags=["gallery"])
     def get_identity(name: str) -> IdentityOut:
         return _identity(gallery.get(name))
 
-    @app.patch("/v1/identities/{name}", dependencies=keyed, tags=["gallery"])
+    @app.patch("/v1/identities/{name:path}", dependencies=keyed, tags=["gallery"])
     def update_identity(name: str, body: MetadataIn) -> IdentityOut:
         """Replace an identity's metadata."""
         return _identity(gallery.update(name, body.metadata))
 
-    @app.delete("/v1/identities/{name}", dependencies=keyed, tags=["gallery"], status_code=204)
+    @app.delete("/v1/identities/{name:path}", dependencies=keyed, tags=["gallery"], status_code=204)
     def delete_identity(name: str) -> Response:
         gallery.remove(name)
         logger.info("removed %r", name)
