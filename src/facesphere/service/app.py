@@ -178,6 +178,11 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings) -> Fas
         status = 404 if str(error).startswith("no identity named") else 422
         return JSONResponse({"error": str(error)}, status_code=status)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception):
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"error": f"internal error ({type(error).__name__}); see the server log"}, status_code=500)
+
     keyed = [Depends(require_key)]
 
     @app.get("/health", tags=["service"])
