@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from facesphere.utils.files import atomic_write_text
 from facesphere.utils.machine import describe_machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DATA = Path(os.environ.get("FACESPHERE_DATA", Path(__file__).resolve().parents[2] / "shared"))  # research files
 
 
 def setup_logging() -> None:

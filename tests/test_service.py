@@ -96,8 +96,14 @@ def test_oversized_uploads_are_refused_with_a_clear_error(service):
            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
     bomb = client.post("/v1/detect", files=_upload("bomb.png", png))
     assert bomb.status_code == 413 and "3000x3000 exceeds the limit of 4000000 pixels" in bomb.json()["error"]
+    huge = png.replace(struct.pack(">II", 3000, 3000), struct.pack(">II", 30000, 30000))  # beyond Pillow's own guard
+    huge = huge[:29] + struct.pack(">I", zlib.crc32(huge[12:29])) + huge[33:]
+    refused = client.post("/v1/detect", files=_upload("huge.png", huge))
+    assert refused.status_code == 413 and "huge.png: refused as a decompression bomb" in refused.json()["error"]
     garbage = client.post("/v1/detect", files=_upload("notes.jpg", b"not an image at all"))
     assert garbage.status_code == 400 and "notes.jpg: not a recognised image format" in garbage.json()["error"]
+    not_found = client.get("/v1/nothing-here")
+    assert not_found.status_code == 404 and not_found.json() == {"error": "Not Found"}
     assert len(live) == 0
 
 

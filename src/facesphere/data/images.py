@@ -55,6 +55,10 @@ class ImageError(ValueError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+
+class ImageTooLarge(ImageError):
+    """The image declares more pixels than allowed (refused before decoding)."""
+
     def __reduce__(self):  # keep the two-argument constructor picklable across DataLoader workers
         return (type(self), (self.path, self.reason) if self.path else (self.reason,))
 
@@ -103,7 +107,7 @@ def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int | None, data:
                 if width <= 0 or height <= 0:
                     raise ImageError(path, f"zero-size image ({width}x{height})")
                 if max_pixels is not None and width * height > max_pixels:
-                    raise ImageError(
+                    raise ImageTooLarge(
                         path, f"declared size {width}x{height} exceeds the limit of {max_pixels} pixels (decompression bomb?)"
                     )
                 if data is not None and JPEG_DECODER == "opencv":
@@ -115,7 +119,7 @@ def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int | None, data:
     except (ImageError, FileNotFoundError, IsADirectoryError, UnidentifiedImageError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(path, f"refused as a decompression bomb: {error}") from None
+        raise ImageTooLarge(path, f"refused as a decompression bomb: {error}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated"), SyntaxError
         # (broken PNG chunks) or ValueError; the original message is kept as the reason.

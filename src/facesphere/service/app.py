@@ -27,9 +27,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import facesphere
-from facesphere.data.images import ImageError, load_image_bytes
+from facesphere.data.images import ImageError, ImageTooLarge, load_image_bytes
 from facesphere.gallery import GalleryError, Identity, LiveGallery
 from facesphere.service.limits import BodySizeLimit
 from facesphere.service.settings import ServiceSettings
@@ -129,8 +130,7 @@ class FaceService:
         try:
             return load_image_bytes(data, name, max_pixels=self.settings.max_image_pixels)
         except ImageError as error:
-            status = 413 if "exceeds the limit" in error.reason else 400
-            raise HTTPException(status, str(error)) from None
+            raise HTTPException(413 if isinstance(error, ImageTooLarge) else 400, str(error)) from None
 
     def faces(self, upload: UploadFile, embed: bool = True):
         image = self.decode(upload)
@@ -164,8 +164,8 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings) -> Fas
     def require_key(key: Annotated[str | None, Security(API_KEY)]) -> None:
         service.check_key(key)
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, error: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (404, malformed multipart)
+    async def _http_error(request: Request, error: StarletteHTTPException):
         return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
