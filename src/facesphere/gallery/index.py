@@ -31,7 +31,7 @@ def choose_kind(count: int) -> str:
 
 
 def build_faiss_index(matrix: np.ndarray, kind: IndexKind = "auto", storage: Storage = "fp32", hnsw_m: int = 32,
-                      ef_search: int = 64, nprobe: int = 16):
+                      ef_search: int = 64, ef_construction: int = 40, nprobe: int = 16):
     """A faiss index over the rows of ``matrix`` (N, D) unit vectors, searched by inner product."""
     import faiss
 
@@ -46,6 +46,7 @@ def build_faiss_index(matrix: np.ndarray, kind: IndexKind = "auto", storage: Sto
         index = (faiss.IndexHNSWFlat(dim, hnsw_m, ip) if storage == "fp32"
                  else faiss.IndexHNSWSQ(dim, quantisers[storage], hnsw_m, ip))
         index.hnsw.efSearch = ef_search
+        index.hnsw.efConstruction = ef_construction
     elif kind == "ivfpq":
         if storage != "fp32":
             raise ValueError("IVF-PQ quantises by itself; storage must be fp32")
