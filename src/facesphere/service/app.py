@@ -44,7 +44,10 @@ class FaceOut(BaseModel):
     box: list[float] = Field(description="x1, y1, x2, y2 in pixels of the uploaded photo")
     score: float
     landmarks: list[list[float]] = Field(description="5 points: eyes, nose tip, mouth corners (x, y)")
-    embedding: list[float] | None = None
+
+
+class EmbeddedFace(FaceOut):
+    embedding: list[float] = Field(description="unit-length embedding (cosine = dot product)")
 
 
 class MatchOut(BaseModel):
@@ -61,6 +64,10 @@ class PhotoOut(BaseModel):
     width: int
     height: int
     faces: list[FaceOut]
+
+
+class EmbeddedPhotoOut(PhotoOut):
+    faces: list[EmbeddedFace]
 
 
 class IdentifyOut(BaseModel):
@@ -147,10 +154,9 @@ class FaceService:
         return faces[index]
 
 
-def _face_out(face, embedding: bool = False) -> FaceOut:
-    values = face.to_dict(embedding=embedding)
-    return FaceOut(box=values["box"], score=values["score"], landmarks=values["landmarks"],
-                   embedding=values.get("embedding"))
+def _face_out(face) -> FaceOut:
+    values = face.to_dict(embedding=False)
+    return FaceOut(box=values["box"], score=values["score"], landmarks=values["landmarks"])
 
 
 def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings) -> FastAPI:
@@ -206,10 +212,12 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings) -> Fas
         return PhotoOut(width=array.shape[1], height=array.shape[0], faces=[_face_out(f) for f in faces])
 
     @app.post("/v1/embed", dependencies=keyed, tags=["faces"])
-    def embed(image: UploadFile = File(...)) -> PhotoOut:
+    def embed(image: UploadFile = File(...)) -> EmbeddedPhotoOut:
         """Every face with its unit-length embedding."""
         array, faces = service.faces(image)
-        return PhotoOut(width=array.shape[1], height=array.shape[0], faces=[_face_out(f, True) for f in faces])
+        return EmbeddedPhotoOut(width=array.shape[1], height=array.shape[0],
+                                faces=[EmbeddedFace(**_face_out(f).model_dump(), embedding=f.embedding.tolist())
+                                       for f in faces])
 
     @app.post("/v1/verify", dependencies=keyed, tags=["faces"])
     def verify(image1: UploadFile = File(...), image2: UploadFile = File(...)) -> VerifyOut:
