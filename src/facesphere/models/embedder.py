@@ -102,9 +102,11 @@ class Embedder(abc.ABC):
         out = [np.zeros((0, self.card.embedding_size), dtype=np.float32)]
         for start in range(0, len(crops), batch_size):
             batch = self.preprocess(crops[start:start + batch_size])
-            embeddings = self.run(batch)
-            if flip:
-                embeddings = embeddings + self.run(np.ascontiguousarray(batch[..., ::-1]))
+            if flip:  # crops and their mirrors in one run: one pass over the weights, bigger kernels
+                both = self.run(np.concatenate([batch, batch[..., ::-1]]))
+                embeddings = both[:len(batch)] + both[len(batch):]
+            else:
+                embeddings = self.run(batch)
             out.append(embeddings)
         embeddings = np.concatenate(out)
         if normalize:
