@@ -33,7 +33,6 @@ import secrets
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -214,16 +213,16 @@ def peak_rss_mib(pid: int) -> float | None:
 def in_process_baseline(tmp: Path, model: Path, args, enrol_photos: list[bytes], query_photos: list[bytes]) -> dict:
     """The identify of the service without HTTP: decode + analyse + search, one thread, same N identities.
 
-    Built in the main thread and run in one worker thread, as ``facesphere serve`` does (FastAPI runs its sync
-    endpoints in a thread pool). That matters on a busy machine: with another process on both cores, the same
-    calls made from the main thread took ~4.3 s each instead of ~0.17 s in a worker thread (PyTorch's intra-op
-    threads, apparently), which would make the baseline meaningless."""
+    Models built and run on one ``ModelThread``, as ``facesphere serve`` does (PyTorch's OpenMP team belongs to
+    the thread that first runs a parallel op; mixing threads made MobileFaceNet 3x slower here)."""
     from facesphere.cli.faces import build_analyzer
     from facesphere.data.images import load_image_bytes
     from facesphere.gallery import Gallery, LiveGallery
     from facesphere.service import ServiceSettings
+    from facesphere.service.model_thread import ModelThread
 
-    analyzer = build_analyzer("scrfd", DATA / SCRFD, model, threads=args.threads)
+    model_thread = ModelThread()
+    analyzer = model_thread.run(build_analyzer, "scrfd", DATA / SCRFD, model, threads=args.threads)
     analyzer.max_faces = ServiceSettings.model_fields["max_faces"].default  # as the service sets it
     top_k = ServiceSettings.model_fields["top_k"].default
     live = LiveGallery(Gallery(tmp / "base.sqlite", analyzer.embedder.card))
@@ -255,10 +254,10 @@ def in_process_baseline(tmp: Path, model: Path, args, enrol_photos: list[bytes],
                 "top1_accuracy": float(np.mean(correct))}
 
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="baseline") as pool:
-            result = pool.submit(run).result()
+        result = model_thread.run(run)
     finally:
         live.close()
+        model_thread.close()
     logger.info("in-process: %d identify calls, %.1f ms per call (p50 %.1f), top-1 %.3f", result["requests"],
                 result["mean_ms"], result["p50_ms"], result["top1_accuracy"])
     return result
@@ -349,7 +348,7 @@ def main() -> None:
         + ". Latency is client-side wall time per request; any non-2xx answer or exception is an error; top-1 is the "
         f"share of identify requests whose top match is the right person and known. The service runs the networks "
         f"one request at a time, so concurrent clients queue. Baseline in the same run, after the server stopped: the "
-        f"same identify (decode, detect, embed, search) in-process in one worker thread, {args.baseline} calls, "
+        f"same identify (decode, detect, embed, search) in-process on one model thread as the server runs it, {args.baseline} calls, "
         f"{baseline['p50_ms']:.1f} ms per call (median). HTTP overhead: serial HTTP p50 / in-process p50 = "
         f"{latency_ratio:.2f}x; in-process calls/s / loaded-server requests/s = {throughput_ratio:.2f}x. "
         + (f"Server peak RSS {server_rss:.0f} MiB; " if server_rss is not None else "")

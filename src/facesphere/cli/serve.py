@@ -38,12 +38,14 @@ def serve(gallery: Path = typer.Option(..., "--gallery", help="gallery database 
     from facesphere.gallery import Gallery, LiveGallery
     from facesphere.pipeline import Threshold
     from facesphere.service import ServiceSettings, create_app, read_api_keys
+    from facesphere.service.model_thread import ModelThread
 
     with user_errors():
         if threshold is not None and match_threshold is not None:
             raise ValueError("give --threshold or --match-threshold, not both")
         settings_keys = read_api_keys(api_keys)
-        analyzer = build_analyzer(detector, detector_weights, model, threads=threads, flip=flip)
+        model_thread = ModelThread()  # loads and runs every network (see facesphere.service.model_thread)
+        analyzer = model_thread.run(build_analyzer, detector, detector_weights, model, threads=threads, flip=flip)
         card = analyzer.embedder.card
         if threshold is not None:
             calibrated = Threshold.load(threshold)
@@ -53,8 +55,8 @@ def serve(gallery: Path = typer.Option(..., "--gallery", help="gallery database 
             logger.warning("no --threshold or --match-threshold: every match is reported as known (closed-set)")
         settings = ServiceSettings(api_keys=settings_keys, max_request_bytes=int(max_upload_mb * 2**20),
                                    max_image_pixels=max_pixels, max_faces=max_faces, match_threshold=match_threshold)
-        live = LiveGallery(Gallery(gallery, card), kind=index, storage=storage)
-        app = create_app(analyzer, live, settings)
+        live = model_thread.run(LiveGallery, Gallery(gallery, card), kind=index, storage=storage)
+        app = create_app(analyzer, live, settings, model_thread)
         logger.info("serving %s (%d identities) on http://%s:%d  (page /, API /docs, spec /openapi.json)",
                     card.name, len(live), host, port)
     uvicorn.run(app, host=host, port=port, log_level="info", log_config=None)

@@ -6,8 +6,9 @@ a key and sends it with every call. Bodies over ``max_request_bytes`` get 413, i
 size exceeds ``max_image_pixels`` get 413, unreadable images 400, photos without a face 422. Every
 error is JSON ``{"error": "..."}``. The OpenAPI spec is at ``/openapi.json``.
 
-The networks run one request at a time (each call already uses every CPU thread); gallery writes are
-committed to the SQLite store before the search index changes (``LiveGallery``).
+The networks and the index run on one dedicated thread (``ModelThread``), one request at a time (each
+call already uses every CPU thread); gallery writes are committed to the SQLite store before the search
+index changes (``LiveGallery``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import threading
 from hashlib import sha256
 from importlib import resources
 from typing import Annotated, Any
@@ -33,6 +33,7 @@ import facesphere
 from facesphere.data.images import ImageError, ImageTooLarge, load_image_bytes
 from facesphere.gallery import GalleryError, Identity, LiveGallery
 from facesphere.service.limits import BodySizeLimit
+from facesphere.service.model_thread import ModelThread
 from facesphere.service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ def _identity(identity: Identity) -> IdentityOut:
 class FaceService:
     """The analyser, the live gallery and the limits shared by every request."""
 
-    def __init__(self, analyzer, gallery: LiveGallery, settings: ServiceSettings) -> None:
+    def __init__(self, analyzer, gallery: LiveGallery, settings: ServiceSettings,
+                 model_thread: ModelThread | None = None) -> None:
         if analyzer.embedder is None:
             raise ValueError("the service needs an embedding model")
         card = analyzer.embedder.card
@@ -121,7 +123,7 @@ class FaceService:
             raise GalleryError(f"the gallery holds templates of {gallery.card.name!r}, the service runs {card.name!r}")
         self.analyzer, self.gallery, self.settings = analyzer, gallery, settings
         self.analyzer.max_faces = settings.max_faces
-        self._model_lock = threading.Lock()
+        self.model_thread = model_thread or ModelThread()
         self._key_digests = [sha256(k.encode()).digest() for k in settings.api_keys]
 
     def check_key(self, key: str | None) -> None:
@@ -141,8 +143,7 @@ class FaceService:
 
     def faces(self, upload: UploadFile, embed: bool = True):
         image = self.decode(upload)
-        with self._model_lock:
-            result = self.analyzer.analyze([image], embed=embed)[0]
+        result = self.model_thread.run(self.analyzer.analyze, [image], embed=embed)[0]
         return image, result.faces
 
     def one_face(self, upload: UploadFile, index: int = 0):
@@ -159,9 +160,13 @@ def _face_out(face) -> FaceOut:
     return FaceOut(box=values["box"], score=values["score"], landmarks=values["landmarks"])
 
 
-def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings) -> FastAPI:
-    """The FastAPI application serving ``analyzer`` and ``gallery`` within ``settings``' limits."""
-    service = FaceService(analyzer, gallery, settings)
+def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
+               model_thread: ModelThread | None = None) -> FastAPI:
+    """The FastAPI application serving ``analyzer`` and ``gallery`` within ``settings``' limits.
+
+    ``model_thread``: the thread that loaded the analyser's models (a new one if None)."""
+    service = FaceService(analyzer, gallery, settings, model_thread)
+    on_model_thread = service.model_thread.run
     app = FastAPI(title="facesphere", version=facesphere.__version__,
                   description="Face detection, embedding, verification and 1:N identification against an enrolled "
                               "gallery. Every /v1 endpoint needs an X-API-Key header.")
@@ -232,7 +237,8 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings) -> Fas
     def identify(image: UploadFile = File(...), k: int = Query(settings.top_k, ge=1, le=100)) -> IdentifyOut:
         """Every face of a photo with its top-k gallery matches (open-set: ``known`` says above the threshold)."""
         array, faces = service.faces(image)
-        found = gallery.search(np.stack([f.embedding for f in faces]), k, settings.match_threshold) if faces else []
+        found = on_model_thread(gallery.search, np.stack([f.embedding for f in faces]), k,
+                                settings.match_threshold) if faces else []
         out = [IdentifiedFace(**_face_out(face).model_dump(),
                               matches=[MatchOut(name=m.name, score=round(m.score, 6), known=m.known) for m in matches])
                for face, matches in zip(faces, found)]
@@ -253,8 +259,8 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings) -> Fas
         if not isinstance(extra, dict):
             raise HTTPException(422, "metadata must be a JSON object")
         faces = [service.one_face(upload, face) for upload in images]
-        identity = gallery.enrol(name.strip(), np.stack([f.embedding for f in faces]), extra,
-                                 [u.filename or "upload" for u in images])
+        identity = on_model_thread(gallery.enrol, name.strip(), np.stack([f.embedding for f in faces]), extra,
+                                   [u.filename or "upload" for u in images])
         logger.info("enrolled %r (%d templates)", identity.name, identity.templates)
         return _identity(identity)
 
@@ -273,7 +279,7 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings) -> Fas
 
     @app.delete("/v1/identities/{name:path}", dependencies=keyed, tags=["gallery"], status_code=204)
     def delete_identity(name: str) -> Response:
-        gallery.remove(name)
+        on_model_thread(gallery.remove, name)
         logger.info("removed %r", name)
         return Response(status_code=204)
 
