@@ -282,6 +282,7 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
     from facesphere.models import import_weights
     from facesphere.models.store import save_model
+    from facesphere.service.model_thread import ModelThread
     from facesphere.service.process import ServerProcess
     from facesphere.utils.allocator import tune_malloc
 
@@ -294,7 +295,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="service_load_") as tmp_name:
         tmp = Path(tmp_name)
         model = tmp / "model"
-        save_model(model, *import_weights(DATA / MODEL))
+        # on a thread of its own that ends: a PyTorch parallel op on the main thread would slow the baseline's
+        # model thread (see facesphere.service.model_thread)
+        converter = ModelThread()
+        converter.run(lambda: save_model(model, *import_weights(DATA / MODEL)))
+        converter.close()
         key = secrets.token_hex(16)
         (tmp / "keys.txt").write_text(key + "\n")
         serve_args = ["--gallery", str(tmp / "gallery.sqlite"), "--model", str(model), "--detector", "scrfd",
