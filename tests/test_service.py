@@ -217,3 +217,14 @@ def test_names_with_slashes_and_unicode_round_trip(service):
     assert client.get(f"/v1/identities/{quote(name)}").json()["name"] == name
     assert client.delete(f"/v1/identities/{quote(name)}").status_code == 204
     assert client.get("/v1/identities").json() == []
+
+
+def test_a_gallery_of_another_model_is_refused(analyzer, tmp_path):
+    from facesphere.gallery import GalleryError
+
+    other = analyzer.embedder.card.model_copy(update={"name": "another_model"})
+    live = LiveGallery(Gallery(tmp_path / "other.sqlite", other))
+    settings = ServiceSettings(api_keys=[KEY])
+    with pytest.raises(GalleryError, match="holds templates of model 'another_model'"):
+        create_app(analyzer, live, settings)
+    live.close()

@@ -73,10 +73,15 @@ class Gallery:
                 self._db.execute("INSERT INTO meta VALUES ('card', ?)", (card.model_dump_json(),))
             stored = (card.model_dump_json(),)
         self.card = ModelCard.model_validate_json(stored[0])
-        if card is not None and _card_key(card) != _card_key(self.card):
+        if card is not None:
+            self.check_card(card)
+        self.embedding_size = self.card.embedding_size
+
+    def check_card(self, card: ModelCard) -> None:
+        """Raise ``GalleryError`` unless embeddings of ``card``'s model are comparable with this gallery's."""
+        if _card_key(card) != _card_key(self.card):
             raise GalleryError(f"{self.path} holds templates of model {self.card.name!r}; embeddings of "
                                f"{card.name!r} cannot be mixed in (use another gallery)")
-        self.embedding_size = self.card.embedding_size
 
     # ------------------------------------------------------------------------------------------ writes
     def _transaction(self):

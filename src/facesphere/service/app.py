@@ -118,9 +118,7 @@ class FaceService:
                  model_thread: ModelThread | None = None) -> None:
         if analyzer.embedder is None:
             raise ValueError("the service needs an embedding model")
-        card = analyzer.embedder.card
-        if (card.name, card.embedding_size) != (gallery.card.name, gallery.card.embedding_size):
-            raise GalleryError(f"the gallery holds templates of {gallery.card.name!r}, the service runs {card.name!r}")
+        gallery.gallery.check_card(analyzer.embedder.card)
         self.analyzer, self.gallery, self.settings = analyzer, gallery, settings
         self.analyzer.max_faces = settings.max_faces
         self.model_thread = model_thread or ModelThread()
