@@ -1,8 +1,10 @@
 """1:N search over unit templates with faiss (inner product = cosine), rebuilt from the gallery store.
 
 Index kinds: ``flat`` (exact), ``hnsw`` (graph, no training), ``ivfpq`` (inverted lists + product
-quantisation, trained on the gallery itself); ``auto`` picks exact below 100k templates, HNSW below
-2M, IVF-PQ above. Storage ``fp32``, ``fp16`` or ``int8`` (scalar quantisation) for flat and HNSW.
+quantisation, trained on the gallery itself); ``auto`` picks exact search below 100k templates and
+IVF-PQ above: on 1M x 512 synthetic galleries (benchmarks/gallery_search.py) IVF-PQ at nprobe 64 matched
+or beat HNSW's recall (0.97 vs 0.62 on isotropic templates, 1.00 vs 1.00 on structured ones) in 1/16 of
+its memory and a third of its build time. Storage ``fp32``, ``fp16`` or ``int8`` (scalar quantisation) for flat and HNSW.
 Search is open-set: a match below ``threshold`` is reported as not known.
 """
 
@@ -27,11 +29,11 @@ class Match:
 
 
 def choose_kind(count: int) -> str:
-    return "flat" if count < 100_000 else "hnsw" if count < 2_000_000 else "ivfpq"
+    return "flat" if count < 100_000 else "ivfpq"
 
 
 def build_faiss_index(matrix: np.ndarray, kind: IndexKind = "auto", storage: Storage = "fp32", hnsw_m: int = 32,
-                      ef_search: int = 64, ef_construction: int = 40, nprobe: int = 16):
+                      ef_search: int = 64, ef_construction: int = 40, nprobe: int = 64):
     """A faiss index over the rows of ``matrix`` (N, D) unit vectors, searched by inner product."""
     import faiss
 
