@@ -228,3 +228,17 @@ def test_a_gallery_of_another_model_is_refused(analyzer, tmp_path):
     with pytest.raises(GalleryError, match="holds templates of model 'another_model'"):
         create_app(analyzer, live, settings)
     live.close()
+
+
+def test_serve_refuses_to_start_without_keys(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from facesphere.cli.main import app
+
+    monkeypatch.delenv("FACESPHERE_API_KEYS", raising=False)
+    weights = tmp_path / "detector.onnx"
+    weights.write_bytes(b"unused")
+    answer = CliRunner().invoke(app, ["serve", "--gallery", str(tmp_path / "g.sqlite"), "--model", str(tmp_path),
+                                      "--detector", "scrfd", "--detector-weights", str(weights)])
+    assert answer.exit_code == 2 and "no API keys" in answer.output
+    assert not (tmp_path / "g.sqlite").exists()
