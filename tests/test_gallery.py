@@ -151,3 +151,25 @@ def test_put_and_discard_match_a_rebuild(kind, storage):
     removed = [names[i] for i in range(0, 3000, 11)]
     hits = {m.name for row in index.search(templates[::11], k=5) for m in row}
     assert not hits & set(removed), "a removed identity was returned"
+
+
+def test_live_gallery_follows_its_writes_and_reports_writes_it_missed(tmp_path):
+    from facesphere.gallery import LiveGallery
+
+    rng = np.random.default_rng(4)
+    live = LiveGallery(Gallery(tmp_path / "g.sqlite", _card()), rebuild_at=0.5)
+    views = {name: _unit(rng, 2) for name in ("ann", "bob", "cy")}
+    for name, vectors in views.items():
+        live.enrol(name, vectors)
+    live.enrol("ann", _unit(rng, 1))  # a third photo moves ann's template
+    live.remove("bob")
+    assert live.disagreements() == ([], []) and len(live) == 2
+    ann = live.gallery.template("ann")
+    assert live.search(ann, k=1)[0][0].name == "ann" and live.search(ann, k=1)[0][0].score == pytest.approx(1, abs=1e-5)
+    with Gallery(tmp_path / "g.sqlite") as other_process:  # a write the live index did not see
+        other_process.enrol("dee", _unit(rng, 1))
+    missing, _ = live.disagreements()
+    assert missing == ["dee: in the store, not in the index"]
+    live.rebuild()
+    assert live.disagreements() == ([], []) and len(live) == 3
+    live.close()

@@ -76,18 +76,20 @@ class LiveGallery:
         with self._lock:
             return self.index.search(queries, k, threshold)
 
-    def disagreements(self, min_score: float = 0.98) -> list[str]:
-        """What differs between index and store: missing/extra names, or a stored template not found as itself."""
+    def disagreements(self) -> tuple[list[str], list[str]]:
+        """(names in only one of store and index, identities whose stored template does not find itself first).
+
+        The first must be empty; the second too for exact search, while an approximate index may miss a few."""
         with self._lock:
             names, matrix = self.gallery.identity_templates()
-            problems = [f"{n}: in the store, not in the index" for n in sorted(set(names) - set(self.index.names))]
-            problems += [f"{n}: in the index, not in the store" for n in sorted(set(self.index.names) - set(names))]
+            missing = [f"{n}: in the store, not in the index" for n in sorted(set(names) - set(self.index.names))]
+            missing += [f"{n}: in the index, not in the store" for n in sorted(set(self.index.names) - set(names))]
+            misses = []
             for start in range(0, len(names), 4096):
                 found = self.index.search(matrix[start:start + 4096], k=1)
-                for name, top in zip(names[start:start + 4096], found):
-                    if not top or top[0].name != name or top[0].score < min_score:
-                        problems.append(f"{name}: its stored template finds {top[0] if top else None}")
-            return problems
+                misses += [f"{name}: its stored template finds {top[0] if top else None}"
+                           for name, top in zip(names[start:start + 4096], found) if not top or top[0].name != name]
+            return missing, misses
 
     def close(self) -> None:
         with self._lock:
