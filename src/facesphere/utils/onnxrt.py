@@ -49,12 +49,14 @@ def resolve_providers(requested: Sequence[str] | str | None, available: Sequence
     return chosen
 
 
-def make_session(path: str | os.PathLike, providers: Sequence[str] | str | None = None, threads: int | None = None):
+def make_session(path: str | os.PathLike, providers: Sequence[str] | str | None = None, threads: int | None = None,
+                 allow_spinning: bool = False):
     """An ``onnxruntime.InferenceSession`` for ``path``.
 
     ``providers``: ONNX Runtime names (``"CUDAExecutionProvider"``) or short ones (``"cuda"``, ``"cpu"``),
     in order of preference; default CPU only. ``threads``: intra-op threads (default: ONNX Runtime's,
-    one per physical core); inter-op parallelism is kept at one thread.
+    one per physical core); inter-op parallelism is kept at one thread. ``allow_spinning``: let idle intra-op
+    threads busy-wait after a run (ONNX Runtime's default; off here, see below).
     """
     import onnxruntime as ort
 
@@ -67,7 +69,7 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | str | None 
     options.inter_op_num_threads = 1
     # Idle intra-op threads would spin for a while after each run, starving whatever runs next on the same
     # cores (PyTorch's threads in a detect -> embed pipeline ran 2.5x slower beside them).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     if threads is not None:
         options.intra_op_num_threads = threads
     chosen = resolve_providers(providers, ort.get_available_providers())
