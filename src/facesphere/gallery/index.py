@@ -4,7 +4,8 @@ Index kinds: ``flat`` (exact), ``hnsw`` (graph, no training), ``ivfpq`` (inverte
 quantisation, trained on the gallery itself); ``auto`` picks exact search below 100k templates and
 IVF-PQ above: on 1M x 512 synthetic galleries (benchmarks/gallery_search.py) IVF-PQ at nprobe 64 matched
 or beat HNSW's recall (0.97 vs 0.62 on isotropic templates, 1.00 vs 1.00 on structured ones) in 1/16 of
-its memory and a quarter to a third of its build time. Storage ``fp32``, ``fp16`` or ``int8`` (scalar quantisation) for flat and HNSW.
+its memory and a quarter to a third of its build time. Storage ``fp32``, ``fp16`` or ``int8`` (scalar
+quantisation) for flat and HNSW.
 Search is open-set: a match below ``threshold`` is reported as not known.
 """
 
