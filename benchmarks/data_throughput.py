@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from _common import markdown_table, setup_logging, write_results
+from _common import DATA, markdown_table, setup_logging, write_results
 from PIL import Image, features
 
 from facesphere.data import (
@@ -38,7 +38,7 @@ from facesphere.data import (
 )
 from facesphere.data.record_dataset import RecordDataset, pack_folder
 
-LFW = Path(os.environ.get("FACESPHERE_DATA", Path(__file__).resolve().parents[2] / "shared")) / "data/lfw_112x112/lfw-112X112"
+LFW = DATA / "data/lfw_112x112/lfw-112X112"
 logger = logging.getLogger("data_throughput")
 
 

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from _common import markdown_table, setup_logging, write_results
+from _common import DATA, markdown_table, setup_logging, write_results
 
 from facesphere.data.images import load_image
 from facesphere.detect import build_detector
@@ -40,7 +38,6 @@ from facesphere.detect.evaluation import (
 from facesphere.evaluate.age import fgnet_five_points, parse_fgnet, read_pts
 from facesphere.utils.allocator import tune_malloc
 
-DATA = Path(os.environ.get("FACESPHERE_DATA", Path(__file__).resolve().parents[2] / "shared"))
 DLIB = DATA / "data/landmark_samples/dlib/examples/faces"
 FGNET = DATA / "data/fgnet"
 DETECTORS = {

@@ -10,15 +10,12 @@ lips, chin), divided by the outer-eye-corner distance. Two face boxes: the manua
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
-from _common import markdown_table, setup_logging, write_results
+from _common import DATA, markdown_table, setup_logging, write_results
 
 from facesphere.utils.allocator import tune_malloc
 
-DATA = Path(os.environ.get("FACESPHERE_DATA", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def main() -> None:

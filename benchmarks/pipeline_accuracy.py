@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-from _common import markdown_table, setup_logging, write_results
+from _common import DATA, markdown_table, setup_logging, write_results
 
 from facesphere.utils.allocator import tune_malloc
 
-DATA = Path(os.environ.get("FACESPHERE_DATA", Path(__file__).resolve().parents[2] / "shared"))
 DETECTORS = {
     "retinaface": DATA / "weights/retinaface_mnet025_biubug6/official_release/mobilenet0.25_Final.pth",
     "scrfd": DATA / "weights/scrfd_500m_kps_onnx/scrfd_500m_bnkps.onnx",

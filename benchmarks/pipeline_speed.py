@@ -164,7 +164,7 @@ def onnx_parity_on_real_faces(count: int) -> dict:
 
     import numpy as np
 
-    from detection import DATA
+    from _common import DATA
     from facesphere.data.images import load_image
     from facesphere.models import import_weights
     from facesphere.models.embedding_parity import compare_embeddings
@@ -185,7 +185,8 @@ def detection_latency(threads: int, photos: int, repeats: int) -> tuple[list[lis
     """ms per 640x480 photo for every detector of benchmarks/detection.py, letterboxed and native."""
     import cv2
 
-    from detection import DATA, DETECTORS, FGNET, build, latency_ms
+    from _common import DATA
+    from detection import DETECTORS, FGNET, build, latency_ms
     from facesphere.data.images import load_image
     from facesphere.evaluate.age import parse_fgnet
 

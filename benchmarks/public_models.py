@@ -18,9 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import markdown_table, setup_logging, write_results
+from _common import DATA, markdown_table, setup_logging, write_results
 
-DATA = Path(os.environ.get("FACESPHERE_DATA", Path(__file__).resolve().parents[2] / "shared"))
 LFW = DATA / "data/lfw_112x112/lfw-112X112"
 PAIRS = DATA / "data/lfw_meta/facenet/data/pairs.txt"
 PUBLISHED = {"insightface_y1": "LFW 99.50 (its training log, InsightFace's own crops); independent check on these crops "
