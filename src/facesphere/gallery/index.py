@@ -99,6 +99,7 @@ class SearchIndex:
         self.index = build_faiss_index(matrix, self.kind, storage, **options)
         self._names: list[str | None] = list(names)
         self._rows = {name: row for row, name in enumerate(names)}
+        self._alive = bytearray(np.packbits(np.ones(len(names), bool), bitorder="little"))  # faiss bit order
         self._dead = 0
 
     @classmethod
@@ -125,7 +126,11 @@ class SearchIndex:
         vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         self.discard(name)
         self.index.add(np.ascontiguousarray(vector))
-        self._rows[name] = len(self._names)
+        row = len(self._names)
+        if row >> 3 == len(self._alive):
+            self._alive.append(0)
+        self._alive[row >> 3] |= 1 << (row & 7)
+        self._rows[name] = row
         self._names.append(name)
 
     def discard(self, name: str) -> None:
@@ -133,6 +138,7 @@ class SearchIndex:
         row = self._rows.pop(name, None)
         if row is not None:
             self._names[row] = None
+            self._alive[row >> 3] &= ~(1 << (row & 7)) & 0xFF
             self._dead += 1
 
     def search(self, queries, k: int = 5, threshold: float | None = None) -> list[list[Match]]:
@@ -149,7 +155,7 @@ class SearchIndex:
         queries = np.ascontiguousarray(queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12))
         k = min(int(k), len(self._rows))
         if self._dead:
-            alive = np.packbits(np.array([n is not None for n in self._names]), bitorder="little")
+            alive = np.frombuffer(self._alive, dtype=np.uint8)  # kept by put/discard, not rebuilt per search
             selector = faiss.IDSelectorBitmap(len(self._names), faiss.swig_ptr(alive))
             scores, indices = self.index.search(queries, k, params=_search_parameters(self.index, selector))
         else:
