@@ -47,7 +47,7 @@ def test_unknown_component_and_argument_are_rejected():
 def test_missing_file_and_malformed_override(tmp_path):
     with pytest.raises(ConfigError, match="neither a file nor a built-in"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="section.field=value"):
+    with pytest.raises(ConfigError, match="key=value"):
         apply_override({}, "optim.lr")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed")

@@ -18,6 +18,8 @@ from typing import Any, Optional
 import typer
 
 from facesphere.cli.errors import user_errors
+from facesphere.utils.device import resolve_device
+from facesphere.utils.overrides import parse_options
 
 logger = logging.getLogger("facesphere")
 
@@ -28,47 +30,6 @@ MODEL_HELP = ("model folder written by `facesphere import` / save_model (card.js
               "a training checkpoint (runs/<name>/checkpoints/step_*.pt), or a run folder (its newest checkpoint)")
 COLOUR_HELP = ("colour order the images are fed in: RGB (what facesphere's loaders yield) or BGR (the loaded "
                "images are really channel-swapped, as a caller feeding BGR would; refused unless the card expects BGR)")
-
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _coerce(value: Any) -> Any:
-    """YAML leaves '1e-3' a string; make numeric-looking strings numbers, recursively."""
-    if isinstance(value, str) and _NUMBER.match(value.strip()):
-        number = float(value)
-        return int(number) if re.fullmatch(r"[+-]?\d+", value.strip()) else number
-    if isinstance(value, list):
-        return [_coerce(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _coerce(v) for k, v in value.items()}
-    return value
-
-
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` -> dict; values parsed as YAML (numbers, booleans, lists)."""
-    import yaml
-
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set {item!r} must look like key=value")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        options[key] = _coerce(value)
-    return options
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
 
 def load_eval_model(path: Path, device: str = "cpu"):
     """(backbone in eval mode, card, description) from a model folder, a checkpoint or a run folder."""
@@ -178,7 +139,7 @@ def evaluate(model: Path = typer.Argument(..., help=MODEL_HELP),
         if colour not in ("RGB", "BGR"):
             raise ValueError(f"--input-colour must be RGB or BGR, got {input_colour!r}")
         parsed = parse_options(options)
-        resolved = _resolve_device(device)
+        resolved = str(resolve_device(device))
         backbone, card, described = load_eval_model(model, resolved)
         out_dir = out if out is not None else Path("runs") / "eval" / f"{_safe_name(card.name)}-{protocol}"
         report = evaluate_with_card(backbone, card, protocol, data, parsed, fed_colour=colour, flip=flip,

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from facesphere.utils.overrides import apply_overrides
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -238,23 +240,11 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (numbers, lists, null)."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.field=value")
-    key, raw = override.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"override {override!r} has an empty field name")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is not a section")
-        node = child
+    """Apply one ``a.b.c=value`` override in place (``facesphere.utils.overrides``)."""
     try:
-        node[parts[-1]] = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        node[parts[-1]] = raw
+        apply_overrides(data, [override])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
