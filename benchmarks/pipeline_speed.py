@@ -64,7 +64,7 @@ def variants(name: str, threads: int, work: Path) -> tuple[dict, object]:
     import torch
 
     from facesphere.backbones import build_backbone, fuse_batchnorm
-    from facesphere.evaluate.model_input import training_card
+    from facesphere.models.card import training_card
     from facesphere.models.export_onnx import export_onnx
     from facesphere.models.onnx_runtime import OnnxEmbedder
 

@@ -10,7 +10,7 @@ import torch
 from conftest import require_data
 
 from facesphere.backbones import build_backbone
-from facesphere.evaluate.model_input import training_card
+from facesphere.models.card import training_card
 from facesphere.models.card import ModelCardMismatch
 from facesphere.models.embedding_parity import compare_embeddings
 from facesphere.models.export_onnx import CARD_METADATA_KEY, export_onnx

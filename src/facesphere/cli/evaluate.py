@@ -31,43 +31,6 @@ MODEL_HELP = ("model folder written by `facesphere import` / save_model (card.js
 COLOUR_HELP = ("colour order the images are fed in: RGB (what facesphere's loaders yield) or BGR (the loaded "
                "images are really channel-swapped, as a caller feeding BGR would; refused unless the card expects BGR)")
 
-def load_eval_model(path: Path, device: str = "cpu"):
-    """(backbone in eval mode, card, description) from a model folder, a checkpoint or a run folder."""
-    from facesphere.backbones import build_backbone
-    from facesphere.evaluate.model_input import training_card
-    from facesphere.models import load_model
-    from facesphere.models.store import CARD_FILE
-    from facesphere.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-
-    path = Path(path)
-    if path.is_dir() and (path / CARD_FILE).is_file():
-        backbone, card = load_model(path, device=device)
-        return backbone, card, {"kind": "model folder", "path": str(path)}
-    if path.is_dir():
-        found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"{path}: neither a model folder ({CARD_FILE}) nor a run/checkpoint folder")
-        path = found
-    elif not path.is_file():
-        raise FileNotFoundError(f"{path}: no such model folder or checkpoint")
-    state = load_checkpoint(path, "cpu")
-    try:
-        config, weights = state["config"], state["model"]
-        backbone_name = config["model"]["backbone"]
-        backbone_args = dict(config["model"].get("backbone_args") or {})
-    except (KeyError, TypeError):
-        raise CheckpointError(f"{path}: not a facesphere training checkpoint (no config/model entries)") from None
-    backbone = build_backbone(backbone_name, **backbone_args)
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
-    backbone.to(device).eval()
-    step = int(state.get("step", 0))
-    card = training_card(backbone, f"{config.get('name', 'run')}-step{step}", backbone_name, backbone_args,
-                         source=f"facesphere training checkpoint {path}")
-    logger.info("loaded %s (step %d) from %s", backbone_name, step, path)
-    return backbone, card, {"kind": "training checkpoint", "path": str(path), "step": step}
-
-
 def headline(report: dict[str, Any]) -> dict[str, Any]:
     """The numbers quoted first: accuracy ± std, VAL@FAR, or rank-1 for identification."""
     out: dict[str, Any] = {}
@@ -131,6 +94,7 @@ def evaluate(model: Path = typer.Argument(..., help=MODEL_HELP),
              ) -> None:
     """Evaluate a model folder or training checkpoint on a protocol, with the preprocessing its card asks for."""
     from facesphere.evaluate.model_input import evaluate_with_card
+    from facesphere.models.runs import load_backbone
     from facesphere.utils.files import atomic_write_text
 
     started = time.perf_counter()
@@ -140,7 +104,7 @@ def evaluate(model: Path = typer.Argument(..., help=MODEL_HELP),
             raise ValueError(f"--input-colour must be RGB or BGR, got {input_colour!r}")
         parsed = parse_options(options)
         resolved = str(resolve_device(device))
-        backbone, card, described = load_eval_model(model, resolved)
+        backbone, card, described = load_backbone(model, resolved)
         out_dir = out if out is not None else Path("runs") / "eval" / f"{_safe_name(card.name)}-{protocol}"
         report = evaluate_with_card(backbone, card, protocol, data, parsed, fed_colour=colour, flip=flip,
                                     batch_size=batch_size, device=resolved, out_dir=out_dir)

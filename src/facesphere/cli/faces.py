@@ -20,7 +20,8 @@ logger = logging.getLogger("facesphere")
 
 DETECTOR_HELP = "detector: retinaface (PyTorch), scrfd or yunet (ONNX Runtime)"
 WEIGHTS_HELP = "detector weights file (.pth for retinaface, .onnx for scrfd/yunet)"
-MODEL_HELP = "embedding model: a facesphere model folder (card.json + model.safetensors) or an exported .onnx"
+MODEL_HELP = ("embedding model: a model folder (card.json + model.safetensors), an exported .onnx, a training run "
+              "folder (its newest checkpoint) or a checkpoint file")
 LANDMARKS_HELP = "optional 68-point landmark model (PFLD .onnx)"
 
 Inputs = typer.Argument(..., help="image files and/or folders")
@@ -33,24 +34,12 @@ OutOpt = typer.Option(None, "--out", help="write the JSON here (atomically) inst
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for the networks")
 
 
-def load_embedder(path: Path, threads: int | None = None):
-    """A PyTorch embedder for a model folder, an ONNX Runtime one for a ``.onnx`` file."""
-    if path.suffix.lower() == ".onnx":
-        from facesphere.models.onnx_runtime import OnnxEmbedder
-
-        return OnnxEmbedder(path, threads=threads)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: expected a model folder (card.json + model.safetensors) or an .onnx file")
-    from facesphere.models.torch_embedder import TorchEmbedder
-
-    return TorchEmbedder.from_folder(path)
-
-
 def build_analyzer(detector: str, weights: Path, model: Path | None = None, landmarks68: Path | None = None,
                    score: float | None = None, min_face: float | None = None, max_faces: int | None = None,
                    threads: int | None = None, flip: bool = True, threshold: Path | None = None,
                    alignment: str | None = None):
     from facesphere.detect import build_detector
+    from facesphere.models.runs import load_embedder
     from facesphere.pipeline import FaceAnalyzer, Threshold
 
     if threads:
@@ -63,7 +52,7 @@ def build_analyzer(detector: str, weights: Path, model: Path | None = None, land
         from facesphere.align.landmarks68 import PFLD68
 
         landmarker = PFLD68(landmarks68)
-    return FaceAnalyzer(build_detector(detector, weights, **kwargs), load_embedder(model, threads) if model else None,
+    return FaceAnalyzer(build_detector(detector, weights, **kwargs), load_embedder(model, threads=threads) if model else None,
                         landmarker=landmarker, flip=flip, threshold=Threshold.load(threshold) if threshold else None,
                         score_threshold=score, min_face_size=min_face, max_faces=max_faces, alignment=alignment)
 

@@ -35,7 +35,15 @@ import torch
 from torch import nn
 
 from facesphere.evaluate.pairsets import ImagePreprocess
-from facesphere.models.card import FACESPHERE_MEAN, FACESPHERE_STD, InputSpec, ModelCard, ModelCardMismatch
+from facesphere.models.card import (
+    FACESPHERE_MEAN,
+    FACESPHERE_STD,
+    InputSpec,
+    ModelCard,
+    ModelCardMismatch,
+    alignment_for_size as _alignment_for_size,
+    training_card,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +79,6 @@ def parse_size(value: Any) -> tuple[int, int]:
     elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, np.integer)) for v in value):
         return int(value[0]), int(value[1])
     raise ValueError(f"expected a size HxW such as 112x96, got {value!r}")
-
-
-def _alignment_for_size(size: tuple[int, int]) -> str | None:
-    """Name of the template ``template_for_size(size)`` aligns to, when it has one."""
-    h, w = size
-    if (h, w) == (112, 96):
-        return "sphereface_112x96"
-    if h == w and h % 112 == 0:
-        return f"arcface_{h}x{w}"
-    return None
 
 
 @dataclass(frozen=True)
@@ -204,18 +202,6 @@ class CardGuard(nn.Module):
         self.images += int(images.shape[0])
         self.last_end = time.perf_counter()
         return out
-
-
-def training_card(backbone: nn.Module, name: str, backbone_name: str, backbone_args: dict[str, Any] | None = None,
-                  source: str = "facesphere training run") -> ModelCard:
-    """The card of a backbone trained by facesphere: RGB, ``(x - 127.5) / 128``, its own input size."""
-    size = tuple(int(v) for v in backbone.input_size)
-    args = {k: v for k, v in (backbone_args or {}).items()
-            if k not in ("input_size", "embedding_size") and isinstance(v, (bool, int, float, str))}
-    alignment = _alignment_for_size(size) or f"unspecified_{size[0]}x{size[1]}"
-    return ModelCard(name=name, backbone=backbone_name, backbone_args=args, input_size=size, colour_order="RGB",
-                     mean=FACESPHERE_MEAN, std=FACESPHERE_STD, alignment=alignment,
-                     embedding_size=int(backbone.embedding_size), licence="as the training data's terms", source=source)
 
 
 _RESERVED = {"preprocess": "derived from the card", "flip": "--flip/--no-flip", "batch_size": "--batch-size",

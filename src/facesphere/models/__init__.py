@@ -18,6 +18,7 @@ from facesphere.models.card import InputSpec, ModelCard, ModelCardMismatch, Publ
 from facesphere.models.import_mxnet import UnsupportedModel, import_insightface
 from facesphere.models.import_torch import CheckpointFormatError, import_xiaoccer
 from facesphere.models.mxnet_params import MXNetFormatError
+from facesphere.models.runs import CheckpointError, load_backbone, load_embedder
 from facesphere.models.store import WeightMismatch, load_model, save_model
 
 KINDS = ("auto", "insightface", "insightface_mobilefacenet", "insightface_iresnet", "xiaoccer")
@@ -79,6 +80,9 @@ __all__ = [
     "input_spec_of",
     "save_model",
     "load_model",
+    "load_backbone",
+    "load_embedder",
+    "CheckpointError",
     "import_weights",
     "import_insightface",
     "import_xiaoccer",

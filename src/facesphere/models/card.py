@@ -304,6 +304,30 @@ class ModelCard(BaseModel):
         return cls.model_validate_json(text)
 
 
+
+
+def alignment_for_size(size: tuple[int, int]) -> str | None:
+    """Name of the template ``template_for_size(size)`` aligns to, when it has one."""
+    h, w = size
+    if (h, w) == (112, 96):
+        return "sphereface_112x96"
+    if h == w and h % 112 == 0:
+        return f"arcface_{h}x{w}"
+    return None
+
+
+def training_card(backbone: torch.nn.Module, name: str, backbone_name: str, backbone_args: dict[str, Any] | None = None,
+                  source: str = "facesphere training run") -> ModelCard:
+    """The card of a backbone trained by facesphere: RGB, ``(x - 127.5) / 128``, its own input size."""
+    size = tuple(int(v) for v in backbone.input_size)
+    args = {k: v for k, v in (backbone_args or {}).items()
+            if k not in ("input_size", "embedding_size") and isinstance(v, (bool, int, float, str))}
+    alignment = alignment_for_size(size) or f"unspecified_{size[0]}x{size[1]}"
+    return ModelCard(name=name, backbone=backbone_name, backbone_args=args, input_size=size, colour_order="RGB",
+                     mean=FACESPHERE_MEAN, std=FACESPHERE_STD, alignment=alignment,
+                     embedding_size=int(backbone.embedding_size), licence="as the training data's terms", source=source)
+
+
 __all__ = [
     "ModelCard",
     "InputSpec",
@@ -313,4 +337,6 @@ __all__ = [
     "ALIGNMENTS",
     "FACESPHERE_MEAN",
     "FACESPHERE_STD",
+    "alignment_for_size",
+    "training_card",
 ]

@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from facesphere.models.runs import (  # noqa: F401  (re-exported: the checkpoint format is read there)
+    CHECKPOINT_PATTERN,
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
 from facesphere.utils.files import atomic_path
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or does not fit the model."""
-
 
 def rng_state() -> dict[str, Any]:
     numpy_state = np.random.get_state()
@@ -79,25 +78,3 @@ def save_shard(folder: Path, step: int, rank: int, world_size: int, state: dict[
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return path
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name))
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = list_checkpoints(folder)
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several unrelated types for corrupt or unsafe files
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None

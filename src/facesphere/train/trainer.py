@@ -404,7 +404,8 @@ class Trainer:
         Each run is logged, written to TensorBoard (``eval/<label>/...``) and appended to
         ``eval_metrics.csv``; plots go to ``eval/<label>/`` at the end.
         """
-        from facesphere.evaluate.model_input import evaluate_with_card, training_card
+        from facesphere.evaluate.model_input import evaluate_with_card
+        from facesphere.models.card import training_card
 
         backbone = self.model.backbone
         card = training_card(backbone, f"{self.cfg.name}-step{self.step}", self.cfg.model.backbone,
