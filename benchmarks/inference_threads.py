@@ -42,14 +42,14 @@ variant, data, model, repeats = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]
 if variant == "ONNX Runtime spinning":
     import facesphere.utils.onnxrt as onnxrt  # before the detectors import it
     onnxrt.make_session = functools.partial(onnxrt.make_session, allow_spinning=True)
-from facesphere.cli.faces import build_analyzer
+from facesphere.pipeline import build_analyzer
 from facesphere.data.images import load_image_bytes
 from facesphere.service.model_thread import ModelThread
 
 photos = [load_image_bytes((data / f"{sys.argv[5]}/{i:04d}_1.jpg").read_bytes()) for i in range(repeats)]
 
 def measure():
-    analyzer = build_analyzer("scrfd", data / sys.argv[6], model, threads=2)
+    analyzer = build_analyzer(detector="scrfd", detector_weights=data / sys.argv[6], model=model, threads=2)
     crop = analyzer.analyze([photos[0]], embed=False)[0].faces[0].crop[None]
     embedder = analyzer.embedder
     if variant == "flip-sum as two runs":

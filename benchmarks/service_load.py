@@ -215,14 +215,15 @@ def in_process_baseline(tmp: Path, model: Path, args, enrol_photos: list[bytes],
 
     Models built and run on one ``ModelThread``, as ``facesphere serve`` does (PyTorch's OpenMP team belongs to
     the thread that first runs a parallel op; mixing threads made MobileFaceNet 3x slower here)."""
-    from facesphere.cli.faces import build_analyzer
+    from facesphere.pipeline import AnalyzerSpec, build_analyzer
     from facesphere.data.images import load_image_bytes
     from facesphere.gallery import Gallery, LiveGallery
     from facesphere.service import ServiceSettings
     from facesphere.service.model_thread import ModelThread
 
     model_thread = ModelThread()
-    analyzer = model_thread.run(build_analyzer, "scrfd", DATA / SCRFD, model, threads=args.threads)
+    analyzer = model_thread.run(build_analyzer, AnalyzerSpec(detector="scrfd", detector_weights=DATA / SCRFD, model=model,
+                                                              threads=args.threads))
     analyzer.max_faces = ServiceSettings.model_fields["max_faces"].default  # as the service sets it
     top_k = ServiceSettings.model_fields["top_k"].default
     live = LiveGallery(Gallery(tmp / "base.sqlite", analyzer.embedder.card))

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from facesphere.align.landmarkers import LANDMARKERS
+
 logger = logging.getLogger(__name__)
 
 CROP_SIZE = 112
@@ -116,8 +118,13 @@ class PFLD68:
     """The PFLD 68-point ONNX model: ``landmarks(image, boxes)`` -> (N, 68, 2) image pixels (x, y).
 
     ``path``: the ONNX file (``pfld68_cunjian_onnx/pfld.onnx``); ``providers``/``threads`` as for
-    ``utils.onnxrt.make_session``.
+    ``utils.onnxrt.make_session``. Registered as landmarker ``pfld68``; as a pipeline stage it adds the
+    per-face output ``landmarks68``.
     """
+
+    name = "pfld68"
+    phase = "landmarks"
+    outputs = ("landmarks68",)
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None,
                  threads: int | None = None) -> None:
@@ -147,8 +154,18 @@ class PFLD68:
         points = np.asarray(out, dtype=np.float64).reshape(len(crops), 68, 2)
         return points * sides[:, None, None] + origins[:, None, :]
 
+    def run(self, image: np.ndarray, boxes: np.ndarray) -> dict[str, np.ndarray]:
+        """The landmarker contract (``align.landmarkers.Landmarker``): ``{"landmarks68": (N, 68, 2)}``."""
+        return {"landmarks68": self.landmarks(image, boxes)}
+
     def __repr__(self) -> str:
         return f"PFLD68({self.path!r}, providers={self.session.get_providers()})"
+
+
+@LANDMARKERS.register("pfld68", "pfld")
+def _pfld68(weights_path: str | os.PathLike, providers: Sequence[str] | None = None,
+            threads: int | None = None) -> PFLD68:
+    return PFLD68(weights_path, providers=providers, threads=threads)
 
 
 __all__ = ["CROP_SCALE", "CROP_SIZE", "PFLD68", "LandmarkInputError", "crop_faces", "crop_squares", "five_from_68"]

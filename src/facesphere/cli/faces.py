@@ -34,27 +34,13 @@ OutOpt = typer.Option(None, "--out", help="write the JSON here (atomically) inst
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for the networks")
 
 
-def build_analyzer(detector: str, weights: Path, model: Path | None = None, landmarks68: Path | None = None,
-                   score: float | None = None, min_face: float | None = None, max_faces: int | None = None,
-                   threads: int | None = None, flip: bool = True, threshold: Path | None = None,
-                   alignment: str | None = None):
-    from facesphere.detect import build_detector
-    from facesphere.models.runs import load_embedder
-    from facesphere.pipeline import FaceAnalyzer, Threshold
+def analyzer_from_flags(detector: str, weights: Path, model: Path | None = None, landmarks68: Path | None = None,
+                   **options):
+    """The library's analyser (``facesphere.pipeline.build_analyzer``) from the options every command shares."""
+    from facesphere.pipeline import build_analyzer as build
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    kwargs = {"threads": threads} if threads and detector != "retinaface" else {}
-    landmarker = None
-    if landmarks68 is not None:
-        from facesphere.align.landmarks68 import PFLD68
-
-        landmarker = PFLD68(landmarks68)
-    return FaceAnalyzer(build_detector(detector, weights, **kwargs), load_embedder(model, threads=threads) if model else None,
-                        landmarker=landmarker, flip=flip, threshold=Threshold.load(threshold) if threshold else None,
-                        score_threshold=score, min_face_size=min_face, max_faces=max_faces, alignment=alignment)
+    return build(detector=detector, detector_weights=weights, model=model,
+                 landmarker="pfld68" if landmarks68 else None, landmarker_weights=landmarks68, **options)
 
 
 def emit(payload: Any, out: Path | None) -> None:
@@ -93,7 +79,8 @@ def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_we
            out: Optional[Path] = OutOpt) -> None:
     """Faces in each image: box, score, 5 landmarks (and 68 with --landmarks68), as JSON."""
     with user_errors():
-        analyzer = build_analyzer(detector, detector_weights, None, landmarks68, score, min_face, max_faces, threads)
+        analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68, score_threshold=score,
+                                  min_face_size=min_face, max_faces=max_faces, threads=threads)
         results = analyzer.analyze(_sources(inputs), embed=False)
         _summary(results)
         emit([r.to_dict() for r in results], out)
@@ -103,7 +90,7 @@ def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-
           detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
           alignment: str = typer.Option("arcface_112x112", "--alignment", help="template: arcface_112x112 or "
                                         "sphereface_112x96 (ignored with --model: the model's card decides)"),
-          model: Optional[Path] = typer.Option(None, "--model", help="align for this model's card"),
+          model: Optional[Path] = typer.Option(None, "--model", help=f"align for this model's card; {MODEL_HELP}"),
           score: Optional[float] = ScoreOpt, min_face: Optional[float] = MinFaceOpt,
           max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt,
           out: Optional[Path] = OutOpt) -> None:
@@ -111,8 +98,8 @@ def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-
     from facesphere.pipeline.drawing import write_png
 
     with user_errors():
-        analyzer = build_analyzer(detector, detector_weights, model, None, score, min_face, max_faces, threads,
-                                  alignment=None if model else alignment)
+        analyzer = analyzer_from_flags(detector, detector_weights, model, score_threshold=score, min_face_size=min_face,
+                                  max_faces=max_faces, threads=threads, alignment=None if model else alignment)
         results = analyzer.analyze(_sources(inputs), embed=False)
         payload = []
         for index, result in enumerate(results):
@@ -135,7 +122,8 @@ def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model"
           out: Optional[Path] = OutOpt) -> None:
     """Unit-length embeddings of every face, with boxes and landmarks, as JSON."""
     with user_errors():
-        analyzer = build_analyzer(detector, detector_weights, model, None, score, min_face, max_faces, threads, flip)
+        analyzer = analyzer_from_flags(detector, detector_weights, model, score_threshold=score, min_face_size=min_face,
+                                  max_faces=max_faces, threads=threads, flip=flip)
         results = analyzer.analyze(_sources(inputs))
         _summary(results)
         card = analyzer.embedder.card
@@ -150,18 +138,15 @@ def verify(image1: Path = typer.Argument(..., help="first photo"), image2: Path 
            flip: bool = typer.Option(True, "--flip/--no-flip"), threads: Optional[int] = ThreadsOpt,
            out: Optional[Path] = OutOpt) -> None:
     """Are the largest faces of two photos the same person? Cosine, and the decision at a calibrated threshold."""
+    from facesphere.pipeline import pick_face
+
     with user_errors():
-        analyzer = build_analyzer(detector, detector_weights, model, None, threads=threads, flip=flip, threshold=threshold)
-        first, second = analyzer.analyze([image1, image2])
-        for result in (first, second):
-            if result.error:
-                raise ValueError(result.error)
-            if not result.faces:
-                raise ValueError(f"{result.source}: no face found")
-        comparison = analyzer.compare(first.faces[0], second.faces[0])
+        analyzer = analyzer_from_flags(detector, detector_weights, model, threads=threads, flip=flip, threshold=threshold)
+        first, second = (pick_face(result) for result in analyzer.analyze([image1, image2]))
+        comparison = analyzer.compare(first, second)
         emit({"image1": str(image1), "image2": str(image2), "model": analyzer.embedder.card.name,
               "cosine": round(comparison.cosine, 6), "threshold": comparison.threshold, "same": comparison.same,
-              "faces": [first.faces[0].to_dict(embedding=False), second.faces[0].to_dict(embedding=False)]}, out)
+              "faces": [first.to_dict(embedding=False), second.to_dict(embedding=False)]}, out)
 
 
 def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-dir", help="folder for the PNGs"),
@@ -175,7 +160,8 @@ def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-d
     from facesphere.pipeline.drawing import draw_faces, write_png
 
     with user_errors():
-        analyzer = build_analyzer(detector, detector_weights, None, landmarks68, score, min_face, max_faces, threads)
+        analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68, score_threshold=score,
+                                  min_face_size=min_face, max_faces=max_faces, threads=threads)
         results = []
         for index, source in enumerate(_sources(inputs)):  # one photo at a time: each is decoded once
             try:
@@ -203,7 +189,7 @@ def calibrate(pairs: Path = typer.Argument(..., help="CSV of path1,path2,same (1
 
     with user_errors():
         paths1, paths2, labels, _ = read_pairs_csv(pairs)
-        analyzer = build_analyzer(detector, detector_weights, model, threads=threads, flip=flip)
+        analyzer = analyzer_from_flags(detector, detector_weights, model, threads=threads, flip=flip)
         unique = sorted({str(p) for p in [*paths1, *paths2]})
         results = dict(zip(unique, analyzer.analyze(unique)))
         scores, same, skipped = [], [], 0

@@ -12,7 +12,8 @@ from typing import Optional
 import typer
 
 from facesphere.cli.errors import user_errors
-from facesphere.cli.faces import MODEL_HELP, DetectorOpt, OutOpt, ThreadsOpt, WeightsOpt, build_analyzer, emit
+from facesphere.cli.faces import MODEL_HELP, DetectorOpt, OutOpt, ThreadsOpt, WeightsOpt, analyzer_from_flags, emit
+from facesphere.cli.serve import INDEX_HELP
 
 logger = logging.getLogger("facesphere")
 app = typer.Typer(help="Enrol, list, remove and check the identities of a gallery database.", no_args_is_help=True)
@@ -30,29 +31,20 @@ def enrol(gallery: Path = GalleryArg,
     from rich.progress import Progress
 
     from facesphere.gallery import Gallery
-    from facesphere.pipeline import input_sources
+    from facesphere.pipeline import PeopleFolder
 
     with user_errors():
-        people = sorted(p for p in folder.iterdir() if p.is_dir())
-        if not people:
-            raise ValueError(f"{folder}: no sub-folders (expected one per person)")
-        analyzer = build_analyzer(detector, detector_weights, model, threads=threads)
+        people = PeopleFolder(folder)
+        analyzer = analyzer_from_flags(detector, detector_weights, model, threads=threads)
         skipped = 0
         with Gallery(gallery, analyzer.embedder.card) as store, Progress() as progress:
             task = progress.add_task("enrolling", total=len(people))
-            for person in people:
-                photos = input_sources([person])
-                vectors, sources = [], []
-                for start in range(0, len(photos), batch):
-                    for result in analyzer.analyze(photos[start:start + batch]):
-                        if result.error or not result.faces:
-                            logger.warning("%s: %s", result.source, result.error or "no face found")
-                            skipped += 1
-                            continue
-                        vectors.append(result.faces[0].embedding)
-                        sources.append(result.source)
-                if vectors:
-                    store.enrol(person.name, vectors, sources=sources)
+            for person in people.embed(analyzer, batch):
+                for problem in person.skipped:
+                    logger.warning("%s", problem)
+                skipped += len(person.skipped)
+                if person.embeddings:
+                    store.enrol(person.name, person.embeddings, sources=person.sources)
                 progress.advance(task)
             logger.info("%s: %d identities; %d photos skipped", gallery, len(store), skipped)
 
@@ -62,7 +54,7 @@ def list_identities(gallery: Path = GalleryArg, out: Optional[Path] = OutOpt) ->
     """Identities with their metadata and template counts, and the model the gallery is bound to, as JSON."""
     from facesphere.gallery import Gallery
 
-    with user_errors(), Gallery(_existing(gallery)) as store:
+    with user_errors(), Gallery(gallery) as store:
         emit({"model": store.card.name, "embedding_size": store.embedding_size,
               "identities": [{"name": i.name, "metadata": i.metadata, "templates": i.templates}
                              for i in store.identities()]}, out)
@@ -73,34 +65,21 @@ def remove(gallery: Path = GalleryArg, names: list[str] = typer.Argument(..., he
     """Delete identities and all their templates."""
     from facesphere.gallery import Gallery
 
-    with user_errors(), Gallery(_existing(gallery)) as store:
+    with user_errors(), Gallery(gallery) as store:
         for name in names:
             store.remove(name)
             logger.info("removed %r", name)
 
 
 @app.command("check")
-def check(gallery: Path = GalleryArg, index: str = typer.Option("auto", "--index", help="auto, flat, hnsw or ivfpq"),
+def check(gallery: Path = GalleryArg, index: str = typer.Option("auto", "--index", help=INDEX_HELP),
           storage: str = typer.Option("fp32", "--storage", help="fp32, fp16 or int8")) -> None:
     """Build the search index from the store and check that every identity's template finds itself first."""
-    from facesphere.gallery import Gallery, LiveGallery
+    from facesphere.gallery import open_live_gallery
 
     with user_errors():
-        live = LiveGallery(Gallery(_existing(gallery)), kind=index, storage=storage)
-        missing, misses = live.disagreements()
-        count, kind = len(live), f"{live.index.kind}/{live.index.storage}"
-        live.close()
-        exact = kind == "flat/fp32"
-        for problem in (missing + (misses if exact else []))[:20]:
-            logger.error("%s", problem)
-        if missing or (exact and misses):
-            raise ValueError(f"the {kind} index disagrees with the store: {len(missing)} identities in only one, "
-                             f"{len(misses)} templates not finding themselves")
-        logger.info("%d identities: the %s index holds exactly the store's; self-search top-1 %d/%d", count, kind,
-                    count - len(misses), count)
-
-
-def _existing(path: Path) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such gallery")
-    return path
+        live = open_live_gallery(gallery, kind=index, storage=storage)
+        try:
+            logger.info("%s", live.check())
+        finally:
+            live.close()

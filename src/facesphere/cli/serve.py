@@ -9,9 +9,10 @@ from typing import Optional
 import typer
 
 from facesphere.cli.errors import user_errors
-from facesphere.cli.faces import MODEL_HELP, DetectorOpt, ThreadsOpt, WeightsOpt, build_analyzer
+from facesphere.cli.faces import MODEL_HELP, DetectorOpt, ThreadsOpt, WeightsOpt
 
 logger = logging.getLogger("facesphere")
+INDEX_HELP = "search index kind: auto, flat, hnsw or ivfpq (facesphere.gallery.INDEX_KINDS)"
 
 
 def serve(gallery: Path = typer.Option(..., "--gallery", help="gallery database (SQLite), created if missing"),
@@ -25,7 +26,7 @@ def serve(gallery: Path = typer.Option(..., "--gallery", help="gallery database 
                                                    "(`facesphere calibrate`) for open-set matches and verify"),
           match_threshold: Optional[float] = typer.Option(None, "--match-threshold", min=-1.0, max=1.0,
                                                           help="open-set cosine threshold, when not calibrated"),
-          index: str = typer.Option("auto", "--index", help="auto, flat, hnsw or ivfpq"),
+          index: str = typer.Option("auto", "--index", help=INDEX_HELP),
           storage: str = typer.Option("fp32", "--storage", help="index storage: fp32, fp16 or int8"),
           max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.01, help="largest request body"),
           max_pixels: int = typer.Option(25_000_000, "--max-pixels", min=1, help="largest image, width x height"),
@@ -35,28 +36,16 @@ def serve(gallery: Path = typer.Option(..., "--gallery", help="gallery database 
     """Serve detect / embed / verify / identify and gallery enrolment over HTTP, with a web page at /."""
     import uvicorn
 
-    from facesphere.gallery import Gallery, LiveGallery
-    from facesphere.pipeline import Threshold
-    from facesphere.service import ServiceSettings, create_app, read_api_keys
-    from facesphere.service.model_thread import ModelThread
+    from facesphere.pipeline import AnalyzerSpec
+    from facesphere.service import ServiceSettings, build_app, read_api_keys
 
     with user_errors():
-        if threshold is not None and match_threshold is not None:
-            raise ValueError("give --threshold or --match-threshold, not both")
-        settings_keys = read_api_keys(api_keys)
-        model_thread = ModelThread()  # loads and runs every network (see facesphere.service.model_thread)
-        analyzer = model_thread.run(build_analyzer, detector, detector_weights, model, threads=threads, flip=flip)
-        card = analyzer.embedder.card
-        if threshold is not None:
-            calibrated = Threshold.load(threshold)
-            calibrated.check_model(card.name, card.embedding_size)
-            match_threshold = calibrated.value
-        if match_threshold is None:
-            logger.warning("no --threshold or --match-threshold: every match is reported as known (closed-set)")
-        settings = ServiceSettings(api_keys=settings_keys, max_request_bytes=int(max_upload_mb * 2**20),
+        settings = ServiceSettings(api_keys=read_api_keys(api_keys), max_request_bytes=int(max_upload_mb * 2**20),
                                    max_image_pixels=max_pixels, max_faces=max_faces, match_threshold=match_threshold)
-        live = model_thread.run(LiveGallery, Gallery(gallery, card), kind=index, storage=storage)
-        app = create_app(analyzer, live, settings, model_thread)
+        spec = AnalyzerSpec(detector=detector, detector_weights=detector_weights, model=model, threads=threads,
+                            flip=flip)
+        app = build_app(spec, gallery, settings, threshold=threshold, index=index, storage=storage)
+        service = app.state.service
         logger.info("serving %s (%d identities) on http://%s:%d  (page /, API /docs, spec /openapi.json)",
-                    card.name, len(live), host, port)
+                    service.analyzer.embedder.card.name, len(service.gallery), host, port)
     uvicorn.run(app, host=host, port=port, log_level="info", log_config=None)

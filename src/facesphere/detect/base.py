@@ -16,7 +16,7 @@ import abc
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -27,8 +27,12 @@ from facesphere.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-Candidates = tuple[np.ndarray, np.ndarray, np.ndarray]
-"""(boxes (K, 4), scores (K,), landmarks (K, 5, 2)) of one canvas, float32, canvas pixels."""
+Candidates = tuple[np.ndarray, ...]
+"""(boxes (K, 4), scores (K,), landmarks (K, 5, 2)[, extras]) of one canvas, float32, canvas pixels.
+
+A detector with further per-face outputs appends a dict name -> (K, ...) array; those it names in
+``Detector.point_extras`` are (x, y) points and are mapped back to photo pixels like the landmarks.
+"""
 
 
 class DetectorInputError(ValueError):
@@ -45,11 +49,16 @@ class Detections:
 
     Coordinates are pixels of the input image (continuous: the image spans [0, W] x [0, H]); boxes are
     not clipped to the image. Faces are sorted by decreasing score.
+
+    ``extras`` holds further NAMED per-face outputs (68 or dense landmarks, pose, 3DMM parameters, ...),
+    each an array whose first axis is the face, so :meth:`select` keeps them in step with the boxes
+    through NMS, filtering, the face cap and sorting. Names follow ``facesphere.pipeline.stages``.
     """
 
     boxes: np.ndarray
     scores: np.ndarray
     landmarks: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
@@ -58,6 +67,7 @@ class Detections:
         if not len(self.boxes) == len(self.scores) == len(self.landmarks):
             raise ValueError(f"Detections: {len(self.boxes)} boxes, {len(self.scores)} scores and "
                              f"{len(self.landmarks)} landmark sets")
+        self.extras = {name: check_per_face(name, values, len(self.scores)) for name, values in self.extras.items()}
 
     @classmethod
     def empty(cls) -> Detections:
@@ -67,8 +77,25 @@ class Detections:
         return len(self.scores)
 
     def select(self, index) -> Detections:
-        """The faces at ``index`` (indices or a boolean mask), in that order."""
-        return Detections(self.boxes[index], self.scores[index], self.landmarks[index])
+        """The faces at ``index`` (indices or a boolean mask), in that order, extras included."""
+        return Detections(self.boxes[index], self.scores[index], self.landmarks[index],
+                          {name: values[index] for name, values in self.extras.items()})
+
+    def with_extras(self, extras: dict[str, np.ndarray]) -> Detections:
+        """These faces with more named per-face outputs (first axis = faces; a name given twice is refused)."""
+        clash = sorted(set(extras) & set(self.extras))
+        if clash:
+            raise ValueError(f"per-face output(s) {', '.join(clash)} already present")
+        return Detections(self.boxes, self.scores, self.landmarks, {**self.extras, **extras})
+
+
+def check_per_face(name: str, values, faces: int) -> np.ndarray:
+    """``values`` as an array with one entry per face along its first axis; ValueError naming ``name`` otherwise."""
+    array = np.asarray(values)
+    if array.ndim == 0 or len(array) != faces:
+        raise ValueError(f"per-face output {name!r} must have one entry per face ({faces}) along its first axis, "
+                         f"got shape {array.shape}")
+    return array
 
 
 def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -118,6 +145,8 @@ class Detector(abc.ABC):
     """Padding colour of the canvas: what the network reads as background."""
     size_multiple: ClassVar[int] = 32
     """Canvas sides must be multiples of this (the largest feature stride)."""
+    point_extras: ClassVar[frozenset[str]] = frozenset()
+    """Names of this detector's extra outputs that are (..., 2) points in canvas pixels."""
 
     def __init__(self, *, input_size: tuple[int, int] | None = (640, 640), score_threshold: float | None = None,
                  nms_threshold: float | None = None, min_face_size: float = 0.0, max_faces: int | None = None,
@@ -172,22 +201,22 @@ class Detector(abc.ABC):
         return [members[s : s + self.batch_size] for members in groups.values()
                 for s in range(0, len(members), self.batch_size)]
 
-    @staticmethod
-    def _finish(found: Candidates, placement: Placement, nms_threshold: float, min_face_size: float,
+    @classmethod
+    def _finish(cls, found: Candidates, placement: Placement, nms_threshold: float, min_face_size: float,
                 max_faces: int | None) -> Detections:
         """Canvas candidates -> the photo's faces: map back, drop small faces, NMS, cap the count."""
-        boxes, scores, landmarks = found
+        boxes, scores, landmarks = found[:3]
         if len(scores) == 0:
             return Detections.empty()
-        boxes = placement.to_image(boxes)
-        landmarks = placement.to_image(np.asarray(landmarks).reshape(-1, 10)).reshape(-1, 5, 2)
+        extras = {name: placement.to_image(np.asarray(values).reshape(len(scores), -1)).reshape(np.shape(values))
+                  if name in cls.point_extras else values for name, values in (found[3] if len(found) > 3 else {}).items()}
+        faces = Detections(placement.to_image(boxes), scores,
+                           placement.to_image(np.asarray(landmarks).reshape(-1, 10)).reshape(-1, 5, 2), extras)
         if min_face_size > 0:
-            big = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= min_face_size
-            boxes, scores, landmarks = boxes[big], scores[big], landmarks[big]
-        keep = nms(boxes, scores, nms_threshold)
-        if max_faces is not None:
-            keep = keep[:max_faces]
-        return Detections(boxes[keep], scores[keep], landmarks[keep])
+            boxes = faces.boxes
+            faces = faces.select(np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= min_face_size)
+        keep = nms(faces.boxes, faces.scores, nms_threshold)
+        return faces.select(keep if max_faces is None else keep[:max_faces])
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(input_size={self.input_size}, score_threshold={self.score_threshold}, "

@@ -1,7 +1,17 @@
 """Enrolled identities (SQLite store bound to a model card) and 1:N search over them (faiss)."""
 
-from facesphere.gallery.index import Match, SearchIndex, build_faiss_index, choose_kind
-from facesphere.gallery.live import LiveGallery
-from facesphere.gallery.store import Gallery, GalleryError, Identity
+from facesphere.gallery.index import (
+    INDEX_KINDS,
+    STORAGES,
+    Match,
+    SearchIndex,
+    build_faiss_index,
+    choose_kind,
+    resolve_kind,
+)
+from facesphere.gallery.live import IndexDisagrees, LiveGallery, open_live_gallery
+from facesphere.gallery.store import Gallery, GalleryError, GalleryNotFound, Identity, UnknownIdentity
 
-__all__ = ["Gallery", "GalleryError", "Identity", "LiveGallery", "Match", "SearchIndex", "build_faiss_index", "choose_kind"]
+__all__ = ["INDEX_KINDS", "STORAGES", "Gallery", "GalleryError", "GalleryNotFound", "Identity", "IndexDisagrees",
+           "LiveGallery", "Match", "SearchIndex", "UnknownIdentity", "build_faiss_index", "choose_kind",
+           "open_live_gallery", "resolve_kind"]

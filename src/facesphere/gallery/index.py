@@ -1,12 +1,12 @@
 """1:N search over unit templates with faiss (inner product = cosine), rebuilt from the gallery store.
 
-Index kinds: ``flat`` (exact), ``hnsw`` (graph, no training), ``ivfpq`` (inverted lists + product
-quantisation, trained on the gallery itself); ``auto`` picks exact search below 100k templates and
+Index kinds, registered by name in ``INDEX_KINDS``: ``flat`` (exact), ``hnsw`` (graph, no training),
+``ivfpq`` (inverted lists + product quantisation, trained on the gallery itself); ``auto`` picks exact search below 100k templates and
 IVF-PQ above: on 1M x 512 synthetic galleries (benchmarks/gallery_search.py) IVF-PQ at nprobe 64 matched
 or beat HNSW's recall (0.97 vs 0.62 on isotropic templates, 1.00 vs 1.00 on structured ones) in 1/16 of
 its memory and a quarter to a third of its build time. Storage ``fp32``, ``fp16`` or ``int8`` (scalar
 quantisation) for flat and HNSW.
-Search is open-set: a match below ``threshold`` is reported as not known.
+Search is open-set: a match is ``known`` by the one verification decision (``pipeline.threshold.decide``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from typing import Literal
 
 import numpy as np
 
-IndexKind = Literal["auto", "flat", "hnsw", "ivfpq"]
+from facesphere.pipeline.threshold import decide
+from facesphere.registry import Registry
+
+IndexKind = str
+"""``auto`` or a name registered in ``INDEX_KINDS``."""
 Storage = Literal["fp32", "fp16", "int8"]
 
 
@@ -29,36 +33,78 @@ class Match:
     known: bool = True
 
 
+INDEX_KINDS: Registry = Registry("index kind")
+"""Index builders by kind: ``builder(dim, count, storage, **options)`` -> an untrained, empty faiss index."""
+STORAGES = ("fp32", "fp16", "int8")
+
+
 def choose_kind(count: int) -> str:
     return "flat" if count < 100_000 else "ivfpq"
 
 
-def build_faiss_index(matrix: np.ndarray, kind: IndexKind = "auto", storage: Storage = "fp32", hnsw_m: int = 32,
-                      ef_search: int = 64, ef_construction: int = 40, nprobe: int = 64):
-    """A faiss index over the rows of ``matrix`` (N, D) unit vectors, searched by inner product."""
+def resolve_kind(kind: str, count: int) -> str:
+    """The index kind to build for ``count`` templates (``auto`` chosen by size); unknown kinds are refused."""
+    if kind == "auto":
+        return choose_kind(count)
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; use {', '.join(['auto', *INDEX_KINDS.names()])}")
+    return kind
+
+
+def _quantiser(storage: str):
     import faiss
 
+    return {"fp16": faiss.ScalarQuantizer.QT_fp16, "int8": faiss.ScalarQuantizer.QT_8bit}[storage]
+
+
+@INDEX_KINDS.register("flat")
+def _flat(dim: int, count: int, storage: Storage, **_):
+    """Exact inner-product search."""
+    import faiss
+
+    if storage == "fp32":
+        return faiss.IndexFlatIP(dim)
+    return faiss.IndexScalarQuantizer(dim, _quantiser(storage), faiss.METRIC_INNER_PRODUCT)
+
+
+@INDEX_KINDS.register("hnsw")
+def _hnsw(dim: int, count: int, storage: Storage, hnsw_m: int = 32, ef_search: int = 64, ef_construction: int = 40,
+          **_):
+    """HNSW graph (Malkov & Yashunin, arXiv 1603.09320), no training."""
+    import faiss
+
+    ip = faiss.METRIC_INNER_PRODUCT
+    index = (faiss.IndexHNSWFlat(dim, hnsw_m, ip) if storage == "fp32"
+             else faiss.IndexHNSWSQ(dim, _quantiser(storage), hnsw_m, ip))
+    index.hnsw.efSearch = ef_search
+    index.hnsw.efConstruction = ef_construction
+    return index
+
+
+@INDEX_KINDS.register("ivfpq")
+def _ivfpq(dim: int, count: int, storage: Storage, nprobe: int = 64, **_):
+    """Inverted lists + product quantisation (Jégou et al., "Product quantization for nearest neighbor search",
+    TPAMI 2011), trained on the gallery itself: sqrt-sized coarse quantiser, 8-bit sub-quantisers."""
+    import faiss
+
+    if storage != "fp32":
+        raise ValueError("IVF-PQ quantises by itself; storage must be fp32")
+    nlist = max(1, min(65_536, int(4 * np.sqrt(count))))
+    sub = next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim)
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, sub, 8, faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = nprobe
+    return index
+
+
+def build_faiss_index(matrix: np.ndarray, kind: IndexKind = "auto", storage: Storage = "fp32", **options):
+    """A faiss index over the rows of ``matrix`` (N, D) unit vectors, searched by inner product.
+
+    ``options`` go to the kind's builder (hnsw: ``hnsw_m``, ``ef_search``, ``ef_construction``; ivfpq: ``nprobe``)."""
     matrix = np.ascontiguousarray(matrix, dtype=np.float32)
     n, dim = matrix.shape
-    kind = choose_kind(n) if kind == "auto" else kind
-    quantisers = {"fp16": faiss.ScalarQuantizer.QT_fp16, "int8": faiss.ScalarQuantizer.QT_8bit}
-    ip = faiss.METRIC_INNER_PRODUCT
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim) if storage == "fp32" else faiss.IndexScalarQuantizer(dim, quantisers[storage], ip)
-    elif kind == "hnsw":
-        index = (faiss.IndexHNSWFlat(dim, hnsw_m, ip) if storage == "fp32"
-                 else faiss.IndexHNSWSQ(dim, quantisers[storage], hnsw_m, ip))
-        index.hnsw.efSearch = ef_search
-        index.hnsw.efConstruction = ef_construction
-    elif kind == "ivfpq":
-        if storage != "fp32":
-            raise ValueError("IVF-PQ quantises by itself; storage must be fp32")
-        nlist = max(1, min(65_536, int(4 * np.sqrt(n))))
-        sub = next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim)
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, sub, 8, ip)
-        index.nprobe = nprobe
-    else:
-        raise ValueError(f"unknown index kind {kind!r}; use auto, flat, hnsw or ivfpq")
+    if storage not in STORAGES:
+        raise ValueError(f"unknown index storage {storage!r}; use {', '.join(STORAGES)}")
+    index = INDEX_KINDS.build(resolve_kind(kind, n), dim=dim, count=n, storage=storage, **options)
     if not index.is_trained:
         index.train(matrix if n <= 256 * 1024 else matrix[np.random.default_rng(0).choice(n, 256 * 1024, replace=False)])
     index.add(matrix)
@@ -92,7 +138,7 @@ class SearchIndex:
         if len(set(names)) != len(names):
             raise ValueError("names must be unique (one template per identity)")
         self.dim = int(matrix.shape[1])
-        self.kind = choose_kind(len(matrix)) if kind == "auto" else kind
+        self.kind = resolve_kind(kind, len(matrix))
         if self.kind == "ivfpq" and not len(matrix):
             self.kind = "flat"  # nothing to train quantisers on yet
         self.storage = storage
@@ -160,9 +206,9 @@ class SearchIndex:
             scores, indices = self.index.search(queries, k, params=_search_parameters(self.index, selector))
         else:
             scores, indices = self.index.search(queries, k)
-        return [[Match(self._names[i], float(s), threshold is None or bool(s >= threshold))
+        return [[Match(self._names[i], float(s), threshold is None or decide(float(s), threshold))
                  for s, i in zip(row_scores, row_indices) if i >= 0]
                 for row_scores, row_indices in zip(scores, indices)]
 
 
-__all__ = ["Match", "SearchIndex", "build_faiss_index", "choose_kind"]
+__all__ = ["INDEX_KINDS", "STORAGES", "Match", "SearchIndex", "build_faiss_index", "choose_kind", "resolve_kind"]

@@ -13,9 +13,21 @@ import threading
 from typing import Any
 
 from facesphere.gallery.index import IndexKind, Match, SearchIndex, Storage
-from facesphere.gallery.store import Gallery, Identity
+from facesphere.gallery.store import Gallery, GalleryError, Identity
 
 logger = logging.getLogger(__name__)
+
+
+class IndexDisagrees(GalleryError):
+    """The search index does not hold what the store holds."""
+
+
+def open_live_gallery(path, card=None, kind: IndexKind = "auto", storage: Storage = "fp32",
+                      **index_options) -> LiveGallery:
+    """The gallery database at ``path`` with its search index: created for ``card`` when missing; an
+    existing one is checked against ``card`` (``GalleryError`` when its templates are of another model).
+    Without ``card`` the gallery must exist (:class:`~facesphere.gallery.store.GalleryNotFound`)."""
+    return LiveGallery(Gallery(path, card), kind=kind, storage=storage, **index_options)
 
 
 class LiveGallery:
@@ -91,9 +103,26 @@ class LiveGallery:
                            for name, top in zip(names[start:start + 4096], found) if not top or top[0].name != name]
             return missing, misses
 
+    def check(self) -> str:
+        """A one-line summary when the index agrees with the store, else :class:`IndexDisagrees`.
+
+        Every identity must be in both; with exact search (flat/fp32) every stored template must also find
+        itself first, while an approximate index may miss a few (counted in the summary)."""
+        missing, misses = self.disagreements()
+        count, kind = len(self), f"{self.index.kind}/{self.index.storage}"
+        exact = kind == "flat/fp32"
+        problems = missing + (misses if exact else [])
+        if problems:
+            for problem in problems[:20]:
+                logger.error("%s", problem)
+            raise IndexDisagrees(f"the {kind} index disagrees with the store: {len(missing)} identities in only one, "
+                                 f"{len(misses)} templates not finding themselves")
+        return (f"{count} identities: the {kind} index holds exactly the store's; "
+                f"self-search top-1 {count - len(misses)}/{count}")
+
     def close(self) -> None:
         with self._lock:
             self.gallery.close()
 
 
-__all__ = ["LiveGallery"]
+__all__ = ["IndexDisagrees", "LiveGallery", "open_live_gallery"]

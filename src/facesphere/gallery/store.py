@@ -37,6 +37,14 @@ class GalleryError(ValueError):
     """A gallery operation that cannot be done (unknown identity, wrong model, bad embedding)."""
 
 
+class UnknownIdentity(GalleryError):
+    """No identity of that name in the gallery."""
+
+
+class GalleryNotFound(GalleryError, FileNotFoundError):
+    """No gallery database at that path (and no model card to create one)."""
+
+
 @dataclass(frozen=True)
 class Identity:
     name: str
@@ -58,7 +66,7 @@ class Gallery:
         self.path = Path(path)
         exists = self.path.exists()
         if not exists and card is None:
-            raise GalleryError(f"{self.path} does not exist; give the model card to create a gallery")
+            raise GalleryNotFound(f"{self.path}: no such gallery; give the model card to create one")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -138,7 +146,7 @@ class Gallery:
             done = self._db.execute("UPDATE identities SET metadata=?, updated=? WHERE name=?",
                                     (json.dumps(metadata), time.time(), name)).rowcount
         if not done:
-            raise GalleryError(f"no identity named {name!r}")
+            raise UnknownIdentity(f"no identity named {name!r}")
         return self.get(name)
 
     def remove(self, name: str) -> None:
@@ -146,14 +154,14 @@ class Gallery:
         with self._transaction():
             done = self._db.execute("DELETE FROM identities WHERE name=?", (name,)).rowcount
         if not done:
-            raise GalleryError(f"no identity named {name!r}")
+            raise UnknownIdentity(f"no identity named {name!r}")
 
     # ------------------------------------------------------------------------------------------ reads
     def get(self, name: str) -> Identity:
         row = self._db.execute("SELECT i.name, i.metadata, COUNT(t.id) FROM identities i LEFT JOIN templates t "
                                "ON t.identity=i.id WHERE i.name=? GROUP BY i.id", (name,)).fetchone()
         if row is None:
-            raise GalleryError(f"no identity named {name!r}")
+            raise UnknownIdentity(f"no identity named {name!r}")
         return Identity(row[0], json.loads(row[1]), int(row[2]))
 
     def identities(self) -> list[Identity]:
@@ -187,7 +195,7 @@ class Gallery:
         rows = self._db.execute("SELECT t.embedding FROM templates t JOIN identities i ON t.identity=i.id "
                                 "WHERE i.name=?", (name,)).fetchall()
         if not rows:
-            raise GalleryError(f"no identity named {name!r}")
+            raise UnknownIdentity(f"no identity named {name!r}")
         total = np.sum([np.frombuffer(blob, dtype=np.float32) for (blob,) in rows], axis=0)
         return (total / np.linalg.norm(total)).astype(np.float32)
 
@@ -201,4 +209,4 @@ class Gallery:
         self.close()
 
 
-__all__ = ["Gallery", "GalleryError", "Identity"]
+__all__ = ["Gallery", "GalleryError", "GalleryNotFound", "Identity", "UnknownIdentity"]

@@ -1,8 +1,8 @@
-"""The face pipeline as one object: detect → (68 landmarks) → align → embed → compare.
+"""The face pipeline as one object: detect → (landmarks) → align → (rectify) → embed → (attributes) → compare.
 
 ``FaceAnalyzer.analyze(images)`` takes a batch of photos (arrays or paths) and returns, per image,
-every face with its box, score, 5 landmarks, optional 68 landmarks, aligned crop and unit-length
-embedding. Detection runs once per batch, embedding once over all the batch's faces. The crop is
+every face with its box, score, 5 landmarks, aligned crop, unit-length embedding and the named
+extras its pipeline stages add (``facesphere.pipeline.stages``: 68 landmarks, pose, age, ...). Detection runs once per batch, embedding once over all the batch's faces. The crop is
 cut on the template the embedding model's card names, at the card's input size, so a model never
 sees faces aligned for another model; a photo that cannot be read becomes an error entry of its own
 and the rest of the batch is still analysed.
@@ -22,7 +22,8 @@ import numpy as np
 from facesphere.align.similarity import align_faces, get_template
 from facesphere.data.images import ImageError, load_image
 from facesphere.models.card import ModelCard, ModelCardMismatch
-from facesphere.pipeline.threshold import Threshold
+from facesphere.pipeline.stages import Stage, check_stages, json_value, stage_outputs
+from facesphere.pipeline.threshold import Threshold, decide
 
 logger = logging.getLogger(__name__)
 
@@ -33,22 +34,34 @@ class Embedder(Protocol):
     def embed(self, images: np.ndarray, flip: bool = False) -> np.ndarray: ...
 
 
+class NoFaceFound(ValueError):
+    """A photo without the face asked for (none at all, or fewer than the index asked)."""
+
+
 @dataclass
 class Face:
-    """One detected face. Coordinates are (x, y) pixels of the original photo."""
+    """One detected face. Coordinates are (x, y) pixels of the original photo.
+
+    ``extras``: named per-face outputs of the detector and the pipeline stages (names and units in
+    ``facesphere.pipeline.stages``), serialised by name next to the fixed fields.
+    """
 
     box: np.ndarray
     score: float
     landmarks: np.ndarray
     crop: np.ndarray
     embedding: np.ndarray | None = None
-    landmarks68: np.ndarray | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def landmarks68(self) -> np.ndarray | None:
+        """The 68 iBUG points when a 68-point landmarker ran, else None."""
+        return self.extras.get("landmarks68")
 
     def to_dict(self, crop: bool = False, embedding: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"box": _round(self.box), "score": round(float(self.score), 5),
                                "landmarks": _round(self.landmarks)}
-        if self.landmarks68 is not None:
-            out["landmarks68"] = _round(self.landmarks68)
+        out.update({name: json_value(name, value) for name, value in self.extras.items()})
         if embedding and self.embedding is not None:
             out["embedding"] = [round(float(v), 7) for v in self.embedding]
         if crop:
@@ -87,22 +100,26 @@ def _round(array: np.ndarray) -> list:
 
 
 class FaceAnalyzer:
-    """Detector + optional 68-point landmarker + embedder, enforcing the embedder's model card.
+    """Detector + embedder + pluggable stages, enforcing the embedder's model card.
 
     Args:
         detector: any ``facesphere.detect`` detector (batch of RGB uint8 photos → boxes, scores, 5 points).
         embedder: a PyTorch or ONNX Runtime embedder with a ``card`` and ``embed(crops, flip)``.
-        landmarker: optional 68-point model with ``landmarks(image, boxes)``.
+        landmarker: optional landmarker (``facesphere.align.landmarkers``), run as the first stage.
+        stages: further pipeline stages (``facesphere.pipeline.stages``), run in phase order, given order
+            within a phase.
         flip: flip-sum test-time augmentation of the embeddings.
         threshold: a calibrated :class:`Threshold` for :meth:`compare` decisions.
     """
 
-    def __init__(self, detector, embedder: Embedder | None = None, landmarker=None, flip: bool = True,
-                 threshold: Threshold | None = None, score_threshold: float | None = None,
-                 min_face_size: float | None = None, max_faces: int | None = None, alignment: str | None = None) -> None:
+    def __init__(self, detector, embedder: Embedder | None = None, landmarker: Stage | None = None,
+                 flip: bool = True, threshold: Threshold | None = None, score_threshold: float | None = None,
+                 min_face_size: float | None = None, max_faces: int | None = None, alignment: str | None = None,
+                 stages: Sequence[Stage] = ()) -> None:
         self.detector = detector
         self.embedder = embedder
-        self.landmarker = landmarker
+        self.stages = [*([landmarker] if landmarker is not None else []), *stages]
+        self._phases = check_stages(self.stages)
         self.flip = bool(flip)
         self.score_threshold = score_threshold
         self.min_face_size = min_face_size
@@ -144,10 +161,18 @@ class FaceAnalyzer:
             faces = self._faces(array, found)
             results[slot].faces = faces
             all_faces.extend(faces)
-        if embed and self.embedder is not None and all_faces:
-            embeddings = self.embed_crops(np.stack([f.crop for f in all_faces]))
+        if not all_faces:
+            return results
+        crops = np.stack([f.crop for f in all_faces])
+        embeddings = None
+        if embed and self.embedder is not None:
+            embeddings = self.embed_crops(crops)
             for face, vector in zip(all_faces, embeddings):
                 face.embedding = vector
+        for stage in self._phases["attributes"]:
+            produced = stage_outputs(stage, stage.run(crops, embeddings), len(all_faces))
+            for i, face in enumerate(all_faces):
+                face.extras.update({name: values[i] for name, values in produced.items()})
         return results
 
     def align_largest(self, image: np.ndarray) -> np.ndarray | None:
@@ -156,19 +181,28 @@ class FaceAnalyzer:
         return faces[0].crop if faces else None
 
     def _faces(self, image: np.ndarray, found) -> list[Face]:
+        """One photo's detections, largest first, through the landmarks stages and alignment."""
         if len(found.boxes) == 0:
             return []
-        order = np.argsort(-(found.boxes[:, 2] - found.boxes[:, 0]) * (found.boxes[:, 3] - found.boxes[:, 1]))
-        boxes, scores, points = found.boxes[order], found.scores[order], found.landmarks[order]
-        crops = align_faces(image, points, self.alignment)
-        dense = self.landmarker.landmarks(image, boxes) if self.landmarker is not None else [None] * len(boxes)
-        return [Face(box=boxes[i], score=float(scores[i]), landmarks=points[i], crop=crops[i], landmarks68=dense[i])
-                for i in range(len(boxes))]
+        found = found.select(np.argsort(-(found.boxes[:, 2] - found.boxes[:, 0]) * (found.boxes[:, 3] - found.boxes[:, 1])))
+        for stage in self._phases["landmarks"]:
+            found = found.with_extras(stage_outputs(stage, stage.run(image, found.boxes), len(found)))
+        crops = align_faces(image, found.landmarks, self.alignment)
+        return [Face(box=found.boxes[i], score=float(found.scores[i]), landmarks=found.landmarks[i], crop=crops[i],
+                     extras={name: values[i] for name, values in found.extras.items()}) for i in range(len(found))]
 
     def embed_crops(self, crops: np.ndarray) -> np.ndarray:
-        """Unit-length embeddings of aligned RGB uint8 crops (N, H, W, 3) made on this analyser's template."""
+        """Unit-length embeddings of aligned RGB uint8 crops (N, H, W, 3) made on this analyser's template.
+
+        The ``rectify`` stages transform the crops first, so this is the embedding ``analyze`` gives."""
         if self.embedder is None:
             raise ValueError("this analyser has no embedding model")
+        for stage in self._phases["rectify"]:
+            rectified = np.asarray(stage.run(crops))
+            if rectified.shape != crops.shape or rectified.dtype != np.uint8:
+                raise ValueError(f"rectify stage {stage.name!r} turned {crops.dtype} {crops.shape} crops into "
+                                 f"{rectified.dtype} {rectified.shape}; it must keep uint8 crops of the same shape")
+            crops = rectified
         vectors = np.asarray(self.embedder.embed(crops, flip=self.flip), dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.maximum(norms, 1e-12)
@@ -180,7 +214,18 @@ class FaceAnalyzer:
         cosine = float(np.dot(ea, eb) / max(np.linalg.norm(ea) * np.linalg.norm(eb), 1e-12))
         if self.threshold is None:
             return Comparison(cosine, None, None)
-        return Comparison(cosine, bool(self.threshold.decide(cosine)), self.threshold.value)
+        return Comparison(cosine, decide(cosine, self.threshold.value), self.threshold.value)
+
+
+def pick_face(result: ImageResult, index: int = 0) -> Face:
+    """Face ``index`` (0 = the largest) of an analysed photo; the photo's error, or :class:`NoFaceFound`."""
+    if result.error:
+        raise ValueError(result.error)
+    if not result.faces:
+        raise NoFaceFound(f"{result.source}: no face found")
+    if index >= len(result.faces):
+        raise NoFaceFound(f"{result.source}: face {index} asked for, {len(result.faces)} found")
+    return result.faces[index]
 
 
 def _embedding_of(item) -> np.ndarray:
@@ -211,4 +256,4 @@ def input_sources(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-__all__ = ["Comparison", "Face", "FaceAnalyzer", "ImageResult", "input_sources"]
+__all__ = ["Comparison", "Face", "FaceAnalyzer", "ImageResult", "NoFaceFound", "input_sources", "pick_face"]

@@ -70,3 +70,13 @@ def calibrate_threshold(scores, same, target_far: float, model: str, embedding_s
 
 
 __all__ = ["Threshold", "ThresholdMismatch", "calibrate_threshold"]
+
+
+def decide(scores, threshold: float | None):
+    """The one verification decision: same person iff cosine >= ``threshold`` (None: no decision).
+
+    A scalar score gives a bool, an array of scores a boolean array."""
+    if threshold is None:
+        return None
+    same = np.asarray(scores, dtype=np.float64) >= float(threshold)
+    return bool(same) if same.ndim == 0 else same

@@ -2,9 +2,11 @@
 
 Endpoints under ``/v1`` need an ``X-API-Key`` header: detect, embed, verify, identify, and enrol / list /
 update / delete identities of the gallery. ``/health`` and the page (``/``) are open; the page asks for
-a key and sends it with every call. Bodies over ``max_request_bytes`` get 413, images whose declared
-size exceeds ``max_image_pixels`` get 413, unreadable images 400, photos without a face 422. Every
-error is JSON ``{"error": "..."}``. The OpenAPI spec is at ``/openapi.json``.
+a key and sends it with every call. Bodies over ``max_request_bytes`` get 413; the library's typed
+errors get the status of :data:`ERROR_STATUS` (images over ``max_image_pixels`` 413, unreadable images
+400, photos without a face 422, unknown identities 404). Every error is JSON ``{"error": "..."}``. Faces
+carry the named extras of the analyser's stages (``facesphere.pipeline.stages``) next to box, score and
+landmarks. The OpenAPI spec is at ``/openapi.json``.
 
 The networks and the index run on one dedicated thread (``ModelThread``), one request at a time (each
 call already uses every CPU thread); gallery writes are committed to the SQLite store before the search
@@ -18,6 +20,7 @@ import json
 import logging
 from hashlib import sha256
 from importlib import resources
+import os
 from typing import Annotated, Any
 
 import numpy as np
@@ -26,12 +29,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import facesphere
 from facesphere.data.images import ImageError, ImageTooLarge, load_image_bytes
-from facesphere.gallery import GalleryError, Identity, LiveGallery
+from facesphere.gallery import GalleryError, Identity, LiveGallery, UnknownIdentity, open_live_gallery
+from facesphere.pipeline import AnalyzerSpec, NoFaceFound, build_analyzer, decide, open_set_threshold, pick_face
 from facesphere.service.limits import BodySizeLimit
 from facesphere.service.model_thread import ModelThread
 from facesphere.service.settings import ServiceSettings
@@ -40,8 +44,36 @@ logger = logging.getLogger(__name__)
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="one of the keys the service was started with")
 
 
+class BadMetadata(ValueError):
+    """Identity metadata that is not a JSON object."""
+
+
+class TooManyFiles(ValueError):
+    """More photos in one request than the service takes."""
+
+
+ERROR_STATUS: dict[type[Exception], int] = {
+    ImageTooLarge: 413,
+    TooManyFiles: 413,
+    ImageError: 400,
+    NoFaceFound: 422,
+    BadMetadata: 422,
+    UnknownIdentity: 404,
+    GalleryError: 422,
+}
+"""HTTP status of each expected error type; the most specific class in an error's MRO decides."""
+
+
+def status_of(error: Exception) -> int:
+    return next((ERROR_STATUS[kind] for kind in type(error).__mro__ if kind in ERROR_STATUS), 500)
+
+
 # ---------------------------------------------------------------------------------------------- response models
 class FaceOut(BaseModel):
+    """A face; further keys are the named per-face extras of the analyser's stages (facesphere.pipeline.stages)."""
+
+    model_config = ConfigDict(extra="allow")
+
     box: list[float] = Field(description="x1, y1, x2, y2 in pixels of the uploaded photo")
     score: float
     landmarks: list[list[float]] = Field(description="5 points: eyes, nose tip, mouth corners (x, y)")
@@ -132,30 +164,21 @@ class FaceService:
             raise HTTPException(401, "invalid API key")
 
     def decode(self, upload: UploadFile) -> np.ndarray:
-        data = upload.file.read()
-        name = upload.filename or "upload"
-        try:
-            return load_image_bytes(data, name, max_pixels=self.settings.max_image_pixels)
-        except ImageError as error:
-            raise HTTPException(413 if isinstance(error, ImageTooLarge) else 400, str(error)) from None
+        return load_image_bytes(upload.file.read(), upload.filename or "upload", max_pixels=self.settings.max_image_pixels)
 
-    def faces(self, upload: UploadFile, embed: bool = True):
+    def analyze(self, upload: UploadFile, embed: bool = True):
+        """(photo, its analysis named after the upload)."""
         image = self.decode(upload)
         result = self.model_thread.run(self.analyzer.analyze, [image], embed=embed)[0]
-        return image, result.faces
+        result.source = upload.filename or "upload"
+        return image, result
 
     def one_face(self, upload: UploadFile, index: int = 0):
-        _, faces = self.faces(upload)
-        if not faces:
-            raise HTTPException(422, f"{upload.filename or 'upload'}: no face found")
-        if index >= len(faces):
-            raise HTTPException(422, f"{upload.filename or 'upload'}: face {index} asked for, {len(faces)} found")
-        return faces[index]
+        return pick_face(self.analyze(upload)[1], index)
 
 
 def _face_out(face) -> FaceOut:
-    values = face.to_dict(embedding=False)
-    return FaceOut(box=values["box"], score=values["score"], landmarks=values["landmarks"])
+    return FaceOut(**face.to_dict(embedding=False))
 
 
 def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
@@ -182,10 +205,11 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
         return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
 
-    @app.exception_handler(GalleryError)
-    async def _gallery_error(request: Request, error: GalleryError):
-        status = 404 if str(error).startswith("no identity named") else 422
-        return JSONResponse({"error": str(error)}, status_code=status)
+    async def _expected_error(request: Request, error: Exception):
+        return JSONResponse({"error": str(error)}, status_code=status_of(error))
+
+    for kind in ERROR_STATUS:
+        app.add_exception_handler(kind, _expected_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception):
@@ -211,33 +235,34 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
     @app.post("/v1/detect", dependencies=keyed, tags=["faces"])
     def detect(image: UploadFile = File(..., description="a photo (JPEG, PNG, ...)")) -> PhotoOut:
         """Faces in a photo, largest first: box, score, 5 landmarks."""
-        array, faces = service.faces(image, embed=False)
-        return PhotoOut(width=array.shape[1], height=array.shape[0], faces=[_face_out(f) for f in faces])
+        array, result = service.analyze(image, embed=False)
+        return PhotoOut(width=array.shape[1], height=array.shape[0], faces=[_face_out(f) for f in result.faces])
 
     @app.post("/v1/embed", dependencies=keyed, tags=["faces"])
     def embed(image: UploadFile = File(...)) -> EmbeddedPhotoOut:
         """Every face with its unit-length embedding."""
-        array, faces = service.faces(image)
+        array, result = service.analyze(image)
         return EmbeddedPhotoOut(width=array.shape[1], height=array.shape[0],
-                                faces=[EmbeddedFace(**_face_out(f).model_dump(), embedding=f.embedding.tolist())
-                                       for f in faces])
+                                faces=[EmbeddedFace(**f.to_dict(embedding=False), embedding=f.embedding.tolist())
+                                       for f in result.faces])
 
     @app.post("/v1/verify", dependencies=keyed, tags=["faces"])
     def verify(image1: UploadFile = File(...), image2: UploadFile = File(...)) -> VerifyOut:
         """Are the largest faces of two photos the same person?"""
         first, second = service.one_face(image1), service.one_face(image2)
-        cosine = float(np.dot(first.embedding, second.embedding))
+        cosine = service.analyzer.compare(first, second).cosine
         threshold = settings.match_threshold
-        return VerifyOut(cosine=round(cosine, 6), same=None if threshold is None else cosine >= threshold,
-                         threshold=threshold, faces=[_face_out(first), _face_out(second)])
+        return VerifyOut(cosine=round(cosine, 6), same=decide(cosine, threshold), threshold=threshold,
+                         faces=[_face_out(first), _face_out(second)])
 
     @app.post("/v1/identify", dependencies=keyed, tags=["gallery"])
     def identify(image: UploadFile = File(...), k: int = Query(settings.top_k, ge=1, le=100)) -> IdentifyOut:
         """Every face of a photo with its top-k gallery matches (open-set: ``known`` says above the threshold)."""
-        array, faces = service.faces(image)
+        array, result = service.analyze(image)
+        faces = result.faces
         found = on_model_thread(gallery.search, np.stack([f.embedding for f in faces]), k,
                                 settings.match_threshold) if faces else []
-        out = [IdentifiedFace(**_face_out(face).model_dump(),
+        out = [IdentifiedFace(**face.to_dict(embedding=False),
                               matches=[MatchOut(name=m.name, score=round(m.score, 6), known=m.known) for m in matches])
                for face, matches in zip(faces, found)]
         return IdentifyOut(width=array.shape[1], height=array.shape[0], threshold=settings.match_threshold, faces=out)
@@ -249,13 +274,13 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
               metadata: str = Form("{}", description="JSON object merged into the identity's metadata")) -> IdentityOut:
         """Enrol a person (or add photos to them): one template per photo, committed before the reply."""
         if len(images) > settings.max_files:
-            raise HTTPException(413, f"{len(images)} photos in one enrolment; the limit is {settings.max_files}")
+            raise TooManyFiles(f"{len(images)} photos in one enrolment; the limit is {settings.max_files}")
         try:
             extra = json.loads(metadata)
         except json.JSONDecodeError as error:
-            raise HTTPException(422, f"metadata is not JSON: {error}") from None
+            raise BadMetadata(f"metadata is not JSON: {error}") from None
         if not isinstance(extra, dict):
-            raise HTTPException(422, "metadata must be a JSON object")
+            raise BadMetadata("metadata must be a JSON object")
         faces = [service.one_face(upload, face) for upload in images]
         identity = on_model_thread(gallery.enrol, name.strip(), np.stack([f.embedding for f in faces]), extra,
                                    [u.filename or "upload" for u in images])
@@ -292,4 +317,22 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
     return app
 
 
-__all__ = ["FaceService", "create_app"]
+def build_app(analyzer: AnalyzerSpec, gallery: str | os.PathLike, settings: ServiceSettings,
+              threshold: str | os.PathLike | None = None, index: str = "auto", storage: str = "fp32") -> FastAPI:
+    """The service ``facesphere serve`` runs: the analyser of ``analyzer`` (its ``model`` may be a model folder,
+    an .onnx, a training run folder or a checkpoint) loaded on its own model thread, the gallery database
+    (created for the model when missing) and the open-set threshold: a calibrated ``threshold`` file checked
+    against the model, else ``settings.match_threshold``."""
+    model_thread = ModelThread()  # loads and runs every network (see facesphere.service.model_thread)
+    built = model_thread.run(build_analyzer, analyzer)
+    if built.embedder is None:
+        raise ValueError("the service needs an embedding model")
+    card = built.embedder.card
+    value = open_set_threshold(card, threshold, settings.match_threshold)
+    if value is None:
+        logger.warning("no threshold: every match is reported as known (closed-set)")
+    live = model_thread.run(open_live_gallery, gallery, card, kind=index, storage=storage)
+    return create_app(built, live, settings.model_copy(update={"match_threshold": value}), model_thread)
+
+
+__all__ = ["ERROR_STATUS", "BadMetadata", "FaceService", "TooManyFiles", "build_app", "create_app", "status_of"]

@@ -1,0 +1,135 @@
+"""Assemble a :class:`FaceAnalyzer` from names and paths, the way the CLI and the service do.
+
+Everything that can be stored is named by a path: the detector's weights, the embedding model (a
+model folder, an exported ``.onnx``, a training run folder or a checkpoint file, all read by
+``facesphere.models.runs.load_embedder``), an optional landmarker's weights and a calibrated threshold.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from facesphere.models.card import ModelCard
+from facesphere.pipeline.analyzer import FaceAnalyzer, input_sources
+from facesphere.pipeline.stages import Stage
+from facesphere.pipeline.threshold import Threshold
+
+logger = logging.getLogger(__name__)
+
+MODEL_FORMS = ("a model folder (card.json + model.safetensors), an exported .onnx, a training run folder "
+               "(its newest checkpoint) or a checkpoint file")
+"""What every ``--model`` / ``model`` path may be (``facesphere.models.runs.load_embedder``)."""
+
+
+class AnalyzerSpec(BaseModel):
+    """What a face analyser is made of, by name and path."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    detector: str = Field("retinaface", description="registered detector name (facesphere.detect.DETECTORS)")
+    detector_weights: Path
+    model: Path | None = Field(None, description=f"embedding model: {MODEL_FORMS}")
+    landmarker: str | None = Field(None, description="registered landmarker name (align.landmarkers.LANDMARKERS)")
+    landmarker_weights: Path | None = None
+    score_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    min_face_size: float | None = Field(None, ge=0.0)
+    max_faces: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads of every network (PyTorch: process-wide)")
+    device: str = "cpu"
+    flip: bool = True
+    threshold: Path | None = Field(None, description="threshold file from `facesphere calibrate`")
+    alignment: str | None = Field(None, description="crop template when there is no model (the card decides)")
+
+
+def _runtime_options(constructor, threads: int | None, device: str) -> dict:
+    """``threads`` / ``device`` for a registered constructor that takes them."""
+    parameters = inspect.signature(constructor).parameters
+    return {key: value for key, value in (("threads", threads), ("device", device))
+            if key in parameters and value is not None}
+
+
+def build_analyzer(spec: AnalyzerSpec | None = None, stages: Sequence[Stage] = (), **fields) -> FaceAnalyzer:
+    """A :class:`FaceAnalyzer` from a spec (or the spec's fields as keywords), with extra ``stages``."""
+    import facesphere.align.landmarks68  # noqa: F401  (registers the built-in landmarkers)
+    from facesphere.align.landmarkers import LANDMARKERS, build_landmarker
+    from facesphere.detect import DETECTORS, build_detector
+    from facesphere.models.runs import load_embedder
+
+    spec = spec if spec is not None else AnalyzerSpec(**fields)
+    if spec.threads:
+        import torch
+
+        torch.set_num_threads(spec.threads)
+    detector = build_detector(spec.detector, spec.detector_weights,
+                              **_runtime_options(DETECTORS.get(spec.detector), spec.threads, spec.device))
+    embedder = load_embedder(spec.model, device=spec.device, threads=spec.threads) if spec.model else None
+    landmarker = None
+    if spec.landmarker or spec.landmarker_weights:
+        if not (spec.landmarker and spec.landmarker_weights):
+            raise ValueError("a landmarker needs both its name and its weights file")
+        landmarker = build_landmarker(spec.landmarker, spec.landmarker_weights,
+                                      **_runtime_options(LANDMARKERS.get(spec.landmarker), spec.threads, None))
+    return FaceAnalyzer(detector, embedder, landmarker=landmarker, stages=stages, flip=spec.flip,
+                        threshold=Threshold.load(spec.threshold) if spec.threshold else None,
+                        score_threshold=spec.score_threshold, min_face_size=spec.min_face_size,
+                        max_faces=spec.max_faces, alignment=spec.alignment)
+
+
+def open_set_threshold(card: ModelCard, threshold: str | os.PathLike | Threshold | None = None,
+                       value: float | None = None) -> float | None:
+    """The cosine threshold for open-set decisions: a calibrated file checked against ``card``, or a plain value."""
+    if threshold is not None and value is not None:
+        raise ValueError("give a calibrated threshold or a plain threshold value, not both")
+    if threshold is None:
+        return value
+    calibrated = threshold if isinstance(threshold, Threshold) else Threshold.load(threshold)
+    calibrated.check_model(card.name, card.embedding_size)
+    return calibrated.value
+
+
+@dataclass
+class PersonPhotos:
+    """One person's photos through the pipeline: the largest face's embedding per usable photo."""
+
+    name: str
+    embeddings: list = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    """``"<photo>: <why>"`` for each photo without a usable face."""
+
+
+class PeopleFolder:
+    """A folder of one sub-folder of photos per person (sorted; the sub-folder's name is the identity)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.people = sorted(p for p in self.folder.iterdir() if p.is_dir()) if self.folder.is_dir() else []
+        if not self.people:
+            raise ValueError(f"{self.folder}: no sub-folders (expected one per person)")
+
+    def __len__(self) -> int:
+        return len(self.people)
+
+    def embed(self, analyzer: FaceAnalyzer, batch: int = 16) -> Iterator[PersonPhotos]:
+        """Per person, the largest face's embedding of each photo, ``batch`` photos per pass."""
+        for person in self.people:
+            found = PersonPhotos(person.name)
+            photos = input_sources([person])
+            for start in range(0, len(photos), batch):
+                for result in analyzer.analyze(photos[start:start + batch]):
+                    if result.error or not result.faces:
+                        found.skipped.append(f"{result.source}: {result.error or 'no face found'}")
+                        continue
+                    found.embeddings.append(result.faces[0].embedding)
+                    found.sources.append(result.source)
+            yield found
+
+
+__all__ = ["MODEL_FORMS", "AnalyzerSpec", "PeopleFolder", "PersonPhotos", "build_analyzer", "open_set_threshold"]

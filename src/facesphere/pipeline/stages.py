@@ -1,0 +1,95 @@
+"""Pluggable stages of the face pipeline, and the names of the per-face outputs they add.
+
+``FaceAnalyzer`` runs: detect -> ``landmarks`` stages -> align -> ``rectify`` stages -> embed ->
+``attributes`` stages. A stage is any object with
+
+* ``name``: a short identifier (logs, errors);
+* ``phase``: one of :data:`PHASES`;
+* ``outputs``: the names of the per-face extras it adds (empty for a rectifier);
+* ``run(...)``, whose arguments depend on the phase:
+
+  - ``landmarks``: ``run(image, boxes) -> {name: (N, ...) array}`` for one HxWx3 uint8 RGB photo and
+    its (N, 4) face boxes (largest face first); the landmarker contract of ``facesphere.align.landmarkers``;
+  - ``rectify``: ``run(crops) -> crops``, aligned (M, H, W, 3) uint8 RGB crops in, crops of the same
+    shape out, just before the embedder sees them (e.g. GridFace's learned rectification, arXiv
+    1808.06210 Sec. 3.1); ``FaceAnalyzer.embed_crops`` applies it, so ``Face.crop`` stays the aligned crop
+    and ``embed_crops(face.crop)`` gives ``face.embedding``;
+  - ``attributes``: ``run(crops, embeddings) -> {name: (M, ...) array}`` over every face of the batch,
+    from the aligned crops and the unit embeddings (``None`` when the batch is not embedded).
+
+Per-face output names (first axis = faces in ``Detections.extras``; one face's value in ``Face.extras``;
+serialised by name next to ``box``/``score``/``landmarks`` in ``Face.to_dict``, the CLI's JSON and the
+REST answers): lower-case ``snake_case``, the quantity rather than the model, e.g.
+
+* ``landmarks68``: (68, 2) iBUG/300W points, photo pixels (x, y);
+* ``landmarks_dense``: (K, 2) or (K, 3) dense points, photo pixels (x, y[, depth]);
+* ``pose``: (3,) yaw, pitch, roll in degrees;
+* ``params_3dmm``: (P,) 3D morphable model coefficients, as the regressor's card documents them;
+* ``age``: () years.
+
+Values whose name starts with ``landmarks`` are rounded to 2 decimals (pixels), others to 4.
+The names in :data:`RESERVED` are the face's own fields and cannot be used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from facesphere.detect.base import check_per_face
+
+PHASES = ("landmarks", "rectify", "attributes")
+"""Stage phases in the order they run (after detection, after alignment, after embedding)."""
+
+RESERVED = frozenset({"box", "score", "landmarks", "embedding", "crop", "crop_shape", "matches", "source"})
+
+
+@runtime_checkable
+class Stage(Protocol):
+    name: str
+    phase: str
+    outputs: tuple[str, ...]
+
+    def run(self, *args: Any) -> Any: ...
+
+
+def check_stages(stages: Sequence[Stage]) -> dict[str, list[Stage]]:
+    """The stages grouped by phase (given order kept); refuses unknown phases and reused or reserved names."""
+    by_phase: dict[str, list[Stage]] = {phase: [] for phase in PHASES}
+    owner: dict[str, str] = {}
+    for stage in stages:
+        name = getattr(stage, "name", type(stage).__name__)
+        if not isinstance(stage, Stage):
+            raise TypeError(f"pipeline stage {name!r} lacks name, phase, outputs or run()")
+        if stage.phase not in by_phase:
+            raise ValueError(f"pipeline stage {name!r}: unknown phase {stage.phase!r}; use {', '.join(PHASES)}")
+        for output in stage.outputs:
+            if output in RESERVED:
+                raise ValueError(f"pipeline stage {name!r}: output name {output!r} is reserved")
+            if output in owner:
+                raise ValueError(f"pipeline stages {owner[output]!r} and {name!r} both add {output!r}")
+            owner[output] = name
+        by_phase[stage.phase].append(stage)
+    return by_phase
+
+
+def stage_outputs(stage: Stage, produced: dict[str, Any], faces: int) -> dict[str, np.ndarray]:
+    """``produced`` checked against what ``stage`` declared: exactly its outputs, one entry per face each."""
+    if set(produced) != set(stage.outputs):
+        raise ValueError(f"pipeline stage {stage.name!r} returned {sorted(produced)}, declared {sorted(stage.outputs)}")
+    return {name: check_per_face(name, values, faces) for name, values in produced.items()}
+
+
+def json_value(name: str, value: Any) -> Any:
+    """One face's extra as JSON: arrays and numpy scalars as (nested) lists and numbers, rounded by name."""
+    array = np.asarray(value)
+    if array.dtype.kind in "biu":
+        return array.tolist()
+    if array.dtype.kind == "f":
+        return np.round(array.astype(np.float64), 2 if name.startswith("landmarks") else 4).tolist()
+    return value
+
+
+__all__ = ["PHASES", "RESERVED", "Stage", "check_stages", "json_value", "stage_outputs"]
