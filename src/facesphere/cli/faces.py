@@ -22,7 +22,7 @@ DETECTOR_HELP = "detector: retinaface (PyTorch), scrfd or yunet (ONNX Runtime)"
 WEIGHTS_HELP = "detector weights file (.pth for retinaface, .onnx for scrfd/yunet)"
 MODEL_HELP = ("embedding model: a model folder (card.json + model.safetensors), an exported .onnx, a training run "
               "folder (its newest checkpoint) or a checkpoint file")
-LANDMARKS_HELP = "optional 68-point landmark model (PFLD .onnx)"
+LANDMARKS_HELP = "optional 68-point landmark model (PFLD .onnx); short for --landmarker pfld68 --landmarker-weights"
 
 Inputs = typer.Argument(..., help="image files and/or folders")
 DetectorOpt = typer.Option("retinaface", "--detector", help=DETECTOR_HELP)
@@ -32,15 +32,22 @@ MinFaceOpt = typer.Option(None, "--min-face", min=0.0, help="ignore faces whose 
 MaxFacesOpt = typer.Option(None, "--max-faces", min=1, help="keep at most this many faces per image (largest score)")
 OutOpt = typer.Option(None, "--out", help="write the JSON here (atomically) instead of stdout")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for the networks")
+Landmarks68Opt = typer.Option(None, "--landmarks68", help=LANDMARKS_HELP)
+LandmarkerOpt = typer.Option(None, "--landmarker", help="registered landmarker run on every face (pfld68, ...); "
+                             "its outputs appear under their names (landmarks68, pose, ...)")
+LandmarkerWeightsOpt = typer.Option(None, "--landmarker-weights", exists=True, help="the landmarker's weights")
 
 
 def analyzer_from_flags(detector: str, weights: Path, model: Path | None = None, landmarks68: Path | None = None,
-                   **options):
+                        **options):
     """The library's analyser (``facesphere.pipeline.build_analyzer``) from the options every command shares."""
-    from facesphere.pipeline import build_analyzer as build
+    from facesphere.pipeline import build_analyzer
 
-    return build(detector=detector, detector_weights=weights, model=model,
-                 landmarker="pfld68" if landmarks68 else None, landmarker_weights=landmarks68, **options)
+    if landmarks68 is not None:
+        if options.get("landmarker") or options.get("landmarker_weights"):
+            raise ValueError("give --landmarks68 or --landmarker/--landmarker-weights, not both")
+        options.update(landmarker="pfld68", landmarker_weights=landmarks68)
+    return build_analyzer(detector=detector, detector_weights=weights, model=model, **options)
 
 
 def emit(payload: Any, out: Path | None) -> None:
@@ -73,14 +80,15 @@ def _sources(inputs: list[Path]) -> list[Path]:
 
 
 def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
-           landmarks68: Optional[Path] = typer.Option(None, "--landmarks68", help=LANDMARKS_HELP),
-           score: Optional[float] = ScoreOpt, min_face: Optional[float] = MinFaceOpt,
-           max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt,
+           landmarks68: Optional[Path] = Landmarks68Opt, landmarker: Optional[str] = LandmarkerOpt,
+           landmarker_weights: Optional[Path] = LandmarkerWeightsOpt, score: Optional[float] = ScoreOpt,
+           min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt,
            out: Optional[Path] = OutOpt) -> None:
-    """Faces in each image: box, score, 5 landmarks (and 68 with --landmarks68), as JSON."""
+    """Faces in each image: box, score, 5 landmarks (and the landmarker's outputs, e.g. landmarks68), as JSON."""
     with user_errors():
-        analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68, score_threshold=score,
-                                  min_face_size=min_face, max_faces=max_faces, threads=threads)
+        analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68, landmarker=landmarker,
+                                       landmarker_weights=landmarker_weights, score_threshold=score,
+                                       min_face_size=min_face, max_faces=max_faces, threads=threads)
         results = analyzer.analyze(_sources(inputs), embed=False)
         _summary(results)
         emit([r.to_dict() for r in results], out)
@@ -99,7 +107,7 @@ def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-
 
     with user_errors():
         analyzer = analyzer_from_flags(detector, detector_weights, model, score_threshold=score, min_face_size=min_face,
-                                  max_faces=max_faces, threads=threads, alignment=None if model else alignment)
+                                       max_faces=max_faces, threads=threads, alignment=None if model else alignment)
         results = analyzer.analyze(_sources(inputs), embed=False)
         payload = []
         for index, result in enumerate(results):
@@ -123,7 +131,7 @@ def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model"
     """Unit-length embeddings of every face, with boxes and landmarks, as JSON."""
     with user_errors():
         analyzer = analyzer_from_flags(detector, detector_weights, model, score_threshold=score, min_face_size=min_face,
-                                  max_faces=max_faces, threads=threads, flip=flip)
+                                       max_faces=max_faces, threads=threads, flip=flip)
         results = analyzer.analyze(_sources(inputs))
         _summary(results)
         card = analyzer.embedder.card
@@ -151,17 +159,18 @@ def verify(image1: Path = typer.Argument(..., help="first photo"), image2: Path 
 
 def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-dir", help="folder for the PNGs"),
          detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
-         landmarks68: Optional[Path] = typer.Option(None, "--landmarks68", help=LANDMARKS_HELP),
-         score: Optional[float] = ScoreOpt, min_face: Optional[float] = MinFaceOpt,
-         max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt) -> None:
+         landmarks68: Optional[Path] = Landmarks68Opt, landmarker: Optional[str] = LandmarkerOpt,
+         landmarker_weights: Optional[Path] = LandmarkerWeightsOpt, score: Optional[float] = ScoreOpt,
+         min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt) -> None:
     """Each photo as a PNG with boxes, scores and landmarks drawn on it."""
     from facesphere.data.images import ImageError, load_image
     from facesphere.pipeline import ImageResult
     from facesphere.pipeline.drawing import draw_faces, write_png
 
     with user_errors():
-        analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68, score_threshold=score,
-                                  min_face_size=min_face, max_faces=max_faces, threads=threads)
+        analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68, landmarker=landmarker,
+                                       landmarker_weights=landmarker_weights, score_threshold=score,
+                                       min_face_size=min_face, max_faces=max_faces, threads=threads)
         results = []
         for index, source in enumerate(_sources(inputs)):  # one photo at a time: each is decoded once
             try:
