@@ -36,6 +36,8 @@ Landmarks68Opt = typer.Option(None, "--landmarks68", help=LANDMARKS_HELP)
 LandmarkerOpt = typer.Option(None, "--landmarker", help="registered landmarker run on every face (pfld68, ...); "
                              "its outputs appear under their names (landmarks68, pose, ...)")
 LandmarkerWeightsOpt = typer.Option(None, "--landmarker-weights", exists=True, help="the landmarker's weights")
+IndexOpt = typer.Option("auto", "--index", help="search index kind: auto, flat, hnsw or ivfpq (gallery.INDEX_KINDS)")
+StorageOpt = typer.Option("fp32", "--storage", help="index storage: fp32, fp16 or int8")
 
 
 def analyzer_from_flags(detector: str, weights: Path, model: Path | None = None, landmarks68: Path | None = None,
@@ -82,8 +84,8 @@ def _sources(inputs: list[Path]) -> list[Path]:
 def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
            landmarks68: Optional[Path] = Landmarks68Opt, landmarker: Optional[str] = LandmarkerOpt,
            landmarker_weights: Optional[Path] = LandmarkerWeightsOpt, score: Optional[float] = ScoreOpt,
-           min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt,
-           out: Optional[Path] = OutOpt) -> None:
+           min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt,
+           threads: Optional[int] = ThreadsOpt, out: Optional[Path] = OutOpt) -> None:
     """Faces in each image: box, score, 5 landmarks (and the landmarker's outputs, e.g. landmarks68), as JSON."""
     with user_errors():
         analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68, landmarker=landmarker,
@@ -149,7 +151,8 @@ def verify(image1: Path = typer.Argument(..., help="first photo"), image2: Path 
     from facesphere.pipeline import pick_face
 
     with user_errors():
-        analyzer = analyzer_from_flags(detector, detector_weights, model, threads=threads, flip=flip, threshold=threshold)
+        analyzer = analyzer_from_flags(detector, detector_weights, model, threads=threads, flip=flip,
+                                       threshold=threshold)
         first, second = (pick_face(result) for result in analyzer.analyze([image1, image2]))
         comparison = analyzer.compare(first, second)
         emit({"image1": str(image1), "image2": str(image2), "model": analyzer.embedder.card.name,
@@ -161,7 +164,8 @@ def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-d
          detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
          landmarks68: Optional[Path] = Landmarks68Opt, landmarker: Optional[str] = LandmarkerOpt,
          landmarker_weights: Optional[Path] = LandmarkerWeightsOpt, score: Optional[float] = ScoreOpt,
-         min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt) -> None:
+         min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt,
+         threads: Optional[int] = ThreadsOpt) -> None:
     """Each photo as a PNG with boxes, scores and landmarks drawn on it."""
     from facesphere.data.images import ImageError, load_image
     from facesphere.pipeline import ImageResult

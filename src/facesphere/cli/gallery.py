@@ -12,8 +12,17 @@ from typing import Optional
 import typer
 
 from facesphere.cli.errors import user_errors
-from facesphere.cli.faces import MODEL_HELP, DetectorOpt, OutOpt, ThreadsOpt, WeightsOpt, analyzer_from_flags, emit
-from facesphere.cli.serve import INDEX_HELP
+from facesphere.cli.faces import (
+    MODEL_HELP,
+    DetectorOpt,
+    IndexOpt,
+    OutOpt,
+    StorageOpt,
+    ThreadsOpt,
+    WeightsOpt,
+    analyzer_from_flags,
+    emit,
+)
 
 logger = logging.getLogger("facesphere")
 app = typer.Typer(help="Enrol, list, remove and check the identities of a gallery database.", no_args_is_help=True)
@@ -72,8 +81,7 @@ def remove(gallery: Path = GalleryArg, names: list[str] = typer.Argument(..., he
 
 
 @app.command("check")
-def check(gallery: Path = GalleryArg, index: str = typer.Option("auto", "--index", help=INDEX_HELP),
-          storage: str = typer.Option("fp32", "--storage", help="fp32, fp16 or int8")) -> None:
+def check(gallery: Path = GalleryArg, index: str = IndexOpt, storage: str = StorageOpt) -> None:
     """Build the search index from the store and check that every identity's template finds itself first."""
     from facesphere.gallery import open_live_gallery
 

@@ -9,10 +9,9 @@ from typing import Optional
 import typer
 
 from facesphere.cli.errors import user_errors
-from facesphere.cli.faces import MODEL_HELP, DetectorOpt, ThreadsOpt, WeightsOpt
+from facesphere.cli.faces import MODEL_HELP, DetectorOpt, IndexOpt, StorageOpt, ThreadsOpt, WeightsOpt
 
 logger = logging.getLogger("facesphere")
-INDEX_HELP = "search index kind: auto, flat, hnsw or ivfpq (facesphere.gallery.INDEX_KINDS)"
 
 
 def serve(gallery: Path = typer.Option(..., "--gallery", help="gallery database (SQLite), created if missing"),
@@ -26,8 +25,7 @@ def serve(gallery: Path = typer.Option(..., "--gallery", help="gallery database 
                                                    "(`facesphere calibrate`) for open-set matches and verify"),
           match_threshold: Optional[float] = typer.Option(None, "--match-threshold", min=-1.0, max=1.0,
                                                           help="open-set cosine threshold, when not calibrated"),
-          index: str = typer.Option("auto", "--index", help=INDEX_HELP),
-          storage: str = typer.Option("fp32", "--storage", help="index storage: fp32, fp16 or int8"),
+          index: str = IndexOpt, storage: str = StorageOpt,
           max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.01, help="largest request body"),
           max_pixels: int = typer.Option(25_000_000, "--max-pixels", min=1, help="largest image, width x height"),
           max_faces: int = typer.Option(20, "--max-faces", min=1, help="faces analysed per photo"),

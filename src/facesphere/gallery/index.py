@@ -1,8 +1,8 @@
 """1:N search over unit templates with faiss (inner product = cosine), rebuilt from the gallery store.
 
 Index kinds, registered by name in ``INDEX_KINDS``: ``flat`` (exact), ``hnsw`` (graph, no training),
-``ivfpq`` (inverted lists + product quantisation, trained on the gallery itself); ``auto`` picks exact search below 100k templates and
-IVF-PQ above: on 1M x 512 synthetic galleries (benchmarks/gallery_search.py) IVF-PQ at nprobe 64 matched
+``ivfpq`` (inverted lists + product quantisation, trained on the gallery itself); ``auto`` picks exact
+search below 100k templates and IVF-PQ above: on 1M x 512 synthetic galleries (benchmarks/gallery_search.py) IVF-PQ at nprobe 64 matched
 or beat HNSW's recall (0.97 vs 0.62 on isotropic templates, 1.00 vs 1.00 on structured ones) in 1/16 of
 its memory and a quarter to a third of its build time. Storage ``fp32``, ``fp16`` or ``int8`` (scalar
 quantisation) for flat and HNSW.
@@ -83,8 +83,8 @@ def _hnsw(dim: int, count: int, storage: Storage, hnsw_m: int = 32, ef_search: i
 
 @INDEX_KINDS.register("ivfpq")
 def _ivfpq(dim: int, count: int, storage: Storage, nprobe: int = 64, **_):
-    """Inverted lists + product quantisation (Jégou et al., "Product quantization for nearest neighbor search",
-    TPAMI 2011), trained on the gallery itself: sqrt-sized coarse quantiser, 8-bit sub-quantisers."""
+    """Inverted lists + product quantisation (IVFADC of Jégou et al., TPAMI 2011, as built by the Faiss library,
+    arXiv 2401.08281), trained on the gallery itself: 4 sqrt(N) coarse centroids, 8-bit sub-quantisers."""
     import faiss
 
     if storage != "fp32":

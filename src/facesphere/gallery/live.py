@@ -9,11 +9,13 @@ are replaced or removed templates, it is rebuilt from the store.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
 from facesphere.gallery.index import IndexKind, Match, SearchIndex, Storage
 from facesphere.gallery.store import Gallery, GalleryError, Identity
+from facesphere.models.card import ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +24,7 @@ class IndexDisagrees(GalleryError):
     """The search index does not hold what the store holds."""
 
 
-def open_live_gallery(path, card=None, kind: IndexKind = "auto", storage: Storage = "fp32",
+def open_live_gallery(path: str | os.PathLike, card: ModelCard | None = None, kind: IndexKind = "auto", storage: Storage = "fp32",
                       **index_options) -> LiveGallery:
     """The gallery database at ``path`` with its search index: created for ``card`` when missing; an
     existing one is checked against ``card`` (``GalleryError`` when its templates are of another model).

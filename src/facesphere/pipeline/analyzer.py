@@ -2,8 +2,8 @@
 
 ``FaceAnalyzer.analyze(images)`` takes a batch of photos (arrays or paths) and returns, per image,
 every face with its box, score, 5 landmarks, aligned crop, unit-length embedding and the named
-extras its pipeline stages add (``facesphere.pipeline.stages``: 68 landmarks, pose, age, ...). Detection runs once per batch, embedding once over all the batch's faces. The crop is
-cut on the template the embedding model's card names, at the card's input size, so a model never
+extras its pipeline stages add (``facesphere.pipeline.stages``: 68 landmarks, pose, age, ...).
+Detection runs once per batch, embedding once over all the batch's faces. The crop is cut on the template the embedding model's card names, at the card's input size, so a model never
 sees faces aligned for another model; a photo that cannot be read becomes an error entry of its own
 and the rest of the batch is still analysed.
 """
@@ -22,7 +22,7 @@ import numpy as np
 from facesphere.align.similarity import align_faces, get_template
 from facesphere.data.images import ImageError, load_image
 from facesphere.models.card import ModelCard, ModelCardMismatch
-from facesphere.pipeline.stages import Stage, check_stages, json_value, stage_outputs
+from facesphere.pipeline.stages import Stage, check_stages, json_value, round_pixels, stage_outputs
 from facesphere.pipeline.threshold import Threshold, decide
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ class Face:
         return self.extras.get("landmarks68")
 
     def to_dict(self, crop: bool = False, embedding: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {"box": _round(self.box), "score": round(float(self.score), 5),
-                               "landmarks": _round(self.landmarks)}
+        out: dict[str, Any] = {"box": round_pixels(self.box), "score": round(float(self.score), 5),
+                               "landmarks": round_pixels(self.landmarks)}
         out.update({name: json_value(name, value) for name, value in self.extras.items()})
         if embedding and self.embedding is not None:
             out["embedding"] = [round(float(v), 7) for v in self.embedding]
@@ -93,10 +93,6 @@ class Comparison:
     cosine: float
     same: bool | None
     threshold: float | None
-
-
-def _round(array: np.ndarray) -> list:
-    return np.round(np.asarray(array, dtype=np.float64), 2).tolist()
 
 
 class FaceAnalyzer:

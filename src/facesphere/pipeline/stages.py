@@ -82,14 +82,19 @@ def stage_outputs(stage: Stage, produced: dict[str, Any], faces: int) -> dict[st
     return {name: check_per_face(name, values, faces) for name, values in produced.items()}
 
 
+def round_pixels(array) -> Any:
+    """Pixel coordinates as JSON numbers, to 2 decimals (a hundredth of a pixel)."""
+    return np.round(np.asarray(array, dtype=np.float64), 2).tolist()
+
+
 def json_value(name: str, value: Any) -> Any:
     """One face's extra as JSON: arrays and numpy scalars as (nested) lists and numbers, rounded by name."""
     array = np.asarray(value)
     if array.dtype.kind in "biu":
         return array.tolist()
     if array.dtype.kind == "f":
-        return np.round(array.astype(np.float64), 2 if name.startswith("landmarks") else 4).tolist()
+        return round_pixels(array) if name.startswith("landmarks") else np.round(array.astype(np.float64), 4).tolist()
     return value
 
 
-__all__ = ["PHASES", "RESERVED", "Stage", "check_stages", "json_value", "stage_outputs"]
+__all__ = ["PHASES", "RESERVED", "Stage", "check_stages", "json_value", "round_pixels", "stage_outputs"]

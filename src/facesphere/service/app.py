@@ -18,9 +18,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 from hashlib import sha256
 from importlib import resources
-import os
 from typing import Annotated, Any
 
 import numpy as np
@@ -164,7 +164,8 @@ class FaceService:
             raise HTTPException(401, "invalid API key")
 
     def decode(self, upload: UploadFile) -> np.ndarray:
-        return load_image_bytes(upload.file.read(), upload.filename or "upload", max_pixels=self.settings.max_image_pixels)
+        return load_image_bytes(upload.file.read(), upload.filename or "upload",
+                                max_pixels=self.settings.max_image_pixels)
 
     def analyze(self, upload: UploadFile, embed: bool = True):
         """(photo, its analysis named after the upload)."""
