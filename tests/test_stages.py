@@ -265,11 +265,18 @@ def test_serve_a_model_from_a_training_run_folder(spec, run_folder, tmp_path):
     app.state.service.gallery.close()
 
 
-def test_every_model_option_accepts_a_training_run():
+def test_every_model_option_accepts_a_training_run(run_folder, tmp_path):
     import typer
 
     from facesphere.cli.main import app
 
+    out = tmp_path / "embedded.json"
+    done = CliRunner().invoke(app, ["embed", str(require_data(CACD) / "0001_0.jpg"), "--model", str(run_folder),
+                                    "--detector", "scrfd", "--detector-weights", str(require_data(SCRFD)),
+                                    "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    payload = json.loads(out.read_text())
+    assert payload["model"] == "tiny-step2" and len(payload["images"][0]["faces"][0]["embedding"]) == 128
     root = typer.main.get_command(app)
     for path in (["embed"], ["verify"], ["align"], ["calibrate"], ["serve"], ["gallery", "enrol"]):
         command = root

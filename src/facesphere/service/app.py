@@ -324,10 +324,10 @@ def build_app(analyzer: AnalyzerSpec, gallery: str | os.PathLike, settings: Serv
     an .onnx, a training run folder or a checkpoint) loaded on its own model thread, the gallery database
     (created for the model when missing) and the open-set threshold: a calibrated ``threshold`` file checked
     against the model, else ``settings.match_threshold``."""
+    if analyzer.model is None:
+        raise ValueError("the service needs an embedding model (AnalyzerSpec.model)")
     model_thread = ModelThread()  # loads and runs every network (see facesphere.service.model_thread)
     built = model_thread.run(build_analyzer, analyzer)
-    if built.embedder is None:
-        raise ValueError("the service needs an embedding model")
     card = built.embedder.card
     value = open_set_threshold(card, threshold, settings.match_threshold)
     if value is None:
