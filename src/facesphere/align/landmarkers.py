@@ -1,7 +1,7 @@
 """The landmarker contract: (RGB photo, face boxes) -> named per-face outputs, and its registry.
 
 A landmarker refines what the detector found: 68 points (PFLD, ``align.landmarks68``), dense points
-or 3DMM parameters and pose (PRNet, arXiv 1803.07835; 3DDFA-style regressors, arXiv 1804.01005), each
+or 3DMM parameters and pose (PRNet, arXiv 1803.07835; 3DDFA, arXiv 1804.01005 and 2009.09960), each
 returned under a documented name (``facesphere.pipeline.stages`` lists the names) with the face on the
 first axis. A landmarker is also a pipeline stage of the ``landmarks`` phase (``name``, ``phase``,
 ``outputs``, ``run``), so ``FaceAnalyzer(..., stages=[landmarker])`` runs it after detection.

@@ -11,11 +11,14 @@
   - ``landmarks``: ``run(image, boxes) -> {name: (N, ...) array}`` for one HxWx3 uint8 RGB photo and
     its (N, 4) face boxes (largest face first); the landmarker contract of ``facesphere.align.landmarkers``;
   - ``rectify``: ``run(crops) -> crops``, aligned (M, H, W, 3) uint8 RGB crops in, crops of the same
-    shape out, just before the embedder sees them (e.g. GridFace's learned rectification, arXiv
-    1808.06210 Sec. 3.1); ``FaceAnalyzer.embed_crops`` applies it, so ``Face.crop`` stays the aligned crop
+    shape out, just before the embedder sees them (e.g. GridFace's local homographies, arXiv
+    1808.06210 Sec. 3.2); ``FaceAnalyzer.embed_crops`` applies it, so ``Face.crop`` stays the aligned crop
     and ``embed_crops(face.crop)`` gives ``face.embedding``;
   - ``attributes``: ``run(crops, embeddings) -> {name: (M, ...) array}`` over every face of the batch,
     from the aligned crops and the unit embeddings (``None`` when the batch is not embedded).
+
+  A model that cuts its own crop from the photo (an age estimator on box crops, a 3DMM regressor)
+  belongs in ``landmarks``: that phase sees the photo, ``attributes`` only the recognition crops.
 
 Per-face output names (first axis = faces in ``Detections.extras``; one face's value in ``Face.extras``;
 serialised by name next to ``box``/``score``/``landmarks`` in ``Face.to_dict``, the CLI's JSON and the
