@@ -27,14 +27,11 @@ from facesphere.evaluate.binsets import BinFormatError, UnsafePickleError, load_
 from facesphere.evaluate.contact_sheet import PairTile, select_failures, write_failure_sheet
 from facesphere.evaluate.identification import cmc, leave_one_out_cmc, open_set_identification
 from facesphere.evaluate.lfw import PairsFileError, lfw_pair_paths, parse_lfw_pairs
-from facesphere.evaluate.pairsets import (
-    ImagePreprocess,
-    PairSet,
-    _interpolated_threshold,
-    evaluate_pairset,
-    read_pairs_csv,
-    val_at_far,
-)
+from facesphere.evaluate.pairs_csv import read_pairs_csv
+from facesphere.evaluate.pairset_eval import evaluate_pairset
+from facesphere.evaluate.pairsets import PairSet
+from facesphere.evaluate.verification import _interpolated_threshold, val_at_far
+from facesphere.models.preprocess import ImagePreprocess
 from facesphere.evaluate.protocols import list_protocols, run_protocol
 from conftest import require_data
 

@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from facesphere.align.similarity import align_similarity, template_for_size
+from facesphere.align.similarity import align_similarity
+from facesphere.align.templates import template_for_size
 from facesphere.data.images import load_image
 from facesphere.data.transforms import resize_to
 
@@ -152,7 +153,7 @@ def cacd_vs_cv_folds(same, folds, n_sub: int = 10) -> np.ndarray:
 def evaluate_cacd_vs(model, root: str | os.PathLike, *, align: Callable[[np.ndarray], np.ndarray | None] | None = None,
                      size: tuple[int, int] = (112, 112), preprocess=None, out_dir=None, **kwargs) -> dict:
     """CACD-VS accuracy over the folds present (module doc); ``kwargs`` go to ``evaluate_pairset``."""
-    from facesphere.evaluate.pairsets import evaluate_pairset
+    from facesphere.evaluate.pairset_eval import evaluate_pairset
 
     ps = parse_cacd_vs(root)
     loader = AlignedLoader(align, size)
@@ -255,7 +256,7 @@ def fgnet_loader(size: tuple[int, int] = (112, 112), align: Callable[[np.ndarray
     if align is not None:
         external = AlignedLoader(align, size)
         return lambda item: external(item.path)
-    template = template_for_size(size)
+    template = template_for_size(size).points
 
     def load(item: FGNetImage) -> np.ndarray:
         if item.points_path is None:
@@ -298,7 +299,7 @@ def fgnet_verification_pairs(images: Sequence[FGNetImage], min_age_gap: int = 10
 
 
 def _embed_fgnet(model, images, size, align, preprocess, embed_kwargs) -> np.ndarray:
-    from facesphere.evaluate.pairsets import embed_images
+    from facesphere.evaluate.embeddings import embed_images
 
     load = fgnet_loader(size, align)
     return embed_images(model, len(images), lambda k: load(images[k]), preprocess=preprocess, **embed_kwargs)
@@ -338,7 +339,7 @@ def fgnet_verification(model, root: str | os.PathLike, *, min_age_gap: int = 10,
                        size: tuple[int, int] = (112, 112), align=None, preprocess=None, out_dir=None,
                        **kwargs) -> dict:
     """Cross-age verification on FG-NET pairs (``fgnet_verification_pairs``), via ``evaluate_pairset``."""
-    from facesphere.evaluate.pairsets import evaluate_pairset
+    from facesphere.evaluate.pairset_eval import evaluate_pairset
 
     images = parse_fgnet(root, require_points=align is None)
     ps = fgnet_verification_pairs(images, min_age_gap=min_age_gap, seed=seed, loader=fgnet_loader(size, align))
