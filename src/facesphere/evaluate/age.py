@@ -1,19 +1,20 @@
-"""Cross-age protocols: CACD-VS verification and FG-NET identification / verification (papers.md §9).
+"""Cross-age protocols: CACD-VS verification and FG-NET identification / verification.
 
-**CACD-VS** (Chen et al. 2014): 4,000 pairs of 250x250 celebrity photos, files ``NNNN_0.jpg`` /
-``NNNN_1.jpg`` for pair NNNN. Fold f (1-based, as the data's "fold1") holds pairs 400(f-1) ..
-400f-1; in each fold the first 200 are genuine, the last 200 impostor. Labels and folds therefore
-come from the file numbers, and any subset of complete folds can be evaluated: with two or more
-folds, the usual leave-one-fold-out accuracy over the folds present; with a single fold (the shared
-copy has only fold 1) the threshold is chosen by 10-fold cross-validation *within* it, on stratified
-sub-folds (the k-th genuine and the k-th impostor pair go to sub-fold k mod 10, so each holds 20 + 20
-pairs). The photos are not aligned: pass ``align`` (uint8 RGB photo -> aligned crop, or None when no
-face is found); without it a centre crop is resized, which is only good for smoke tests.
+**CACD-VS** (Chen, Chen and Hsu, "Cross-Age Reference Coding", ECCV 2014): 4,000 pairs of 250x250
+celebrity photos, files ``NNNN_0.jpg`` / ``NNNN_1.jpg`` for pair NNNN. Fold f (1-based, as the data's
+"fold1") holds pairs 400(f-1) .. 400f-1; in each fold the first 200 are genuine, the last 200 impostor.
+Labels and folds therefore come from the file numbers, and any subset of complete folds can be
+evaluated: with two or more folds, the usual leave-one-fold-out accuracy over the folds present; with a
+single fold (the shared copy has only fold 1) the threshold is chosen by 10-fold cross-validation
+*within* it, on stratified sub-folds (the k-th genuine and the k-th impostor pair go to sub-fold k mod
+10, so each holds 20 + 20 pairs). The photos are not aligned: pass ``align`` (uint8 RGB photo -> aligned
+crop, or None when no face is found); without it a centre crop is resized, which is only good for smoke tests.
 
 **FG-NET**: 1,002 photos of 82 people aged 0-69; ``SSSAyy[x].JPG`` = subject SSS at age yy (x = a/b
 for two photos at one age) and 68 manual landmarks per photo in ``points/sssayy[x].pts`` (iBUG .pts,
-0-based indices; FG-NET's own markup, not iBUG's, see ``FGNET_FIVE``). papers.md §9(f) lists FG-NET as "leave-one-out, or the MegaFace FG-NET probe
-with 1M distractors". The "leave-one-person-out" protocol of age-invariant FR trains on 81 people and
+0-based indices; FG-NET's own markup, not iBUG's, see ``FGNET_FIVE``). FG-NET is evaluated
+leave-one-out, or as the FG-NET probe set of MegaFace with 1M distractors (Kemelmacher-Shlizerman et
+al., arXiv 1512.00596, §4). The "leave-one-person-out" protocol of age-invariant FR trains on 81 people and
 tests on the 82nd; for a model that never trains on FG-NET the training side is void, and what is
 left is the leave-one-image-out search used by the published rank-1 figures: each image in turn is
 the probe and all 1,001 others the gallery (optionally ∪ distractors). That is

@@ -61,7 +61,7 @@ def evaluate_pairset(
 
     Returns ``verification_report`` (k-fold accuracy with ``folds`` / ``pairset.folds`` / ``n_folds``
     contiguous folds, ROC numbers, exact TAR@FAR for ``far_targets``) plus ``name``, ``num_images``,
-    ``flip`` and ``val_at_far`` (insightface-style VAL@FAR=``val_far``, module doc). With ``out_dir``
+    ``flip`` and ``val_at_far`` (insightface-style VAL@FAR=``val_far``, ``verification`` module doc). With ``out_dir``
     it writes ``roc.png``, ``det.png``, ``failures.png`` (false accepts/rejects at each pair's k-fold
     threshold) and ``report.json``, listed under ``files``. Pass ``embeddings`` (one row per
     distinct image) to skip the embedding pass.

@@ -1,20 +1,34 @@
-"""1:1 verification metrics on pair scores: k-fold accuracy, ROC, TAR@FAR, AUC, EER.
+"""1:1 verification metrics on pair scores: k-fold accuracy, ROC, TAR@FAR, VAL@FAR, AUC, EER.
 
 Everything here is pure numpy and works on *similarity* scores (higher means "same identity"). A pair
 is accepted as genuine when ``score >= threshold``. Distances can be used by negating them.
 
-The k-fold accuracy follows the LFW protocol (papers.md §12): for each fold the threshold that
+The k-fold accuracy follows the LFW protocol (Huang et al. 2007, UMass Amherst TR 07-49, "View 2";
+the evaluation section of http://vis-www.cs.umass.edu/lfw/README.txt): for each fold the threshold that
 maximises accuracy on the other folds is applied to the held-out fold. Instead of sweeping a fixed
 grid (insightface: ``np.arange(0, 4, 0.01)``; SphereFace: [-1, 1] step 1e-4) every distinct
 decision is evaluated exactly: the candidates are -inf, the midpoints between consecutive sorted
 unique training scores, and +inf. A fixed grid can only tie or lose against this set on the
-training folds, so results may differ from the reference scripts by a fraction of a percent
-(papers.md §12 quotes ~0.1% between recipes).
+training folds, so results may differ from the reference scripts by a fraction of a percent.
 
 Tie rule: when several candidates reach the maximal training accuracy, the lower median of the
 maximising candidates (in ascending order) is chosen. Like SphereFace's "mean of the maximising
 thresholds" it sits in the middle of the maximising set, but it is always itself a maximiser (the
 mean of a disjoint maximising set can land in a worse gap) and never averages with an infinity.
+
+The ROC points, TAR@FAR and the threshold at a FAR are ``facesphere.utils.roc`` (deployment
+calibrates its thresholds with them too); they are re-exported here.
+
+VAL@FAR follows insightface's ``calculate_val`` (``recognition/arcface_torch/eval/verification.py``):
+for each of the k folds, the threshold giving the target FAR on the other folds is found by
+*linear interpolation* between the two ROC vertices bracketing the target, then VAL (TAR) and FAR
+are measured on the held-out fold; the report gives their means and the VAL std. insightface
+interpolates over a fixed grid of squared-L2 distances (``np.arange(0, 4, 0.001)``); here the
+vertices are the exact training impostor scores (impostor score m_k, the k-th highest, is the
+threshold at which FAR = k/N), which is the limit of that grid. Departures: pairs are accepted when
+``score >= threshold`` (insightface: ``dist < threshold``), and a target below 1/N training impostors
+gives ``None`` instead of insightface's reject-all threshold 0. The plain TAR@FAR values of
+``verification_report`` (one exact ROC over all pairs, no interpolation) are reported alongside.
 """
 
 from __future__ import annotations
