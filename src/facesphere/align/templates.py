@@ -10,8 +10,8 @@ them (``ModelCard.alignment``):
   ``arcface_dst``), the same points shifted 8 px right, i.e. 8 px of width added on each side.
 * ``arcface_{n·112}x{n·112}``: the ArcFace template scaled by n, for square crops of a multiple of 112.
 
-:func:`template_for_size` is the one rule from a crop size to its template; :func:`get_template` is
-its inverse by name. Only numpy here, so model cards can name templates without loading OpenCV.
+:func:`template_for_size` is the one rule from a crop size to its template (model cards, alignment
+and the evaluation protocols all use it); :func:`get_template` is its inverse by name.
 """
 
 from __future__ import annotations
