@@ -24,7 +24,7 @@ LINT = "import sys; from importlinter.cli import lint_imports_command; sys.exit(
 def _lint_imports(src: Path) -> subprocess.CompletedProcess:
     """``lint-imports`` with the repository's contracts on the ``facesphere`` package under ``src``; no cache written."""
     env = {**os.environ, "PYTHONPATH": str(src)}
-    return subprocess.run([sys.executable, "-c", LINT, "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+    return subprocess.run([sys.executable, "-c", LINT, str(ROOT / "pyproject.toml"), "--no-cache"],
                           cwd=src, env=env, capture_output=True, text=True, timeout=120)
 
 
