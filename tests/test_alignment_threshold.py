@@ -52,13 +52,44 @@ def test_templates_are_the_published_points():
     # SphereFace's 96x112 points; ArcFace's 112x112 crop adds 8 px of width on each side.
     assert np.allclose(ARCFACE_POINTS_112 - SPHEREFACE_POINTS_112x96, [[8, 0]] * 5)
     assert np.allclose(ARCFACE_POINTS_112[0], [38.2946, 51.6963])
-    assert np.allclose(template_for_size((224, 224)), ARCFACE_POINTS_112 * 2)
     with pytest.raises(ValueError, match="unknown alignment template"):
         get_template("mtcnn_160")
     with pytest.raises(ValueError, match="no alignment template"):
         template_for_size((100, 80))
     with pytest.raises(ValueError, match="finite"):
         umeyama(np.full((5, 2), np.nan), ARCFACE_POINTS_112)
+
+
+def test_one_rule_maps_a_crop_size_to_its_template():
+    arcface, sphereface, double = (template_for_size(size) for size in ((112, 112), (112, 96), (224, 224)))
+    assert (arcface.name, arcface.size) == ("arcface_112x112", (112, 112))
+    assert np.array_equal(arcface.points[0], [38.2946, 51.6963])  # insightface's arcface_dst
+    assert (sphereface.name, sphereface.size) == ("sphereface_112x96", (112, 96))
+    assert np.allclose(sphereface.points, arcface.points - [8.0, 0.0])  # same face, 8 px less width each side
+    assert (double.name, double.size) == ("arcface_224x224", (224, 224))
+    assert np.allclose(double.points, 2 * arcface.points)
+    for template in (arcface, sphereface, double):  # the name leads back to the same template
+        got = get_template(template.name)
+        assert got.size == template.size and np.array_equal(got.points, template.points)
+    with pytest.raises(ValueError, match="arcface_NxN"):
+        get_template("arcface_200x200")
+    with pytest.raises(ValueError):
+        arcface.points[0, 0] = 0.0  # shared templates are read-only
+
+
+def test_every_layer_names_the_template_the_same_way():
+    from facesphere.backbones import build_backbone
+    from facesphere.models.card import training_card
+    from facesphere.models.preprocess import cropped_alignment
+
+    for size in ((112, 112), (112, 96), (224, 224)):
+        backbone = build_backbone("mobilefacenet", embedding_size=8, input_size=size)
+        assert training_card(backbone, "t", "mobilefacenet").alignment == template_for_size(size).name
+    odd = build_backbone("mobilefacenet", embedding_size=8, input_size=(120, 120))
+    assert training_card(odd, "t", "mobilefacenet").alignment == "unspecified_120x120"
+    # a centre 112x96 crop of an ArcFace 112x112 crop is exactly a SphereFace crop; other crops are unknown
+    assert cropped_alignment("arcface_112x112", (112, 112), (112, 96)) == "sphereface_112x96"
+    assert cropped_alignment("arcface_224x224", (224, 224), (112, 112)) is None
 
 
 def test_threshold_meets_the_target_far_and_guards_its_model(tmp_path):

@@ -17,8 +17,9 @@ from conftest import require_data
 from facesphere.backbones import build_backbone
 from facesphere.cli.main import app
 from facesphere.data.synthetic import SyntheticFaces, write_image_folder
-from facesphere.evaluate.model_input import CardPreprocess, FedInput
-from facesphere.evaluate.pairsets import PairSet, evaluate_pairset
+from facesphere.evaluate.pairset_eval import evaluate_pairset
+from facesphere.evaluate.pairsets import PairSet
+from facesphere.models.preprocess import CardPreprocess, FedInput
 from facesphere.models import ModelCard, ModelCardMismatch, save_model
 
 runner = CliRunner()
@@ -76,12 +77,12 @@ def test_eval_model_folder_on_csv_writes_results(tmp_path):
 
 
 def test_bgr_feed_is_refused_before_any_embedding(tmp_path, monkeypatch):
-    import facesphere.evaluate.pairsets as pairsets
+    import facesphere.evaluate.embeddings as embeddings
 
     def no_embedding(*args, **kwargs):
         raise AssertionError("an embedding was computed")
 
-    monkeypatch.setattr(pairsets, "extract_embeddings", no_embedding)
+    monkeypatch.setattr(embeddings, "extract_embeddings", no_embedding)
     model, pairs, out = _model_folder(tmp_path), _csv_pairs(tmp_path), tmp_path / "out"
     result = _eval(str(model), "csv", str(pairs), "--out", str(out), "--input-colour", "BGR")
     assert result.exit_code == 2, result.output

@@ -574,3 +574,22 @@ def test_import_accepts_the_symbol_file_the_folder_or_the_params(y1):
         assert card.backbone == "mobilefacenet"
         for key, value in imported.state_dict().items():
             assert torch.equal(value, reference[key]), (source, key)
+
+
+def test_the_importer_registry_picks_by_name_or_by_file(tmp_path):
+    from facesphere.models.importers import KINDS, _resolve
+
+    (tmp_path / "model-0000.params").write_bytes(b"")
+    (tmp_path / "model-symbol.json").write_text("{}")
+    importer, path = _resolve(tmp_path, "auto")
+    assert (importer.name, path.name) == ("insightface", "model-0000.params")
+    assert _resolve(tmp_path / "model-symbol.json", "insightface_iresnet")[0].name == "insightface_iresnet"
+    (tmp_path / "068.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot tell which checkpoint.*068.ckpt.*model-0000.params"):
+        _resolve(tmp_path, "auto")  # two checkpoint types: refuse to guess
+    assert _resolve(tmp_path, "xiaoccer")[1].name == "068.ckpt"  # a named importer looks for its own files
+    (tmp_path / "w.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="unknown checkpoint type '.npz'"):
+        _resolve(tmp_path / "w.npz", "auto")
+    with pytest.raises(ValueError, match="unknown kind 'onnx'; expected one of " + ", ".join(KINDS)):
+        import_weights(tmp_path, kind="onnx")

@@ -153,10 +153,76 @@ def test_export_command(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         result = CliRunner().invoke(app, [str(tmp_path / "model"), str(out)])
     assert result.exit_code == 0, result.output
-    assert "ONNX Runtime vs PyTorch" in caplog.text
+    assert "check: 4 embeddings: max 1 - cos" in caplog.text
     assert OnnxEmbedder(out, threads=1).card.name == "cli_sphereface4"
     again = CliRunner().invoke(app, [str(tmp_path / "model"), str(out)])
     assert again.exit_code == 2  # refuses to overwrite without --overwrite
+
+
+def _tiny_run(root, seed: int, step: int) -> torch.nn.Module:
+    """A training run folder with one checkpoint as the trainer writes it (config + ``model.backbone.*``)."""
+    torch.manual_seed(seed)
+    backbone = _randomise_batchnorm(build_backbone("sphereface4", embedding_size=16), seed)
+    weights = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    weights["head.weight"] = torch.zeros(3, 16)  # the rest of the model: not exported
+    config = {"name": "tiny", "model": {"backbone": "sphereface4", "backbone_args": {"embedding_size": 16}}}
+    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save({"config": config, "model": weights, "step": step}, root / "checkpoints" / f"step_{step:08d}.pt")
+    return backbone
+
+
+def test_a_training_run_becomes_a_model_folder_or_an_onnx_file_with_one_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from facesphere.cli.main import app
+    from facesphere.models import load_embedder
+    from facesphere.models.export import export_model
+
+    run = tmp_path / "run"
+    _tiny_run(run, seed=1, step=2)
+    newest = _tiny_run(run, seed=2, step=7)  # the run's newest checkpoint is the one exported
+    crops = _crops(5, (112, 96))
+    expected = TorchEmbedder(newest, training_card(newest, "reference", "sphereface4")).embed(crops, normalize=False)
+    runner = CliRunner()
+
+    folder = tmp_path / "tiny_model"
+    result = runner.invoke(app, ["export", str(run), str(folder), "--name", "tiny-final"])
+    assert result.exit_code == 0, result.output
+    embedder = load_embedder(folder)
+    assert embedder.card.name == "tiny-final" and embedder.card.alignment == "sphereface_112x96"
+    assert np.array_equal(embedder.embed(crops, normalize=False), expected)  # safetensors: bit for bit
+    assert runner.invoke(app, ["export", str(run), str(folder)]).exit_code == 2  # one line, no traceback
+    with pytest.raises(FileExistsError, match="already holds card.json, model.safetensors; pass overwrite"):
+        export_model(run, folder)
+    assert runner.invoke(app, ["export", str(run), str(folder), "--overwrite"]).exit_code == 0
+
+    onnx_file = tmp_path / "tiny.onnx"
+    checkpoint = run / "checkpoints" / "step_00000007.pt"
+    result = runner.invoke(app, ["export", str(checkpoint), str(onnx_file)])
+    assert result.exit_code == 0, result.output
+    onnx = load_embedder(onnx_file, threads=1)
+    assert onnx.card.name == "tiny-step7"
+    assert compare_embeddings(expected, onnx.embed(crops, normalize=False)).max_cosine_difference < COSINE_TOLERANCE
+    # a model folder is a source too: folder -> ONNX gives the same network
+    again = runner.invoke(app, ["export", str(folder), str(tmp_path / "again.onnx")])
+    assert again.exit_code == 0, again.output
+
+
+def test_an_export_that_changes_the_embeddings_is_refused(tmp_path, monkeypatch):
+    from facesphere.models import export as module
+
+    _tiny_run(tmp_path / "run", seed=3, step=1)
+    real = module.load_embedder
+
+    def tampered(path, **kwargs):  # the written model answers with other weights
+        embedder = real(path, **kwargs)
+        with torch.no_grad():
+            next(embedder.backbone.parameters()).mul_(-1.0)
+        return embedder
+
+    monkeypatch.setattr(module, "load_embedder", tampered)
+    with pytest.raises(module.ExportMismatch, match="disagrees with the source"):
+        module.export_model(tmp_path / "run", tmp_path / "out")
 
 
 def _lfw_crops(n: int) -> np.ndarray:

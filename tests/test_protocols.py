@@ -27,14 +27,11 @@ from facesphere.evaluate.binsets import BinFormatError, UnsafePickleError, load_
 from facesphere.evaluate.contact_sheet import PairTile, select_failures, write_failure_sheet
 from facesphere.evaluate.identification import cmc, leave_one_out_cmc, open_set_identification
 from facesphere.evaluate.lfw import PairsFileError, lfw_pair_paths, parse_lfw_pairs
-from facesphere.evaluate.pairsets import (
-    ImagePreprocess,
-    PairSet,
-    _interpolated_threshold,
-    evaluate_pairset,
-    read_pairs_csv,
-    val_at_far,
-)
+from facesphere.evaluate.pairs_csv import read_pairs_csv
+from facesphere.evaluate.pairset_eval import evaluate_pairset
+from facesphere.evaluate.pairsets import PairSet
+from facesphere.evaluate.verification import _interpolated_threshold, val_at_far
+from facesphere.models.preprocess import ImagePreprocess
 from facesphere.evaluate.protocols import list_protocols, run_protocol
 from conftest import require_data
 
@@ -511,3 +508,41 @@ def test_protocol_registry_runs_csv(tmp_path):
     assert result["protocol"] == "csv" and result["num_pairs"] == len(ps)
     with pytest.raises(KeyError, match="unknown evaluation protocol"):
         run_protocol("nope", None, tmp_path)
+
+
+def test_pair_set_formats_are_one_table_for_loading_and_protocols(tmp_path):
+    from facesphere.evaluate.pairsets import PAIRSET_FORMATS, load_pairset
+
+    assert set(PAIRSET_FORMATS.names()) == {"bin", "csv", "lfw"} and set(PAIRSET_FORMATS.names()) <= set(list_protocols())
+    ps = _colour_pairset(6, 3)
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, image in enumerate(ps.images):
+        Image.fromarray(image).save(images / f"img{k}.png")
+    lines = [f"img{a}.png,img{b}.png,{int(s)}" for a, b, s in zip(ps.left, ps.right, ps.same)]
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    loaded = load_pairset(tmp_path / "pairs.csv", root=images)  # the suffix picks the format
+    assert loaded.num_images == ps.num_images and loaded.same.tolist() == ps.same.tolist()
+    # the protocol of the same name takes the format's own options (root=) besides the evaluation's
+    result = run_protocol("csv", lambda x: x.mean(dim=(2, 3)), tmp_path / "pairs.csv", root=images, n_folds=5,
+                          flip=False)
+    assert result["num_pairs"] == len(ps) and result["num_images"] == ps.num_images
+    with pytest.raises(ValueError, match="pass kind= one of bin, csv, lfw"):
+        load_pairset(tmp_path / "pairs.tsv")
+    with pytest.raises(KeyError, match="unknown pair-set format 'tsv'; known: bin, csv, lfw"):
+        load_pairset(tmp_path / "pairs.csv", kind="tsv")
+
+
+@pytest.mark.parametrize("mode", ["sum", "concat"])
+def test_flip_augmentation_is_one_definition_for_numpy_and_torch(mode):
+    from facesphere.models.flip import embed_flipped, flip_mode
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    flat = lambda batch: batch.reshape(batch.shape[0], -1)  # noqa: E731  (f = flatten: the result is readable)
+    mirrored = x[..., ::-1].reshape(2, -1)
+    expected = x.reshape(2, -1) + mirrored if mode == "sum" else np.hstack([x.reshape(2, -1), mirrored])
+    assert np.array_equal(embed_flipped(flat, x, mode), expected)
+    assert np.array_equal(embed_flipped(flat, torch.from_numpy(x), mode).numpy(), expected)
+    assert np.array_equal(embed_flipped(flat, x, flip_mode(False)), x.reshape(2, -1))
+    with pytest.raises(ValueError, match="flip must be True, False, 'sum' or 'concat'"):
+        flip_mode("mean")

@@ -1,6 +1,7 @@
 """Face alignment: 5-point similarity warps onto the recognition templates, and 68-point landmarks (PFLD).
 
-``similarity``: named templates (``arcface_112x112``, ``sphereface_112x96``) and the Umeyama warp.
+``templates``: the named crop templates (``arcface_112x112``, ``sphereface_112x96``, scaled ArcFace squares).
+``similarity``: the Umeyama similarity warp onto a template.
 ``landmarks68``: the PFLD 68-point model (ONNX Runtime) and the 5 alignment points derived from 68.
 """
 
@@ -19,10 +20,9 @@ from facesphere.align.similarity import (
     align_similarity,
     get_template,
     template_for_size,
-    template_name_for_size,
     umeyama,
 )
 
 __all__ = ["FGNET_TO_IBUG", "PFLD68", "TEMPLATES", "LandmarkInputError", "Template", "align_faces", "align_similarity",
-           "crop_faces", "crop_squares", "five_from_68", "get_template", "template_for_size", "template_name_for_size",
+           "crop_faces", "crop_squares", "five_from_68", "get_template", "template_for_size",
            "umeyama"]

@@ -1,70 +1,25 @@
 """5-point similarity alignment onto the crop templates recognition models are trained with.
 
 A face is aligned by the least-squares similarity transform (rotation, uniform scale, translation;
-Umeyama 1991) that maps its 5 landmarks (image-left eye, image-right eye, nose tip, image-left and
-image-right mouth corners) onto a template, then warped to the template's crop size. Templates are
-named as model cards name them (``ModelCard.alignment``), so a model's card picks its crop:
-
-* ``sphereface_112x96``: SphereFace/CosFace's 96x112 template (the points of the SphereFace
-  repository's alignment script, (x, y) in a 96-wide, 112-high crop).
-* ``arcface_112x112``: InsightFace's 112x112 template, the same points shifted 8 px right.
+Umeyama 1991, IEEE TPAMI 13(4), eqs. 40-42) that maps its 5 landmarks (image-left eye, image-right eye,
+nose tip, image-left and image-right mouth corners) onto a template (``facesphere.align.templates``),
+then warped to the template's crop size. Templates are named as model cards name them
+(``ModelCard.alignment``), so a model's card picks its crop.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 
-SPHEREFACE_POINTS_112x96 = np.array(
-    [[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]],
-    dtype=np.float64,
+from facesphere.align.templates import (
+    ARCFACE_POINTS_112,
+    SPHEREFACE_POINTS_112x96,
+    TEMPLATES,
+    Template,
+    get_template,
+    template_for_size,
 )
-ARCFACE_POINTS_112 = SPHEREFACE_POINTS_112x96 + np.array([8.0, 0.0])
-
-
-@dataclass(frozen=True)
-class Template:
-    """Landmark positions (5, 2) in (x, y) pixels of a crop of ``size`` = (H, W)."""
-
-    name: str
-    size: tuple[int, int]
-    points: np.ndarray
-
-
-TEMPLATES: dict[str, Template] = {
-    "arcface_112x112": Template("arcface_112x112", (112, 112), ARCFACE_POINTS_112),
-    "sphereface_112x96": Template("sphereface_112x96", (112, 96), SPHEREFACE_POINTS_112x96),
-}
-
-
-def get_template(name: str) -> Template:
-    try:
-        return TEMPLATES[name]
-    except KeyError:
-        raise ValueError(f"unknown alignment template {name!r}; known: {', '.join(TEMPLATES)}") from None
-
-
-def template_name_for_size(size: tuple[int, int]) -> str:
-    """The named template whose crop is ``size`` (H, W)."""
-    for template in TEMPLATES.values():
-        if template.size == (int(size[0]), int(size[1])):
-            return template.name
-    raise ValueError(f"no named alignment template makes {size[0]}x{size[1]} crops; known: "
-                     + ", ".join(f"{t.name} ({t.size[0]}x{t.size[1]})" for t in TEMPLATES.values()))
-
-
-def template_for_size(size: tuple[int, int]) -> np.ndarray:
-    """Template points for a crop (H, W): 112x112 and 112x96 as named above, n·112 squares scaled."""
-    h, w = int(size[0]), int(size[1])
-    for template in TEMPLATES.values():
-        if template.size == (h, w):
-            return template.points.copy()
-    if h == w and h % 112 == 0:
-        return ARCFACE_POINTS_112 * (h / 112.0)
-    raise ValueError(f"no alignment template for a {h}x{w} crop; pass the template points explicitly")
-
 
 def umeyama(src, dst, estimate_scale: bool = True) -> np.ndarray:
     """Least-squares similarity (Umeyama 1991) mapping ``src`` onto ``dst`` points, as a 3x3 matrix.
@@ -99,7 +54,7 @@ def umeyama(src, dst, estimate_scale: bool = True) -> np.ndarray:
 def align_similarity(image: np.ndarray, points, template=None, size: tuple[int, int] = (112, 112),
                      border_value: int = 0) -> np.ndarray:
     """Warp ``image`` so its 5 ``points`` land on ``template`` (default: the template of ``size``); (H, W) = ``size``."""
-    template = template_for_size(size) if template is None else np.asarray(template, dtype=np.float64)
+    template = template_for_size(size).points if template is None else np.asarray(template, dtype=np.float64)
     points = np.asarray(points, dtype=np.float64)
     if points.shape != template.shape:
         raise ValueError(f"points {points.shape} do not match the template {template.shape}")
@@ -121,4 +76,4 @@ def align_faces(image: np.ndarray, landmarks: np.ndarray, alignment: str = "arcf
 
 
 __all__ = ["ARCFACE_POINTS_112", "SPHEREFACE_POINTS_112x96", "TEMPLATES", "Template", "align_faces", "align_similarity",
-           "get_template", "template_for_size", "template_name_for_size", "umeyama"]
+           "get_template", "template_for_size", "umeyama"]

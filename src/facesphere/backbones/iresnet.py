@@ -14,6 +14,8 @@ Units per stage: 18: [2,2,2,2], 34: [3,4,6,3], 50: [3,4,14,3], 100: [3,13,30,3],
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import Tensor, nn
 
 from facesphere.backbones.base import BACKBONES, Backbone
@@ -107,39 +109,8 @@ class IResNet(Backbone):
         return self.embedding(self.dropout(x).flatten(1))
 
 
-@BACKBONES.register("iresnet18")
-def iresnet18(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112),
-               bn_eps: float = 1e-5) -> IResNet:
-    """iResNet-18 (LResNet18E-IR), units per stage [2, 2, 2, 2]."""
-    return IResNet(18, embedding_size, dropout, input_size, bn_eps)
+for _depth in LAYERS:  # one registered variant per depth: build_backbone("iresnet50", embedding_size=...)
+    BACKBONES.register(f"iresnet{_depth}")(partial(IResNet, _depth))
 
 
-@BACKBONES.register("iresnet34")
-def iresnet34(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112),
-               bn_eps: float = 1e-5) -> IResNet:
-    """iResNet-34 (LResNet34E-IR), units per stage [3, 4, 6, 3]."""
-    return IResNet(34, embedding_size, dropout, input_size, bn_eps)
-
-
-@BACKBONES.register("iresnet50")
-def iresnet50(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112),
-               bn_eps: float = 1e-5) -> IResNet:
-    """iResNet-50 (LResNet50E-IR), units per stage [3, 4, 14, 3]."""
-    return IResNet(50, embedding_size, dropout, input_size, bn_eps)
-
-
-@BACKBONES.register("iresnet100")
-def iresnet100(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112),
-               bn_eps: float = 1e-5) -> IResNet:
-    """iResNet-100 (LResNet100E-IR), units per stage [3, 13, 30, 3]."""
-    return IResNet(100, embedding_size, dropout, input_size, bn_eps)
-
-
-@BACKBONES.register("iresnet200")
-def iresnet200(embedding_size: int = 512, dropout: float = 0.0, input_size: tuple[int, int] = (112, 112),
-               bn_eps: float = 1e-5) -> IResNet:
-    """iResNet-200, units per stage [6, 26, 60, 6]."""
-    return IResNet(200, embedding_size, dropout, input_size, bn_eps)
-
-
-__all__ = ["IResNet", "IRBlock", "LAYERS", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200"]
+__all__ = ["IResNet", "IRBlock", "LAYERS"]

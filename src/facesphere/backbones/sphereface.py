@@ -14,6 +14,7 @@ Gaussian (std 0.01) for the residual convs, zero biases. Caffe's xavier is unifo
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -101,43 +102,8 @@ class SphereFaceNet(Backbone):
         return self.fc(self.stages(x).flatten(1))
 
 
-@BACKBONES.register("sphereface4", "sphere4")
-def sphereface4(embedding_size: int = 512, input_size: tuple[int, int] = (112, 96)) -> SphereFaceNet:
-    """SphereFace-4: four stride-2 convs and the FC, no residual units."""
-    return SphereFaceNet(4, embedding_size, input_size)
+for _depth in UNITS:  # one registered variant per depth, alias "sphereN" as in the SphereFace repository
+    BACKBONES.register(f"sphereface{_depth}", f"sphere{_depth}")(partial(SphereFaceNet, _depth))
 
 
-@BACKBONES.register("sphereface10", "sphere10")
-def sphereface10(embedding_size: int = 512, input_size: tuple[int, int] = (112, 96)) -> SphereFaceNet:
-    """SphereFace-10: residual units per stage [0, 1, 2, 0]."""
-    return SphereFaceNet(10, embedding_size, input_size)
-
-
-@BACKBONES.register("sphereface20", "sphere20")
-def sphereface20(embedding_size: int = 512, input_size: tuple[int, int] = (112, 96)) -> SphereFaceNet:
-    """SphereFace-20 (the released model): residual units per stage [1, 2, 4, 1]."""
-    return SphereFaceNet(20, embedding_size, input_size)
-
-
-@BACKBONES.register("sphereface36", "sphere36")
-def sphereface36(embedding_size: int = 512, input_size: tuple[int, int] = (112, 96)) -> SphereFaceNet:
-    """SphereFace-36: residual units per stage [2, 4, 8, 2]."""
-    return SphereFaceNet(36, embedding_size, input_size)
-
-
-@BACKBONES.register("sphereface64", "sphere64")
-def sphereface64(embedding_size: int = 512, input_size: tuple[int, int] = (112, 96)) -> SphereFaceNet:
-    """SphereFace-64: residual units per stage [3, 8, 16, 3]."""
-    return SphereFaceNet(64, embedding_size, input_size)
-
-
-__all__ = [
-    "SphereFaceNet",
-    "SphereResidual",
-    "UNITS",
-    "sphereface4",
-    "sphereface10",
-    "sphereface20",
-    "sphereface36",
-    "sphereface64",
-]
+__all__ = ["SphereFaceNet", "SphereResidual", "UNITS"]

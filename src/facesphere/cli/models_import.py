@@ -12,8 +12,9 @@ from facesphere.cli.errors import user_errors
 
 logger = logging.getLogger("facesphere")
 
-KIND_HELP = ("auto (by file type), insightface (MXNet MobileFaceNet/iResNet, architecture detected), "
-             "insightface_mobilefacenet, insightface_iresnet, or xiaoccer (PyTorch MobileFaceNet)")
+KIND_HELP = ("auto (by file type) or an importer of facesphere.models.importers.IMPORTERS: insightface "
+             "(MXNet MobileFaceNet/iResNet, architecture detected), insightface_mobilefacenet, insightface_iresnet, "
+             "xiaoccer (PyTorch MobileFaceNet); an unknown name lists them")
 
 
 def import_model(source: Path = typer.Argument(..., help="checkpoint file, or a folder holding one "

@@ -1,6 +1,6 @@
 """Verification evaluation: embeddings, pair sampling, k-fold accuracy / ROC metrics and plots."""
 
-from facesphere.evaluate.embeddings import cosine_scores, extract_embeddings
+from facesphere.evaluate.embeddings import cosine_scores, embed_images, embed_pairset, extract_embeddings
 from facesphere.evaluate.pairs import sample_pairs
 from facesphere.evaluate.plots import plot_det, plot_roc
 from facesphere.evaluate.verification import (
@@ -34,7 +34,7 @@ __all__ = [
     "verification_report",
 ]
 
-# Protocols (issue 3): pair-set sources, the safe .bin reader, identification, cross-age sets, registry.
+# Protocols: pair-set sources, the safe .bin reader, identification, cross-age sets, registry.
 from facesphere.evaluate.age import (
     evaluate_cacd_vs,
     fgnet_five_points,
@@ -49,25 +49,17 @@ from facesphere.evaluate.binsets import BinFormatError, UnsafePickleError, load_
 from facesphere.evaluate.contact_sheet import failure_contact_sheet, write_failure_sheet
 from facesphere.evaluate.identification import CMCResult, cmc, leave_one_out_cmc, open_set_identification
 from facesphere.evaluate.lfw import PairsFileError, lfw_pair_paths, parse_lfw_pairs
-from facesphere.evaluate.pairsets import (
-    ImagePreprocess,
-    PairSet,
-    Preprocess,
-    embed_images,
-    embed_pairset,
-    evaluate_pairset,
-    load_pairset,
-    val_at_far,
-)
+from facesphere.evaluate.pairset_eval import evaluate_pairset
+from facesphere.evaluate.pairsets import PAIRSET_FORMATS, PairSet, load_pairset
+from facesphere.evaluate.verification import val_at_far
 from facesphere.evaluate.protocols import describe_protocols, get_protocol, list_protocols, run_protocol
 
 __all__ += [
     "BinFormatError",
     "CMCResult",
-    "ImagePreprocess",
+    "PAIRSET_FORMATS",
     "PairSet",
     "PairsFileError",
-    "Preprocess",
     "UnsafePickleError",
     "cmc",
     "describe_protocols",

@@ -1,19 +1,20 @@
-"""Cross-age protocols: CACD-VS verification and FG-NET identification / verification (papers.md §9).
+"""Cross-age protocols: CACD-VS verification and FG-NET identification / verification.
 
-**CACD-VS** (Chen et al. 2014): 4,000 pairs of 250x250 celebrity photos, files ``NNNN_0.jpg`` /
-``NNNN_1.jpg`` for pair NNNN. Fold f (1-based, as the data's "fold1") holds pairs 400(f-1) ..
-400f-1; in each fold the first 200 are genuine, the last 200 impostor. Labels and folds therefore
-come from the file numbers, and any subset of complete folds can be evaluated: with two or more
-folds, the usual leave-one-fold-out accuracy over the folds present; with a single fold (the shared
-copy has only fold 1) the threshold is chosen by 10-fold cross-validation *within* it, on stratified
-sub-folds (the k-th genuine and the k-th impostor pair go to sub-fold k mod 10, so each holds 20 + 20
-pairs). The photos are not aligned: pass ``align`` (uint8 RGB photo -> aligned crop, or None when no
-face is found); without it a centre crop is resized, which is only good for smoke tests.
+**CACD-VS** (Chen, Chen and Hsu, "Cross-Age Reference Coding", ECCV 2014): 4,000 pairs of 250x250
+celebrity photos, files ``NNNN_0.jpg`` / ``NNNN_1.jpg`` for pair NNNN. Fold f (1-based, as the data's
+"fold1") holds pairs 400(f-1) .. 400f-1; in each fold the first 200 are genuine, the last 200 impostor.
+Labels and folds therefore come from the file numbers, and any subset of complete folds can be
+evaluated: with two or more folds, the usual leave-one-fold-out accuracy over the folds present; with a
+single fold (the shared copy has only fold 1) the threshold is chosen by 10-fold cross-validation
+*within* it, on stratified sub-folds (the k-th genuine and the k-th impostor pair go to sub-fold k mod
+10, so each holds 20 + 20 pairs). The photos are not aligned: pass ``align`` (uint8 RGB photo -> aligned
+crop, or None when no face is found); without it a centre crop is resized, which is only good for smoke tests.
 
 **FG-NET**: 1,002 photos of 82 people aged 0-69; ``SSSAyy[x].JPG`` = subject SSS at age yy (x = a/b
 for two photos at one age) and 68 manual landmarks per photo in ``points/sssayy[x].pts`` (iBUG .pts,
-0-based indices; FG-NET's own markup, not iBUG's, see ``FGNET_FIVE``). papers.md §9(f) lists FG-NET as "leave-one-out, or the MegaFace FG-NET probe
-with 1M distractors". The "leave-one-person-out" protocol of age-invariant FR trains on 81 people and
+0-based indices; FG-NET's own markup, not iBUG's, see ``FGNET_FIVE``). FG-NET is evaluated
+leave-one-out, or as the FG-NET probe set of MegaFace with 1M distractors (Kemelmacher-Shlizerman et
+al., arXiv 1512.00596, §4). The "leave-one-person-out" protocol of age-invariant FR trains on 81 people and
 tests on the 82nd; for a model that never trains on FG-NET the training side is void, and what is
 left is the leave-one-image-out search used by the published rank-1 figures: each image in turn is
 the probe and all 1,001 others the gallery (optionally ∪ distractors). That is
@@ -38,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from facesphere.align.similarity import align_similarity, template_for_size
+from facesphere.align.similarity import align_similarity
+from facesphere.align.templates import template_for_size
 from facesphere.data.images import load_image
 from facesphere.data.transforms import resize_to
 
@@ -152,7 +154,7 @@ def cacd_vs_cv_folds(same, folds, n_sub: int = 10) -> np.ndarray:
 def evaluate_cacd_vs(model, root: str | os.PathLike, *, align: Callable[[np.ndarray], np.ndarray | None] | None = None,
                      size: tuple[int, int] = (112, 112), preprocess=None, out_dir=None, **kwargs) -> dict:
     """CACD-VS accuracy over the folds present (module doc); ``kwargs`` go to ``evaluate_pairset``."""
-    from facesphere.evaluate.pairsets import evaluate_pairset
+    from facesphere.evaluate.pairset_eval import evaluate_pairset
 
     ps = parse_cacd_vs(root)
     loader = AlignedLoader(align, size)
@@ -255,7 +257,7 @@ def fgnet_loader(size: tuple[int, int] = (112, 112), align: Callable[[np.ndarray
     if align is not None:
         external = AlignedLoader(align, size)
         return lambda item: external(item.path)
-    template = template_for_size(size)
+    template = template_for_size(size).points
 
     def load(item: FGNetImage) -> np.ndarray:
         if item.points_path is None:
@@ -298,7 +300,7 @@ def fgnet_verification_pairs(images: Sequence[FGNetImage], min_age_gap: int = 10
 
 
 def _embed_fgnet(model, images, size, align, preprocess, embed_kwargs) -> np.ndarray:
-    from facesphere.evaluate.pairsets import embed_images
+    from facesphere.evaluate.embeddings import embed_images
 
     load = fgnet_loader(size, align)
     return embed_images(model, len(images), lambda k: load(images[k]), preprocess=preprocess, **embed_kwargs)
@@ -338,7 +340,7 @@ def fgnet_verification(model, root: str | os.PathLike, *, min_age_gap: int = 10,
                        size: tuple[int, int] = (112, 112), align=None, preprocess=None, out_dir=None,
                        **kwargs) -> dict:
     """Cross-age verification on FG-NET pairs (``fgnet_verification_pairs``), via ``evaluate_pairset``."""
-    from facesphere.evaluate.pairsets import evaluate_pairset
+    from facesphere.evaluate.pairset_eval import evaluate_pairset
 
     images = parse_fgnet(root, require_points=align is None)
     ps = fgnet_verification_pairs(images, min_age_gap=min_age_gap, seed=seed, loader=fgnet_loader(size, align))

@@ -1,14 +1,14 @@
-"""Embedding extraction for evaluation, and cosine scores of index pairs.
+"""Embedding extraction for evaluation (datasets, or images by index), and cosine scores of index pairs.
 
-Flip test-time augmentation follows insightface's ``verification.py`` (papers.md §12): the
-embeddings of an image and of its horizontal mirror are summed, then L2-normalised. SphereFace's
-``evaluation.m`` concatenates them instead (``flip="concat"``).
+Flip test-time augmentation is ``facesphere.models.flip`` (the one definition deployment uses too):
+the embeddings of an image and of its horizontal mirror are summed, then L2-normalised, as insightface's
+``verification.py``; SphereFace's ``evaluation.m`` concatenates them instead (``flip="concat"``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -16,9 +16,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from facesphere.models.flip import embed_flipped, flip_mode
+from facesphere.models.preprocess import ImagePreprocess
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["cosine_scores", "extract_embeddings"]
+__all__ = ["cosine_scores", "embed_images", "embed_pairset", "extract_embeddings"]
 
 
 def _images_of(batch) -> torch.Tensor:
@@ -61,9 +64,7 @@ def extract_embeddings(
             ``device``'s type; embeddings are combined and returned in float32.
         progress: show a ``rich`` progress bar.
     """
-    mode = {True: "sum", False: None, "sum": "sum", "concat": "concat"}.get(flip, "invalid")
-    if mode == "invalid":
-        raise ValueError(f"flip must be True, False, 'sum' or 'concat', got {flip!r}")
+    mode = flip_mode(flip)
     device = torch.device(device)
     if isinstance(dataset_or_loader, DataLoader):
         loader = dataset_or_loader
@@ -98,16 +99,13 @@ def _embed_batch(
     device: torch.device,
 ) -> np.ndarray:
     """One forward pass (image and mirror stacked into a single batch) -> float32 numpy embeddings."""
-    x = images if mode is None else torch.cat([images, torch.flip(images, dims=[-1])], dim=0)
-    if amp_dtype is not None:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if amp_dtype is None:
+            return model(x).float()
         with torch.autocast(device_type=device.type, dtype=amp_dtype):
-            emb = model(x)
-    else:
-        emb = model(x)
-    emb = emb.float()
-    if mode is not None:
-        plain, mirrored = emb.split(images.shape[0], dim=0)
-        emb = plain + mirrored if mode == "sum" else torch.cat([plain, mirrored], dim=1)
+            return model(x).float()
+
+    emb = embed_flipped(forward, images, mode)
     if normalize:
         emb = torch.nn.functional.normalize(emb, dim=1)
     return emb.cpu().numpy().astype(np.float32, copy=False)
@@ -135,6 +133,60 @@ class _progress_bar:
         if self._progress is not None:
             self._progress.__exit__(*exc)
         return False
+
+
+class _Images(Dataset):
+    def __init__(self, count: int, load: Callable[[int], np.ndarray], preprocess: Callable) -> None:
+        self.count, self.load, self.preprocess = count, load, preprocess
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        return self.preprocess(self.load(index)), 0
+
+
+class _FunctionModule(nn.Module):
+    """Wraps a plain ``(B, C, H, W) tensor -> (B, D)`` function so ``extract_embeddings`` can drive it."""
+
+    def __init__(self, fn: Callable) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fn(x)
+        return out if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))
+
+
+def embed_images(
+    model: nn.Module | Callable,
+    count: int,
+    load: Callable[[int], np.ndarray],
+    preprocess: Callable[[np.ndarray], torch.Tensor] | None = None,
+    flip: bool | str = "sum",
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Embeddings (count, D) of images ``load(0..count-1)``, L2-normalised, flip as ``extract_embeddings``.
+
+    ``model`` is an ``nn.Module`` or any function from a (B, C, H, W) tensor to (B, D) embeddings.
+    Image 0 is preprocessed once up front, so a preprocessing refusal (size, model card) comes
+    before any embedding is computed.
+    """
+    module = model if isinstance(model, nn.Module) else _FunctionModule(model)
+    preprocess = preprocess or ImagePreprocess()
+    if count > 0:
+        preprocess(load(0))  # fail fast (wrong size, model-card mismatch) before the embedding pass
+    dataset = _Images(count, load, preprocess)
+    return extract_embeddings(module, dataset, batch_size=batch_size, device=device, flip=flip,
+                              amp_dtype=amp_dtype, progress=progress)
+
+
+def embed_pairset(model: nn.Module | Callable, pairset, **kwargs) -> np.ndarray:
+    """Embed every distinct image of a ``PairSet`` (``evaluate.pairsets``) once (``embed_images`` options)."""
+    return embed_images(model, pairset.num_images, pairset.load, **kwargs)
 
 
 def cosine_scores(

@@ -1,6 +1,6 @@
 """The official LFW ``pairs.txt`` (View 2) and its mapping onto an image folder.
 
-Format (papers.md §12): a header ``"<folds> <n>"`` (``10 300``), then for each fold ``n`` matched lines
+Format (http://vis-www.cs.umass.edu/lfw/README.txt, "pairs.txt"): a header ``"<folds> <n>"`` (``10 300``), then for each fold ``n`` matched lines
 ``name n1 n2`` followed by ``n`` mismatched lines ``name1 n1 name2 n2`` (fields separated by tabs or
 spaces). A single-number header (``pairsDevTrain.txt``/``pairsDevTest.txt``: ``1100``) means one
 block of ``n`` matched then ``n`` mismatched pairs. Image ``k`` of ``Name`` is

@@ -1,6 +1,7 @@
 """Named evaluation protocols, for ``facesphere eval <protocol> <data path>``.
 
-Every protocol is a function ``(model, path, **options) -> dict`` registered under its name; ``model``
+Every protocol is a function ``(model, path, **options) -> dict`` registered under its name (each
+pair-set format of ``evaluate.pairsets.PAIRSET_FORMATS`` is one, reading with its own options); ``model``
 is an ``nn.Module`` or a function from a (B, 3, H, W) tensor to (B, D) embeddings. Common options
 (``preprocess``, ``flip``, ``batch_size``, ``device``, ``amp_dtype``, ``out_dir``, ``progress``) are
 passed through to the embedding / evaluation functions; each protocol's docstring lists its own.
@@ -13,8 +14,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 
+from facesphere.evaluate.pairset_eval import evaluate_pairset
+from facesphere.evaluate.pairsets import PAIRSET_FORMATS, pairset_format
 from facesphere.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -24,43 +26,21 @@ __all__ = ["PROTOCOLS", "describe_protocols", "get_protocol", "list_protocols", 
 PROTOCOLS: Registry[dict] = Registry("evaluation protocol")
 
 
-def _lfw_files(path: Path, pairs, root) -> tuple[Path, Path]:
-    if path.is_file():  # the pairs file itself
-        if root is None:
-            raise ValueError("lfw: path is a pairs file, so pass root=<LFW image folder>")
-        return path, Path(root)
-    if pairs is not None:
-        return Path(pairs), path
-    for candidate in (path / "pairs.txt", path.parent / "pairs.txt"):
-        if candidate.is_file():
-            return candidate, path
-    raise FileNotFoundError(f"lfw: no pairs.txt in {path} or its parent; pass pairs=<path to pairs.txt>")
+def _pairset_protocol(name: str) -> Callable[..., dict]:
+    """The protocol of pair-set format ``name``: read the set with the format's options, then ``evaluate_pairset``."""
+    reader = pairset_format(name)
+
+    def run(model, path: str | os.PathLike, **options) -> dict:
+        reading = {key: options.pop(key) for key in reader.options & set(options)}
+        return evaluate_pairset(model, reader(path, **reading), **options)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = reader.summary
+    return run
 
 
-@PROTOCOLS.register("lfw")
-def lfw(model, path: str | os.PathLike, *, pairs: str | os.PathLike | None = None,
-        root: str | os.PathLike | None = None, ext: str = ".jpg", **options) -> dict:
-    """LFW 10-fold verification: path = aligned image folder (``pairs=`` pairs.txt) or pairs.txt (``root=``)."""
-    from facesphere.evaluate.pairsets import PairSet, evaluate_pairset
-
-    pairs_path, image_root = _lfw_files(Path(path), pairs, root)
-    return evaluate_pairset(model, PairSet.from_lfw(pairs_path, image_root, ext=ext), **options)
-
-
-@PROTOCOLS.register("bin")
-def bin_file(model, path: str | os.PathLike, *, image_size: tuple[int, int] | None = None, **options) -> dict:
-    """An InsightFace verification ``.bin`` (lfw.bin, cfp_fp.bin, agedb_30.bin): 10 contiguous folds."""
-    from facesphere.evaluate.pairsets import PairSet, evaluate_pairset
-
-    return evaluate_pairset(model, PairSet.from_bin(path, image_size=image_size), **options)
-
-
-@PROTOCOLS.register("csv")
-def csv_pairs(model, path: str | os.PathLike, *, root: str | os.PathLike | None = None, **options) -> dict:
-    """A CSV of ``path1,path2,same[,fold]`` (paths relative to ``root``, default the CSV's folder)."""
-    from facesphere.evaluate.pairsets import PairSet, evaluate_pairset
-
-    return evaluate_pairset(model, PairSet.from_csv(path, root=root), **options)
+for _name in PAIRSET_FORMATS.names():  # every pair-set format is a protocol of the same name
+    PROTOCOLS.register(_name)(_pairset_protocol(_name))
 
 
 def _detector_alignment(options: dict) -> None:
@@ -73,11 +53,11 @@ def _detector_alignment(options: dict) -> None:
         raise ValueError("give both detector= and detector_weights=")
     if "align" in options:
         raise ValueError("give either align= or detector=, not both")
-    from facesphere.align.similarity import template_name_for_size
+    from facesphere.align.templates import template_for_size
     from facesphere.detect import build_detector
     from facesphere.pipeline.analyzer import FaceAnalyzer
 
-    alignment = template_name_for_size(tuple(options.get("size", (112, 112))))
+    alignment = template_for_size(tuple(options.get("size", (112, 112)))).name
     options["align"] = FaceAnalyzer(build_detector(name, weights), alignment=alignment).align_largest
 
 

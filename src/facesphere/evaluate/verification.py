@@ -1,20 +1,34 @@
-"""1:1 verification metrics on pair scores: k-fold accuracy, ROC, TAR@FAR, AUC, EER.
+"""1:1 verification metrics on pair scores: k-fold accuracy, ROC, TAR@FAR, VAL@FAR, AUC, EER.
 
 Everything here is pure numpy and works on *similarity* scores (higher means "same identity"). A pair
 is accepted as genuine when ``score >= threshold``. Distances can be used by negating them.
 
-The k-fold accuracy follows the LFW protocol (papers.md §12): for each fold the threshold that
+The k-fold accuracy follows the LFW protocol (Huang et al. 2007, UMass Amherst TR 07-49, "View 2";
+the evaluation section of http://vis-www.cs.umass.edu/lfw/README.txt): for each fold the threshold that
 maximises accuracy on the other folds is applied to the held-out fold. Instead of sweeping a fixed
 grid (insightface: ``np.arange(0, 4, 0.01)``; SphereFace: [-1, 1] step 1e-4) every distinct
 decision is evaluated exactly: the candidates are -inf, the midpoints between consecutive sorted
 unique training scores, and +inf. A fixed grid can only tie or lose against this set on the
-training folds, so results may differ from the reference scripts by a fraction of a percent
-(papers.md §12 quotes ~0.1% between recipes).
+training folds, so results may differ from the reference scripts by a fraction of a percent.
 
 Tie rule: when several candidates reach the maximal training accuracy, the lower median of the
 maximising candidates (in ascending order) is chosen. Like SphereFace's "mean of the maximising
 thresholds" it sits in the middle of the maximising set, but it is always itself a maximiser (the
 mean of a disjoint maximising set can land in a worse gap) and never averages with an infinity.
+
+The ROC points, TAR@FAR and the threshold at a FAR are ``facesphere.utils.roc`` (deployment
+calibrates its thresholds with them too); they are re-exported here.
+
+VAL@FAR follows insightface's ``calculate_val`` (``recognition/arcface_torch/eval/verification.py``):
+for each of the k folds, the threshold giving the target FAR on the other folds is found by
+*linear interpolation* between the two ROC vertices bracketing the target, then VAL (TAR) and FAR
+are measured on the held-out fold; the report gives their means and the VAL std. insightface
+interpolates over a fixed grid of squared-L2 distances (``np.arange(0, 4, 0.001)``); here the
+vertices are the exact training impostor scores (impostor score m_k, the k-th highest, is the
+threshold at which FAR = k/N), which is the limit of that grid. Departures: pairs are accepted when
+``score >= threshold`` (insightface: ``dist < threshold``), and a target below 1/N training impostors
+gives ``None`` instead of insightface's reject-all threshold 0. The plain TAR@FAR values of
+``verification_report`` (one exact ROC over all pairs, no interpolation) are reported alongside.
 """
 
 from __future__ import annotations
@@ -26,9 +40,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from facesphere.utils.roc import DEFAULT_FAR_TARGETS, at_far, check_scores, roc, tar_at_far, threshold_at_far
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_FAR_TARGETS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 __all__ = [
     "DEFAULT_FAR_TARGETS",
@@ -40,6 +55,7 @@ __all__ = [
     "roc",
     "tar_at_far",
     "threshold_at_far",
+    "val_at_far",
     "verification_report",
 ]
 
@@ -59,38 +75,6 @@ class KFoldResult:
         d["accuracies"] = [float(a) for a in self.accuracies]
         d["thresholds"] = [float(t) for t in self.thresholds]
         return d
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _validate(scores, same, *, require_both: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Return (float64 scores, bool labels) as 1-D arrays, or raise ValueError with the reason."""
-    s = np.asarray(scores)
-    y = np.asarray(same)
-    if s.ndim != 1 or y.ndim != 1:
-        raise ValueError(f"scores and same must be 1-D, got shapes {s.shape} and {y.shape}")
-    if s.shape[0] != y.shape[0]:
-        raise ValueError(f"scores and same must have equal lengths, got {s.shape[0]} and {y.shape[0]}")
-    if s.shape[0] == 0:
-        raise ValueError("scores and same are empty")
-    if not (np.issubdtype(s.dtype, np.number) and not np.iscomplexobj(s)) or s.dtype == np.bool_:
-        raise ValueError(f"scores must be real numbers, got dtype {s.dtype}")
-    s = s.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(s)):
-        bad = int(np.count_nonzero(~np.isfinite(s)))
-        raise ValueError(f"scores must be finite; found {bad} NaN/inf value(s)")
-    if y.dtype != np.bool_:
-        if not np.issubdtype(y.dtype, np.number) or not np.all((y == 0) | (y == 1)):
-            raise ValueError("same must be boolean (or 0/1) labels: True for genuine pairs")
-        y = y.astype(bool)
-    if require_both:
-        n_pos = int(np.count_nonzero(y))
-        if n_pos == 0 or n_pos == y.shape[0]:
-            raise ValueError(
-                f"both classes must be present: got {n_pos} genuine and {y.shape[0] - n_pos} impostor pairs"
-            )
-    return s, y
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -124,7 +108,7 @@ def _pick_threshold(candidates: np.ndarray, accuracy: np.ndarray) -> tuple[float
 
 def best_threshold(scores, same) -> tuple[float, float]:
     """Threshold maximising accuracy on these pairs (tie rule in the module docstring) and that accuracy."""
-    s, y = _validate(scores, same, require_both=False)
+    s, y = check_scores(scores, same, require_both=False)
     return _pick_threshold(*_accuracy_curve(s, y))
 
 
@@ -157,7 +141,7 @@ def kfold_accuracy(scores, same, n_folds: int = 10, folds: Sequence[int] | np.nd
             ``folds`` is given.
         folds: optional (N,) fold id per pair; fold order follows the sorted unique ids.
     """
-    s, y = _validate(scores, same)
+    s, y = check_scores(scores, same)
     ids = _fold_ids(s.size, n_folds, folds)
     k = int(ids.max()) + 1
     accs = np.empty(k)
@@ -172,76 +156,7 @@ def kfold_accuracy(scores, same, n_folds: int = 10, folds: Sequence[int] | np.nd
     return result
 
 
-# --------------------------------------------------------------------------- ROC family
-
-
-def _roc_counts(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(false accepts, true accepts, thresholds) at +inf and at every unique score, descending."""
-    order = np.argsort(-s, kind="stable")
-    s_sorted = s[order]
-    y_sorted = y[order]
-    tp = np.cumsum(y_sorted)
-    fp = np.cumsum(~y_sorted)
-    # keep the last position of each run of equal scores: accepting a score accepts all its ties
-    last = np.flatnonzero(np.r_[s_sorted[1:] != s_sorted[:-1], True])
-    fp = np.r_[0, fp[last]]
-    tp = np.r_[0, tp[last]]
-    thresholds = np.r_[np.inf, s_sorted[last]]
-    return fp, tp, thresholds
-
-
-def roc(scores, same) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact ROC: (far, tar, thresholds), one point per distinct threshold, far ascending.
-
-    ``thresholds[0] = +inf`` gives the (0, 0) point; point k accepts the pairs with score >= thresholds[k].
-    """
-    s, y = _validate(scores, same)
-    fp, tp, thresholds = _roc_counts(s, y)
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    return fp / n_neg, tp / n_pos, thresholds
-
-
-def _allowed_false_accepts(far_target: float, n_neg: int) -> int:
-    """Largest integer count of false accepts whose FAR is <= far_target (tolerant to float rounding)."""
-    if not (0.0 <= far_target <= 1.0) or math.isnan(far_target):
-        raise ValueError(f"FAR targets must lie in [0, 1], got {far_target}")
-    return int(math.floor(far_target * n_neg * (1.0 + 1e-9)))
-
-
-def _at_far(s: np.ndarray, y: np.ndarray, far_targets) -> dict[float, tuple[float, float] | None]:
-    fp, tp, thresholds = _roc_counts(s, y)
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    out: dict[float, tuple[float, float] | None] = {}
-    for target in far_targets:
-        allowed = _allowed_false_accepts(float(target), n_neg)
-        if allowed < 1:
-            # FAR below 1/num_negatives cannot be measured on this set: report nothing rather than guess
-            out[float(target)] = None
-            continue
-        k = int(np.searchsorted(fp, allowed, side="right")) - 1  # fp is non-decreasing: last point within budget
-        out[float(target)] = (float(tp[k] / n_pos), float(thresholds[k]))
-    return out
-
-
-def tar_at_far(scores, same, far_targets: Sequence[float] = DEFAULT_FAR_TARGETS) -> dict[float, float | None]:
-    """Highest TAR among thresholds whose FAR <= target, for each target (exact, no interpolation).
-
-    A target below 1/num_negatives maps to ``None``: such a FAR cannot be measured on this pair set.
-    """
-    s, y = _validate(scores, same)
-    return {t: (None if v is None else v[0]) for t, v in _at_far(s, y, far_targets).items()}
-
-
-def threshold_at_far(scores, same, far_target: float) -> float | None:
-    """Lowest score threshold whose FAR <= far_target (None when the target is below 1/num_negatives).
-
-    Useful to calibrate a deployment threshold from labelled pairs; accept pairs with score >= it.
-    """
-    s, y = _validate(scores, same)
-    v = _at_far(s, y, [far_target])[float(far_target)]
-    return None if v is None else v[1]
+# --------------------------------------------------------------------------- ROC family (points: facesphere.utils.roc)
 
 
 def auc(scores, same) -> float:
@@ -260,6 +175,55 @@ def eer(scores, same) -> float:
     d0, d1 = diff[k - 1], diff[k]
     t = d0 / (d0 - d1)
     return float(far[k - 1] + t * (far[k] - far[k - 1]))
+
+
+# --------------------------------------------------------------------------- VAL@FAR (insightface)
+
+
+def _interpolated_threshold(scores: np.ndarray, same: np.ndarray, far_target: float) -> float | None:
+    """Score threshold at ``far_target`` on these pairs, interpolated between impostor scores (module doc)."""
+    imp = np.sort(scores[~same])[::-1]  # m_1 >= m_2 >= ...: accepting >= m_k gives FAR k/N
+    n = imp.size
+    x = far_target * n * (1.0 + 1e-12)
+    if n == 0 or x < 1.0:
+        return None
+    k = int(math.floor(x))
+    if k >= n:
+        return float(imp[-1])
+    frac = x - k
+    upper, lower = imp[k - 1], imp[k]  # vertices (k/N, m_k) and ((k+1)/N, m_{k+1})
+    return float(upper + frac * (lower - upper)) if frac > 1e-9 else float(upper)
+
+
+def val_at_far(scores, same, far_target: float = 1e-3, n_folds: int = 10, folds=None) -> dict:
+    """insightface-style VAL@FAR: per-fold interpolated threshold from the other folds (module doc).
+
+    Returns ``far_target``, ``val_mean``, ``val_std`` (population), ``far_mean`` and per-fold
+    ``thresholds``; the three figures are None when a training split has fewer than 1/far_target
+    impostor pairs, or when a held-out fold lacks genuine or impostor pairs.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(same, dtype=bool)
+    ids = _fold_ids(s.size, n_folds, folds)
+    vals, fars, thresholds = [], [], []
+    for fold in range(int(ids.max()) + 1):
+        test = ids == fold
+        thr = _interpolated_threshold(s[~test], y[~test], far_target)
+        thresholds.append(thr)
+        if thr is None or not y[test].any() or y[test].all():
+            vals = fars = None
+            continue
+        if vals is not None:
+            accept = s[test] >= thr
+            vals.append(float(np.mean(accept[y[test]])))
+            fars.append(float(np.mean(accept[~y[test]])))
+    return {
+        "far_target": float(far_target),
+        "val_mean": None if vals is None else float(np.mean(vals)),
+        "val_std": None if vals is None else float(np.std(vals)),
+        "far_mean": None if fars is None else float(np.mean(fars)),
+        "thresholds": thresholds,
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -286,10 +250,10 @@ def verification_report(
     unavailable). Infinite thresholds (accept/reject everything) are written as None so the dict
     passes ``json.dumps(..., allow_nan=False)``.
     """
-    s, y = _validate(scores, same)
+    s, y = check_scores(scores, same)
     kf = kfold_accuracy(s, y, n_folds=n_folds, folds=folds)
     thr, acc = _pick_threshold(*_accuracy_curve(s, y))
-    at_far = _at_far(s, y, far_targets)
+    at_targets = at_far(s, y, far_targets)
     n_pos = int(y.sum())
     return {
         "num_pairs": int(y.size),
@@ -303,6 +267,6 @@ def verification_report(
         "best_accuracy": acc,
         "auc": auc(s, y),
         "eer": eer(s, y),
-        "tar_at_far": {_far_key(t): (None if v is None else v[0]) for t, v in at_far.items()},
-        "threshold_at_far": {_far_key(t): (None if v is None else _json_float(v[1])) for t, v in at_far.items()},
+        "tar_at_far": {_far_key(t): (None if v is None else v[0]) for t, v in at_targets.items()},
+        "threshold_at_far": {_far_key(t): (None if v is None else _json_float(v[1])) for t, v in at_targets.items()},
     }

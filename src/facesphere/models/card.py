@@ -25,15 +25,11 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from facesphere.align.templates import template_for_size
+
 logger = logging.getLogger(__name__)
 
 ColourOrder = Literal["RGB", "BGR"]
-
-ALIGNMENTS = {
-    "arcface_112x112": "InsightFace/ArcFace 5-point similarity template, 112x112",
-    "sphereface_112x96": "SphereFace 5-point similarity template, 112x96",
-}
-"""Alignment templates the toolkit knows by name (others are allowed, compared by name only)."""
 
 FACESPHERE_MEAN = (127.5, 127.5, 127.5)
 FACESPHERE_STD = (128.0, 128.0, 128.0)
@@ -305,24 +301,16 @@ class ModelCard(BaseModel):
 
 
 
-
-def alignment_for_size(size: tuple[int, int]) -> str | None:
-    """Name of the template ``template_for_size(size)`` aligns to, when it has one."""
-    h, w = size
-    if (h, w) == (112, 96):
-        return "sphereface_112x96"
-    if h == w and h % 112 == 0:
-        return f"arcface_{h}x{w}"
-    return None
-
-
 def training_card(backbone: torch.nn.Module, name: str, backbone_name: str, backbone_args: dict[str, Any] | None = None,
                   source: str = "facesphere training run") -> ModelCard:
     """The card of a backbone trained by facesphere: RGB, ``(x - 127.5) / 128``, its own input size."""
     size = tuple(int(v) for v in backbone.input_size)
     args = {k: v for k, v in (backbone_args or {}).items()
             if k not in ("input_size", "embedding_size") and isinstance(v, (bool, int, float, str))}
-    alignment = alignment_for_size(size) or f"unspecified_{size[0]}x{size[1]}"
+    try:
+        alignment = template_for_size(size).name
+    except ValueError:  # a size no template makes: the card says so rather than guessing
+        alignment = f"unspecified_{size[0]}x{size[1]}"
     return ModelCard(name=name, backbone=backbone_name, backbone_args=args, input_size=size, colour_order="RGB",
                      mean=FACESPHERE_MEAN, std=FACESPHERE_STD, alignment=alignment,
                      embedding_size=int(backbone.embedding_size), licence="as the training data's terms", source=source)
@@ -334,9 +322,7 @@ __all__ = [
     "PublishedFigure",
     "ModelCardMismatch",
     "input_spec_of",
-    "ALIGNMENTS",
     "FACESPHERE_MEAN",
     "FACESPHERE_STD",
-    "alignment_for_size",
     "training_card",
 ]

@@ -2,10 +2,10 @@
 
 An :class:`Embedder` has a model card and a way to run a normalised batch (N, 3, H, W) float32 to
 (N, D) embeddings (:meth:`Embedder.run`). :meth:`Embedder.embed` takes HxWx3 uint8 **RGB** face crops
-and applies the card exactly as evaluation does (``evaluate.model_input.CardPreprocess``): the size
+and applies the card exactly as evaluation does (``models.preprocess.CardPreprocess``): the size
 must be the card's, channels are put in the card's colour order, and pixels become
 ``(x - mean) / std``. With ``flip=True`` the embeddings of each crop and its horizontal mirror are
-summed before normalising (insightface's ``verification.py``, as in ``evaluate.embeddings``).
+summed before normalising (``models.flip``, as in ``evaluate.embeddings``).
 
 The ONNX Runtime embedder (``models.onnx_runtime.OnnxEmbedder``) and the PyTorch one
 (``models.torch_embedder.TorchEmbedder``) differ only in :meth:`Embedder._forward`.
@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from facesphere.models.card import ModelCard, ModelCardMismatch
+from facesphere.models.flip import embed_flipped
+from facesphere.models.preprocess import CardPreprocess, FedInput
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +41,6 @@ class Embedder(abc.ABC):
     """Face crops -> embeddings with the preprocessing ``card`` prescribes; ``source`` names the model in errors."""
 
     def __init__(self, card: ModelCard, source: str) -> None:
-        from facesphere.evaluate.model_input import CardPreprocess, FedInput
-
         self.card = card
         self.source = source
         # embed() takes RGB crops; declaring the card's own order makes CardPreprocess put them in that order.
@@ -102,12 +102,7 @@ class Embedder(abc.ABC):
         out = [np.zeros((0, self.card.embedding_size), dtype=np.float32)]
         for start in range(0, len(crops), batch_size):
             batch = self.preprocess(crops[start:start + batch_size])
-            if flip:  # crops and their mirrors in one run: one pass over the weights, bigger kernels
-                both = self.run(np.concatenate([batch, batch[..., ::-1]]))
-                embeddings = both[:len(batch)] + both[len(batch):]
-            else:
-                embeddings = self.run(batch)
-            out.append(embeddings)
+            out.append(embed_flipped(self.run, batch, "sum" if flip else None))
         embeddings = np.concatenate(out)
         if normalize:
             norms = np.linalg.norm(embeddings, axis=1, keepdims=True)

@@ -67,15 +67,15 @@ logger = logging.getLogger(__name__)
 KNOWN_SOURCES: dict[str, dict] = {
     "b10c56e08685173665e4110b052cac396afe9bfb": dict(
         name="mobilefacenet_insightface_y1",
-        source=("InsightFace MobileFaceNet 'model-y1-test2' (ArcFace, MS1M-refine-v1), deepinsight/insightface "
-                "issue #214; files from github.com/honghuCode/mobileFacenet-ncnn model-y1/model-y1-test2/"),
+        source=("InsightFace MobileFaceNet 'model-y1-test2' (ArcFace, MS1M-refine-v1), "
+                "github.com/deepinsight/insightface/issues/214; files from github.com/honghuCode/mobileFacenet-ncnn model-y1/model-y1-test2/"),
         licence=("no licence file in the hosting repo; InsightFace code is MIT, its pretrained models and MS1M "
                  "are for non-commercial research use only"),
         published=(
-            PublishedFigure(benchmark="LFW", value=99.50, where="InsightFace model zoo / issue #214",
+            PublishedFigure(benchmark="LFW", value=99.50, where="InsightFace model zoo, github.com/deepinsight/insightface/issues/214",
                             note="flip-sum, 10-fold"),
-            PublishedFigure(benchmark="CFP-FP", value=88.94, where="InsightFace model zoo / issue #214"),
-            PublishedFigure(benchmark="AgeDB-30", value=95.91, where="InsightFace model zoo / issue #214"),
+            PublishedFigure(benchmark="CFP-FP", value=88.94, where="InsightFace model zoo, github.com/deepinsight/insightface/issues/214"),
+            PublishedFigure(benchmark="AgeDB-30", value=95.91, where="InsightFace model zoo, github.com/deepinsight/insightface/issues/214"),
         ),
     ),
 }

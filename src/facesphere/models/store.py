@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from facesphere.models.card import InputSpec, ModelCard
-from facesphere.utils.files import atomic_path
+from facesphere.utils.files import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +178,7 @@ def save_model(folder: str | os.PathLike, backbone: nn.Module, card: ModelCard) 
         save_file(tensors, str(tmp), metadata={"format": "pt", "facesphere_model": card.name})
         digest = file_sha256(tmp)
     stored = ModelCard.from_json(card.model_copy(update={"weights_sha256": digest}).to_json())  # re-validated
-    with atomic_path(folder / CARD_FILE) as tmp:
-        tmp.write_text(stored.to_json(), encoding="utf-8")
+    atomic_write_text(folder / CARD_FILE, stored.to_json())
     logger.info("saved %s (%d tensors) to %s", card.name, len(tensors), folder)
     return folder
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from facesphere.evaluate.verification import tar_at_far, threshold_at_far
 from facesphere.utils.files import atomic_write_text
+from facesphere.utils.roc import tar_at_far, threshold_at_far
 
 
 class ThresholdMismatch(ValueError):
