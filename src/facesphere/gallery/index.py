@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from facesphere.pipeline.threshold import decide
+from facesphere.utils.roc import decide
 from facesphere.registry import Registry
 
 IndexKind = str

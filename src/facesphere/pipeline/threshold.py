@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from facesphere.utils.files import atomic_write_text
-from facesphere.utils.roc import tar_at_far, threshold_at_far
+from facesphere.utils.roc import decide, tar_at_far, threshold_at_far
 
 
 class ThresholdMismatch(ValueError):
@@ -39,8 +39,9 @@ class Threshold(BaseModel):
             raise ThresholdMismatch(f"threshold calibrated for {self.model!r} ({self.embedding_size}-d) cannot judge "
                                     f"scores of {model!r} ({embedding_size}-d); calibrate it for this model")
 
-    def decide(self, scores) -> np.ndarray:
-        return np.asarray(scores, dtype=np.float64) >= self.value
+    def decide(self, scores):
+        """Same person iff cosine >= ``value`` (:func:`facesphere.utils.roc.decide`)."""
+        return decide(scores, self.value)
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, self.model_dump_json(indent=2))
@@ -69,14 +70,4 @@ def calibrate_threshold(scores, same, target_far: float, model: str, embedding_s
                      measured_tar=None if tar is None else float(tar))
 
 
-__all__ = ["Threshold", "ThresholdMismatch", "calibrate_threshold"]
-
-
-def decide(scores, threshold: float | None):
-    """The one verification decision: same person iff cosine >= ``threshold`` (None: no decision).
-
-    A scalar score gives a bool, an array of scores a boolean array."""
-    if threshold is None:
-        return None
-    same = np.asarray(scores, dtype=np.float64) >= float(threshold)
-    return bool(same) if same.ndim == 0 else same
+__all__ = ["Threshold", "ThresholdMismatch", "calibrate_threshold", "decide"]

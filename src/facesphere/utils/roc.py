@@ -17,7 +17,7 @@ import numpy as np
 
 DEFAULT_FAR_TARGETS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
-__all__ = ["DEFAULT_FAR_TARGETS", "at_far", "check_scores", "roc", "tar_at_far", "threshold_at_far"]
+__all__ = ["DEFAULT_FAR_TARGETS", "at_far", "check_scores", "decide", "roc", "tar_at_far", "threshold_at_far"]
 
 
 def check_scores(scores, same, *, require_both: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -117,3 +117,13 @@ def threshold_at_far(scores, same, far_target: float) -> float | None:
     s, y = check_scores(scores, same)
     v = at_far(s, y, [far_target])[float(far_target)]
     return None if v is None else v[1]
+
+
+def decide(scores, threshold: float | None):
+    """The one verification decision: same person iff cosine >= ``threshold`` (None: no decision).
+
+    A scalar score gives a bool, an array of scores a boolean array."""
+    if threshold is None:
+        return None
+    same = np.asarray(scores, dtype=np.float64) >= float(threshold)
+    return bool(same) if same.ndim == 0 else same
