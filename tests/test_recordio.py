@@ -186,8 +186,8 @@ def test_independent_insightface_rec_reads_back(tmp_path):
     assert len(ds) == 5 and ds.num_classes == 2 and ds.image_size == (24, 32)
     assert ds.labels.tolist() == labels
     for i, data in enumerate(jpegs):
-        image, label = ds[i]
-        assert label == labels[i]
+        image, targets = ds[i]
+        assert targets == {"label": labels[i]}
         assert np.array_equal(ds.load_uint8(i), _pillow(data))
         assert image.shape == (3, 24, 32) and image.dtype == torch.float32
     assert ds.source(1).endswith("train.rec#2")
