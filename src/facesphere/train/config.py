@@ -51,14 +51,47 @@ class ModelConfig(Strict):
         return self
 
 
+_BUILT_BY_TRAINER = ("embedding_size", "num_classes", "context")
+
+
 def _check_kwargs(constructor, kwargs: dict[str, Any], what: str) -> None:
     parameters = inspect.signature(constructor).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
     unknown = sorted(set(kwargs) - set(parameters))
     if unknown:
-        accepted = ", ".join(p for p in parameters if p not in ("embedding_size", "num_classes") or what.startswith("backbone"))
+        accepted = ", ".join(p for p in parameters if p not in _BUILT_BY_TRAINER or what.startswith("backbone"))
         raise ValueError(f"{what} does not take {unknown}; it accepts: {accepted}")
+
+
+class ObjectiveConfig(Strict):
+    """One training objective (:mod:`facesphere.objectives`): a registered name or ``"package.module:Class"``,
+    its loss weight and constructor ``args``; ``label`` names its terms (default: ``name``).
+
+    The ``recognition`` objective's ``head``, ``head_args``, ``partial_fc`` and ``sample_rate`` default to
+    ``model.head``, ``model.head_args`` and ``model.partial_fc``."""
+
+    name: str
+    weight: float = Field(1.0, ge=0)
+    args: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+    @model_validator(mode="after")
+    def _known_objective(self) -> "ObjectiveConfig":
+        from facesphere.objectives import resolve_objective
+
+        try:
+            constructor = resolve_objective(self.name)
+        except KeyError as error:
+            raise ValueError(str(error.args[0])) from None
+        _check_kwargs(constructor, self.args, f"objective {self.name!r}")
+        if self.key in ("", "loss") or "/" in self.key or "," in self.key:
+            raise ValueError(f"objective label {self.key!r} cannot name a metrics column; give a plain label")
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name.rpartition(":")[2].lower()
 
 
 class AugmentSettings(Strict):
@@ -76,10 +109,15 @@ class SyntheticSettings(Strict):
     seed: int = 0
     difficulty: float = Field(1.0, ge=0)
     identity_offset: int = Field(0, ge=0)
+    targets: list[Literal["pose"]] = Field(default_factory=list, description="targets besides the label: pose "
+                                           "(normalised roll, yaw, pitch of the rendered face; needs augment.flip=0)")
+    target_share: float = Field(1.0, ge=0, le=1, description="share of samples carrying those targets (the rest "
+                                "are masked out), chosen by (seed, index)")
 
 
 class DataConfig(Strict):
-    kind: Literal["synthetic", "folder", "list", "record"] = "synthetic"
+    kind: str = Field("synthetic", description="a registered data kind (facesphere.train.data_setup.DATA_KINDS): "
+                      "synthetic, folder, list, record")
     root: Path | None = Field(None, description="folder: the image folder; record: the folder holding train.rec/.idx "
                               "(or the .rec itself); list: the base of relative paths")
     list_file: Path | None = None
@@ -88,6 +126,15 @@ class DataConfig(Strict):
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     batch_size: int = Field(128, ge=1, description="global batch size, split across processes")
     num_workers: int = Field(2, ge=0)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from facesphere.train.data_setup import DATA_KINDS
+
+        if value not in DATA_KINDS:
+            raise ValueError(f"unknown data kind {value!r}; known: {', '.join(DATA_KINDS.names())}")
+        return value
 
     @model_validator(mode="after")
     def _paths(self) -> "DataConfig":
@@ -201,6 +248,24 @@ class ExperimentConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    objectives: list[ObjectiveConfig] = Field(default_factory=list, description="what training minimises; empty: "
+                                              "one recognition objective (model.head, model.partial_fc)")
+
+    @model_validator(mode="after")
+    def _unique_objectives(self) -> "ExperimentConfig":
+        keys = [o.key for o in self.objectives]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"objectives: give repeated objectives distinct labels, got {keys}")
+        return self
+
+    def resolved_objectives(self) -> list[ObjectiveConfig]:
+        """The objectives to train, with the recognition objective's defaults taken from ``model``."""
+        m = self.model
+        defaults = {"head": m.head, "head_args": m.head_args, "partial_fc": m.partial_fc.enabled,
+                    "sample_rate": m.partial_fc.sample_rate}
+        objectives = self.objectives or [ObjectiveConfig(name="recognition")]
+        return [o.model_copy(update={"args": {**defaults, **o.args}}) if o.name == "recognition" else o
+                for o in objectives]
 
     @field_validator("name")
     @classmethod
