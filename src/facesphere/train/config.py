@@ -147,6 +147,11 @@ class DataConfig(Strict):
         return self
 
 
+def _require_distinct(keys: list[str], field: str) -> None:
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{field}: give repeated entries distinct labels, got {keys}")
+
+
 class ProtocolRun(Strict):
     """A registered evaluation protocol run on ``path`` during training, as ``facesphere eval`` would run it.
 
@@ -196,9 +201,7 @@ class EvalConfig(Strict):
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "EvalConfig":
-        keys = [run.key for run in self.protocols]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"eval.protocols: give repeated protocols distinct labels, got {keys}")
+        _require_distinct([run.key for run in self.protocols], "eval.protocols")
         return self
 
 
@@ -253,9 +256,7 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _unique_objectives(self) -> "ExperimentConfig":
-        keys = [o.key for o in self.objectives]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"objectives: give repeated objectives distinct labels, got {keys}")
+        _require_distinct([o.key for o in self.objectives], "objectives")
         return self
 
     def resolved_objectives(self) -> list[ObjectiveConfig]:
