@@ -377,7 +377,7 @@ def test_dataloader_workers_match_single_process(packed):
 
     def batches(workers):
         loader = build_loader(ds, sampler, num_workers=workers, persistent_workers=False)
-        return [(x.clone(), y.clone()) for x, y in loader]
+        return [(x.clone(), y["label"].clone()) for x, y in loader]
 
     single, multi = batches(0), batches(2)
     assert len(single) == len(multi) == 3
