@@ -135,3 +135,21 @@ def test_partial_fc_sampled_resume_is_exact(tmp_path):
         b = torch.load(tmp_path / "resumed" / "checkpoints" / name, weights_only=True)
         a, b = a["objectives"]["recognition"], b["objectives"]["recognition"]
         torch.testing.assert_close(a["head"]["weight"], b["head"]["weight"], rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_the_single_head_trainer_resumes(tmp_path):
+    """Checkpoints written before objectives existed kept the head under ``head.*``; they still resume."""
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=new", "train.steps=2", "model.backbone=sphereface4",
+                                    "model.backbone_args={embedding_size: 32, input_size: [32, 32]}"])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    state = torch.load(tmp_path / "new" / "checkpoints" / "step_00000002.pt", weights_only=True)
+    state["model"] = {k.replace("objectives.recognition.", ""): v for k, v in state["model"].items()}
+    assert "head.weight" in state["model"]
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "old" / "checkpoints" / "step_00000002.pt")
+    resumed = Trainer(cfg.model_copy(update={"name": "old"}))
+    assert resumed.resume()
+    assert resumed.step == 2
+    torch.testing.assert_close(resumed.model.objectives["recognition"].head.weight,
+                               trainer.model.objectives["recognition"].head.weight, rtol=0, atol=0)

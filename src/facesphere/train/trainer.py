@@ -102,6 +102,26 @@ def build_model(cfg: ExperimentConfig, num_classes: int, ctx: DistContext | None
     return FaceModel(backbone, objectives)
 
 
+_LEGACY_KEY = "recognition"
+"""Checkpoints written before objectives existed hold one recognition objective as ``head.*`` / ``partial_fc``."""
+
+
+def _upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of the single-head trainer in today's layout (``objectives.recognition.*``, ``sharded``)."""
+    if any(k.startswith("head.") for k in state["model"]) or "partial_fc" in state:
+        state = dict(state)
+        state["model"] = {(f"objectives.{_LEGACY_KEY}.{k}" if k.startswith("head.") else k): v
+                          for k, v in state["model"].items()}
+        if "partial_fc" in state:
+            old = state.pop("partial_fc")
+            state["sharded"] = {"world_size": old["world_size"], "schedulers": {_LEGACY_KEY: old["scheduler"]}}
+    return state
+
+
+def _upgrade_shard(shard: dict[str, Any]) -> dict[str, Any]:
+    return shard if "objectives" in shard else {"objectives": {_LEGACY_KEY: shard}}
+
+
 def _is_no_decay(name: str, parameter: nn.Parameter) -> bool:
     return parameter.ndim <= 1  # biases, norm scales/shifts, PReLU slopes, learned head scales
 
@@ -270,12 +290,12 @@ class Trainer:
         if path is None:
             logger.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
             return False
-        state = load_checkpoint(path, self.ctx.device)
+        state = _upgrade_checkpoint(load_checkpoint(path, self.ctx.device))
         shards = None
         if "sharded" in state:
             saved_world = int(state["sharded"]["world_size"])
-            shards = [load_checkpoint(shard_path(path.parent, int(state["step"]), r, saved_world), self.ctx.device)
-                      for r in range(saved_world)]
+            shards = [_upgrade_shard(load_checkpoint(shard_path(path.parent, int(state["step"]), r, saved_world),
+                                                     self.ctx.device)) for r in range(saved_world)]
         self.load_state_dict(state, shards)
         logger.info("resumed from %s at step %d", path, self.step)
         return True
