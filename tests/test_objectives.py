@@ -80,6 +80,10 @@ def test_configs_name_objectives_by_registry_or_import_path_and_refuse_the_rest(
         load_config(None, ["objectives=[{name: 'no_such_module:Thing'}]"])
     with pytest.raises(ConfigError, match=r"does not take \['targe'\]"):
         load_config(None, ["objectives=[{name: regression, args: {targe: pose}}]"])
+    own_head = load_config("arcface", ["objectives=[{name: recognition, args: {head: cosface}}]"]).resolved_objectives()
+    assert own_head[0].args["head"] == "cosface" and "head_args" not in own_head[0].args
+    with pytest.raises(ConfigError, match=r"head 'cosface' does not take \['easy_margin'\]"):
+        load_config(None, ["objectives=[{name: recognition, args: {head: cosface, head_args: {easy_margin: true}}}]"])
     with pytest.raises(ConfigError, match="distinct labels"):
         load_config(None, ["objectives=[{name: recognition}, {name: recognition}]"])
     with pytest.raises(ConfigError, match=r"data\.kind.*unknown data kind 'folders'"):

@@ -68,8 +68,8 @@ class ObjectiveConfig(Strict):
     """One training objective (:mod:`facesphere.objectives`): a registered name or ``"package.module:Class"``,
     its loss weight and constructor ``args``; ``label`` names its terms (default: ``name``).
 
-    The ``recognition`` objective's ``head``, ``head_args``, ``partial_fc`` and ``sample_rate`` default to
-    ``model.head``, ``model.head_args`` and ``model.partial_fc``."""
+    The ``recognition`` objective's ``head`` (with ``head_args``), ``partial_fc`` and ``sample_rate`` default
+    to ``model.head``, ``model.head_args`` and ``model.partial_fc``."""
 
     name: str
     weight: float = Field(1.0, ge=0)
@@ -256,17 +256,31 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _unique_objectives(self) -> "ExperimentConfig":
+        from facesphere.heads import HEADS
+
         _require_distinct([o.key for o in self.objectives], "objectives")
+        for o in self.resolved_objectives():
+            if o.name == "recognition" and "head" in o.args:
+                try:
+                    constructor = HEADS.get(o.args["head"])
+                except KeyError as error:
+                    raise ValueError(f"objectives ({o.key}): {error.args[0]}") from None
+                _check_kwargs(constructor, o.args.get("head_args") or {}, f"head {o.args['head']!r}")
         return self
 
     def resolved_objectives(self) -> list[ObjectiveConfig]:
-        """The objectives to train, with the recognition objective's defaults taken from ``model``."""
+        """The objectives to train; the recognition objective's ``head`` (with ``head_args``), ``partial_fc`` and
+        ``sample_rate`` default to ``model.head``, ``model.head_args`` and ``model.partial_fc``."""
         m = self.model
-        defaults = {"head": m.head, "head_args": m.head_args, "partial_fc": m.partial_fc.enabled,
-                    "sample_rate": m.partial_fc.sample_rate}
         objectives = self.objectives or [ObjectiveConfig(name="recognition")]
-        return [o.model_copy(update={"args": {**defaults, **o.args}}) if o.name == "recognition" else o
-                for o in objectives]
+        resolved = []
+        for o in objectives:
+            if o.name == "recognition":
+                head = {} if "head" in o.args else {"head": m.head, "head_args": m.head_args}
+                defaults = {**head, "partial_fc": m.partial_fc.enabled, "sample_rate": m.partial_fc.sample_rate}
+                o = o.model_copy(update={"args": {**defaults, **o.args}})
+            resolved.append(o)
+        return resolved
 
     @field_validator("name")
     @classmethod
