@@ -148,8 +148,14 @@ def test_a_checkpoint_of_the_single_head_trainer_resumes(tmp_path):
     assert "head.weight" in state["model"]
     (tmp_path / "old" / "checkpoints").mkdir(parents=True)
     torch.save(state, tmp_path / "old" / "checkpoints" / "step_00000002.pt")
-    resumed = Trainer(cfg.model_copy(update={"name": "old"}))
+    old_rows = (tmp_path / "new" / "metrics.csv").read_text().splitlines()
+    (tmp_path / "old" / "metrics.csv").write_text("\n".join(  # the old layout: no loss/<term> columns
+        ",".join(c for i, c in enumerate(line.split(",")) if i != 3) for line in old_rows) + "\n")
+    resumed = Trainer(cfg.model_copy(update={"name": "old", "train": cfg.train.model_copy(update={"steps": 3})}))
     assert resumed.resume()
     assert resumed.step == 2
     torch.testing.assert_close(resumed.model.objectives["recognition"].head.weight,
                                trainer.model.objectives["recognition"].head.weight, rtol=0, atol=0)
+    resumed.fit()
+    rows = read_metrics(tmp_path / "old" / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3] and "loss/recognition" not in rows[0] and "loss/recognition" in rows[2]

@@ -191,8 +191,9 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
+    """metrics.csv rows as floats; empty cells (a column added on a resume) are left out."""
     with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
 
 
 class Trainer:
