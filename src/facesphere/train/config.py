@@ -132,9 +132,7 @@ class DataConfig(Strict):
     def _known_kind(cls, value: str) -> str:
         from facesphere.train.data_setup import DATA_KINDS
 
-        if value not in DATA_KINDS:
-            raise ValueError(f"unknown data kind {value!r}; known: {', '.join(DATA_KINDS.names())}")
-        return value
+        return _registered(DATA_KINDS, value)
 
     @model_validator(mode="after")
     def _paths(self) -> "DataConfig":
@@ -145,6 +143,15 @@ class DataConfig(Strict):
         if self.kind == "list" and self.list_file is None:
             raise ValueError("data.kind 'list' needs data.list_file")
         return self
+
+
+def _registered(registry, name: str):
+    """``name`` if ``registry`` knows it, else a ValueError listing the known names (pydantic names the field)."""
+    try:
+        registry.get(name)
+    except KeyError as error:
+        raise ValueError(str(error.args[0])) from None
+    return name
 
 
 def _require_distinct(keys: list[str], field: str) -> None:
@@ -169,9 +176,7 @@ class ProtocolRun(Strict):
     def _known_protocol(cls, value: str) -> str:
         from facesphere.evaluate.protocols import PROTOCOLS
 
-        if value not in PROTOCOLS:
-            raise ValueError(f"unknown evaluation protocol {value!r}; known: {', '.join(PROTOCOLS.names())}")
-        return value
+        return _registered(PROTOCOLS, value)
 
     @field_validator("label")
     @classmethod
