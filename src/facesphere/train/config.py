@@ -66,7 +66,8 @@ def _check_kwargs(constructor, kwargs: dict[str, Any], what: str) -> None:
 
 class ObjectiveConfig(Strict):
     """One training objective (:mod:`facesphere.objectives`): a registered name or ``"package.module:Class"``,
-    its loss weight and constructor ``args``; ``label`` names its terms (default: ``name``).
+    its loss weight and constructor ``args``; ``label`` names its terms (default: the registered name, or the
+    class name in lower case for an import path).
 
     The ``recognition`` objective's ``head`` (with ``head_args``), ``partial_fc`` and ``sample_rate`` default
     to ``model.head``, ``model.head_args`` and ``model.partial_fc``."""
@@ -75,6 +76,11 @@ class ObjectiveConfig(Strict):
     weight: float = Field(1.0, ge=0)
     args: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _canonical_name(cls, value: str) -> str:
+        return value if ":" in value else value.lower()  # registry names are case-insensitive
 
     @model_validator(mode="after")
     def _known_objective(self) -> "ObjectiveConfig":
