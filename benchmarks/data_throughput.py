@@ -100,7 +100,7 @@ def loader_rate(dataset, workers: int, batch: int, epochs: int) -> dict:
     for epoch in range(1, epochs + 1):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
-        count += sum(len(labels) for _, labels in loader)
+        count += sum(len(images) for images, _ in loader)
     seconds = time.perf_counter() - start
     del loader
     return {"images_per_second": count / seconds, "images": count, "seconds": seconds}

@@ -106,8 +106,8 @@ def test_identity_offset_gives_disjoint_identities():
 
 def test_synthetic_other_sizes_and_validation():
     ds = SyntheticFaces(2, 2, image_size=(112, 96))
-    image, label = ds[3]
-    assert image.shape == (3, 112, 96) and label == 1
+    image, targets = ds[3]
+    assert image.shape == (3, 112, 96) and targets == {"label": 1}
     with pytest.raises(IndexError):
         ds[4]
     with pytest.raises(ValueError):
@@ -145,9 +145,11 @@ def test_dataset_contract(kind, tmp_path):
     height, width = ds.image_size
     ds.set_epoch(2)
     for index in range(len(ds)):
-        image, label = ds[index]
+        image, targets = ds[index]
         assert image.dtype == torch.float32 and image.shape == (3, height, width)
         assert -1.0 <= float(image.min()) and float(image.max()) <= 1.0
+        assert set(targets) == set(ds.target_names) == {"label"}
+        label = targets["label"]
         assert type(label) is int and label == ds.labels[index] and 0 <= label < ds.num_classes
 
 
@@ -415,7 +417,7 @@ def test_dataloader_workers_match_single_process():
         epochs = []
         for epoch in (0, 1):  # persistent workers must see the new epoch's augmentation
             set_loader_epoch(loader, epoch)
-            epochs.append([(x.clone(), y.clone()) for x, y in loader])
+            epochs.append([(x.clone(), y["label"].clone()) for x, y in loader])
         results.append(epochs)
         del loader
     for epoch in (0, 1):

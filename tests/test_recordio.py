@@ -186,8 +186,8 @@ def test_independent_insightface_rec_reads_back(tmp_path):
     assert len(ds) == 5 and ds.num_classes == 2 and ds.image_size == (24, 32)
     assert ds.labels.tolist() == labels
     for i, data in enumerate(jpegs):
-        image, label = ds[i]
-        assert label == labels[i]
+        image, targets = ds[i]
+        assert targets == {"label": labels[i]}
         assert np.array_equal(ds.load_uint8(i), _pillow(data))
         assert image.shape == (3, 24, 32) and image.dtype == torch.float32
     assert ds.source(1).endswith("train.rec#2")
@@ -377,7 +377,7 @@ def test_dataloader_workers_match_single_process(packed):
 
     def batches(workers):
         loader = build_loader(ds, sampler, num_workers=workers, persistent_workers=False)
-        return [(x.clone(), y.clone()) for x, y in loader]
+        return [(x.clone(), y["label"].clone()) for x, y in loader]
 
     single, multi = batches(0), batches(2)
     assert len(single) == len(multi) == 3

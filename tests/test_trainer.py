@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from _training import TORCHRUN, cli, kill_after_first_checkpoint, run, sets
 
-from facesphere.train.checkpoint import list_checkpoints
 from facesphere.train.config import load_config
 from facesphere.train.trainer import Trainer, read_metrics
 
@@ -25,18 +20,6 @@ TINY = [
     "train.log_every=1", "train.tensorboard=false", "train.progress=false",
     "eval.enabled=false",
 ]
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "facesphere", *args]
 
 
 def test_training_lowers_the_loss_and_writes_artifacts(tmp_path):
@@ -57,33 +40,18 @@ def test_training_lowers_the_loss_and_writes_artifacts(tmp_path):
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text("{}\n")
-    overrides = sum((["--set", o] for o in TINY + [f"output_dir={tmp_path}", "train.steps=18", "train.checkpoint_every=4",
-                                                  "data.num_workers=1"]), [])
+    overrides = sets(TINY + [f"output_dir={tmp_path}", "train.steps=18", "train.checkpoint_every=4", "data.num_workers=1"])
     common = ["train", str(config), *overrides]
-    straight = subprocess.run(_cli(*common, "--set", "name=straight"), env=_env(),
-                              capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*common, "--set", "name=killed"), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list_checkpoints(run / "checkpoints"):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = list_checkpoints(run / "checkpoints")
-    assert saved and int(saved[-1].stem.split("_")[1]) < 18, "the run finished before it could be killed"
-
-    resumed = subprocess.run(_cli(*common, "--set", "name=killed", "--resume", "latest"),
-                             env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run(cli(*common, "--set", "name=straight"))
+    killed = tmp_path / "killed"
+    kill_after_first_checkpoint(cli(*common, "--set", "name=killed"), killed, 18)
+    run(cli(*common, "--set", "name=killed", "--resume", "latest"))
     a = read_metrics(tmp_path / "straight" / "metrics.csv")
-    b = read_metrics(run / "metrics.csv")
+    b = read_metrics(killed / "metrics.csv")
     assert [r["step"] for r in b] == list(range(1, 19))
     assert [r["loss"] for r in b] == [r["loss"] for r in a]
     sa = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000018.pt", weights_only=True)["model"]
-    sb = torch.load(run / "checkpoints" / "step_00000018.pt", weights_only=True)["model"]
+    sb = torch.load(killed / "checkpoints" / "step_00000018.pt", weights_only=True)["model"]
     for key in sa:
         torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0)
 
@@ -101,14 +69,9 @@ def test_two_torchrun_processes_follow_one_process(tmp_path):
     config.write_text("{}\n")
     settings = TINY + [f"output_dir={tmp_path}", "train.steps=8", "train.checkpoint_every=100", "model.backbone=sphereface4",
                        "model.backbone_args={embedding_size: 64}", "optim.lr=0.005"]
-    overrides = sum((["--set", o] for o in settings), [])
-    single = subprocess.run(_cli("train", str(config), *overrides, "--set", "name=one"), env=_env(), capture_output=True,
-                            text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "facesphere"]
-    double = subprocess.run(torchrun + ["train", str(config), *overrides, "--set", "name=two"], env=_env(),
-                            capture_output=True, text=True, timeout=600)
-    assert double.returncode == 0, double.stderr[-3000:]
+    overrides = sets(settings)
+    run(cli("train", str(config), *overrides, "--set", "name=one"))
+    run(TORCHRUN + ["train", str(config), *overrides, "--set", "name=two"])
     one = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.csv")]
     two = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.csv")]
     assert len(one) == len(two) == 8
@@ -120,12 +83,7 @@ def _pfc_overrides(tmp_path: Path, rate: float) -> list[str]:
     settings = TINY + [f"output_dir={tmp_path}", "train.steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=3",
                        "model.backbone=sphereface4", "model.backbone_args={embedding_size: 64}", "optim.lr=0.005",
                        "model.partial_fc.enabled=true", f"model.partial_fc.sample_rate={rate}"]
-    return sum((["--set", o] for o in settings), [])
-
-
-def _run(command: list[str]) -> None:
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    return sets(settings)
 
 
 def _resume_from_step4(source: Path, target: Path) -> None:
@@ -142,15 +100,14 @@ def test_partial_fc_two_processes_follow_one_and_resume_on_either(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text("{}\n")
     overrides = _pfc_overrides(tmp_path, 1.0)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "facesphere"]
-    _run(_cli("train", str(config), *overrides, "--set", "name=one"))
-    _run(torchrun + ["train", str(config), *overrides, "--set", "name=two"])
+    run(cli("train", str(config), *overrides, "--set", "name=one"))
+    run(TORCHRUN + ["train", str(config), *overrides, "--set", "name=two"])
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("step_00000004*")) == [
         "step_00000004.pt", "step_00000004.shard-00000-of-00002.pt", "step_00000004.shard-00001-of-00002.pt"]
     _resume_from_step4(tmp_path / "two", tmp_path / "two_to_one")
-    _run(_cli("train", str(config), *overrides, "--set", "name=two_to_one", "--resume", "latest"))
+    run(cli("train", str(config), *overrides, "--set", "name=two_to_one", "--resume", "latest"))
     _resume_from_step4(tmp_path / "two", tmp_path / "two_to_two")
-    _run(torchrun + ["train", str(config), *overrides, "--set", "name=two_to_two", "--resume", "latest"])
+    run(TORCHRUN + ["train", str(config), *overrides, "--set", "name=two_to_two", "--resume", "latest"])
 
     curve = {name: [r["loss"] for r in read_metrics(tmp_path / name / "metrics.csv")]
              for name in ("one", "two", "two_to_one", "two_to_two")}
@@ -166,10 +123,9 @@ def test_partial_fc_sampled_resume_is_exact(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text("{}\n")
     overrides = _pfc_overrides(tmp_path, 0.5)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "facesphere"]
-    _run(torchrun + ["train", str(config), *overrides, "--set", "name=straight"])
+    run(TORCHRUN + ["train", str(config), *overrides, "--set", "name=straight"])
     _resume_from_step4(tmp_path / "straight", tmp_path / "resumed")
-    _run(torchrun + ["train", str(config), *overrides, "--set", "name=resumed", "--resume", "latest"])
+    run(TORCHRUN + ["train", str(config), *overrides, "--set", "name=resumed", "--resume", "latest"])
     straight = read_metrics(tmp_path / "straight" / "metrics.csv")
     resumed = read_metrics(tmp_path / "resumed" / "metrics.csv")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight][4:]
@@ -177,4 +133,29 @@ def test_partial_fc_sampled_resume_is_exact(tmp_path):
         name = f"step_00000008.shard-{rank:05d}-of-00002.pt"
         a = torch.load(tmp_path / "straight" / "checkpoints" / name, weights_only=True)
         b = torch.load(tmp_path / "resumed" / "checkpoints" / name, weights_only=True)
+        a, b = a["objectives"]["recognition"], b["objectives"]["recognition"]
         torch.testing.assert_close(a["head"]["weight"], b["head"]["weight"], rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_the_single_head_trainer_resumes(tmp_path):
+    """Checkpoints written before objectives existed kept the head under ``head.*``; they still resume."""
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=new", "train.steps=2", "model.backbone=sphereface4",
+                                    "model.backbone_args={embedding_size: 32, input_size: [32, 32]}"])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    state = torch.load(tmp_path / "new" / "checkpoints" / "step_00000002.pt", weights_only=True)
+    state["model"] = {k.replace("objectives.recognition.", ""): v for k, v in state["model"].items()}
+    assert "head.weight" in state["model"]
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "old" / "checkpoints" / "step_00000002.pt")
+    old_rows = (tmp_path / "new" / "metrics.csv").read_text().splitlines()
+    (tmp_path / "old" / "metrics.csv").write_text("\n".join(  # the old layout: no loss/<term> columns
+        ",".join(c for i, c in enumerate(line.split(",")) if i != 3) for line in old_rows) + "\n")
+    resumed = Trainer(cfg.model_copy(update={"name": "old", "train": cfg.train.model_copy(update={"steps": 3})}))
+    assert resumed.resume()
+    assert resumed.step == 2
+    torch.testing.assert_close(resumed.model.objectives["recognition"].head.weight,
+                               trainer.model.objectives["recognition"].head.weight, rtol=0, atol=0)
+    resumed.fit()
+    rows = read_metrics(tmp_path / "old" / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3] and "loss/recognition" not in rows[0] and "loss/recognition" in rows[2]

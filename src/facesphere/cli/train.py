@@ -20,7 +20,7 @@ def train(config: str = typer.Argument(..., help="YAML file or built-in config n
           overrides: list[str] = typer.Option([], "--set", "-s", help=OVERRIDE_HELP),
           resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (this run's newest checkpoint) or a checkpoint path"),
           ) -> None:
-    """Train a backbone with a margin head. Works alone or under torchrun (gloo on CPU, NCCL on GPU)."""
+    """Train a backbone with its objectives (default: one margin head); alone or under torchrun (gloo/NCCL)."""
     from facesphere.train.config import load_config
     from facesphere.train.distributed import shutdown_distributed
     from facesphere.train.trainer import Trainer

@@ -1,8 +1,10 @@
 """The data layer: image decoding, augmentation, data sets (synthetic, folder, list, RecordIO), batch sampling, loaders.
 
-Every data set returns ``(image, label)`` with ``image`` a float32 (3, H, W) RGB tensor normalised as
-(x - 127.5) / 128 and ``label`` an int in [0, num_classes); it exposes ``num_classes``, ``labels``
-(numpy int64, one per index, without decoding), ``image_size`` (H, W) and ``set_epoch(epoch)``.
+Every data set returns ``(image, targets)`` with ``image`` a float32 (3, H, W) RGB tensor normalised as
+(x - 127.5) / 128 and ``targets`` a dict of named targets, ``targets["label"]`` an int in
+[0, num_classes) (see :mod:`facesphere.data.targets` for optional targets and their masks); it
+exposes ``num_classes``, ``labels`` (numpy int64, one per index, without decoding), ``target_names``
+(the keys of ``targets`` besides masks), ``image_size`` (H, W) and ``set_epoch(epoch)``.
 Random augmentation is a pure function of (seed, epoch, index).
 """
 
@@ -19,16 +21,11 @@ from facesphere.data.lists import ImageListDataset, ListFileError, parse_list_fi
 from facesphere.data.record_dataset import PackResult, RecordDataset, describe_records, pack_folder, read_layout
 from facesphere.data.recordio import IRHeader, RecordIOError, RecordIOReader, RecordIOWriter
 from facesphere.data.sampler import GlobalBatchSampler
-from facesphere.data.synthetic import (
-    FaceIdentity,
-    FaceVariation,
-    SyntheticFaces,
-    contact_sheet,
-    face_identity,
-    face_variation,
-    render_face,
-    write_image_folder,
-)
+from facesphere.data.export import write_image_folder
+from facesphere.data.face_render import render_face
+from facesphere.data.face_traits import FaceIdentity, FaceVariation, face_identity, face_variation
+from facesphere.data.synthetic import SyntheticFaces, contact_sheet
+from facesphere.data.targets import MASK_SUFFIX
 from facesphere.data.transforms import (
     AugmentConfig,
     ColorJitter,
@@ -57,6 +54,7 @@ __all__ = [
     "ImageFolderDataset",
     "ImageListDataset",
     "ListFileError",
+    "MASK_SUFFIX",
     "PackResult",
     "RecordDataset",
     "RecordIOError",

@@ -95,9 +95,11 @@ class EncodedImagesDataset(Dataset):
             image = self._transform(image, augment_rng(self.seed, self.epoch, index))
         return image
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    target_names = ("label",)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, int]]:
         image = self.load_uint8(index)
-        return to_tensor(image), int(self.labels[index])
+        return to_tensor(image), {"label": int(self.labels[index])}
 
     def verify(self) -> list[ImageError]:
         """Decode every image once and return the errors (empty when all images are readable)."""

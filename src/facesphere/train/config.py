@@ -51,14 +51,53 @@ class ModelConfig(Strict):
         return self
 
 
+_BUILT_BY_TRAINER = ("embedding_size", "num_classes", "context")
+
+
 def _check_kwargs(constructor, kwargs: dict[str, Any], what: str) -> None:
     parameters = inspect.signature(constructor).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
     unknown = sorted(set(kwargs) - set(parameters))
     if unknown:
-        accepted = ", ".join(p for p in parameters if p not in ("embedding_size", "num_classes") or what.startswith("backbone"))
+        accepted = ", ".join(p for p in parameters if p not in _BUILT_BY_TRAINER or what.startswith("backbone"))
         raise ValueError(f"{what} does not take {unknown}; it accepts: {accepted}")
+
+
+class ObjectiveConfig(Strict):
+    """One training objective (:mod:`facesphere.objectives`): a registered name or ``"package.module:Class"``,
+    its loss weight and constructor ``args``; ``label`` names its terms (default: the registered name, or the
+    class name in lower case for an import path).
+
+    The ``recognition`` objective's ``head`` (with ``head_args``), ``partial_fc`` and ``sample_rate`` default
+    to ``model.head``, ``model.head_args`` and ``model.partial_fc``."""
+
+    name: str
+    weight: float = Field(1.0, ge=0)
+    args: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _canonical_name(cls, value: str) -> str:
+        return value if ":" in value else value.lower()  # registry names are case-insensitive
+
+    @model_validator(mode="after")
+    def _known_objective(self) -> "ObjectiveConfig":
+        from facesphere.objectives import resolve_objective
+
+        try:
+            constructor = resolve_objective(self.name)
+        except KeyError as error:
+            raise ValueError(str(error.args[0])) from None
+        _check_kwargs(constructor, self.args, f"objective {self.name!r}")
+        if self.key in ("", "loss") or "/" in self.key or "," in self.key:
+            raise ValueError(f"objective label {self.key!r} cannot name a metrics column; give a plain label")
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name.rpartition(":")[2].lower()
 
 
 class AugmentSettings(Strict):
@@ -76,10 +115,15 @@ class SyntheticSettings(Strict):
     seed: int = 0
     difficulty: float = Field(1.0, ge=0)
     identity_offset: int = Field(0, ge=0)
+    targets: list[Literal["pose"]] = Field(default_factory=list, description="targets besides the label: pose "
+                                           "(normalised roll, yaw, pitch of the rendered face; needs augment.flip=0)")
+    target_share: float = Field(1.0, ge=0, le=1, description="share of samples carrying those targets (the rest "
+                                "are masked out), chosen by (seed, index)")
 
 
 class DataConfig(Strict):
-    kind: Literal["synthetic", "folder", "list", "record"] = "synthetic"
+    kind: str = Field("synthetic", description="a registered data kind (facesphere.train.data_setup.DATA_KINDS): "
+                      "synthetic, folder, list, record")
     root: Path | None = Field(None, description="folder: the image folder; record: the folder holding train.rec/.idx "
                               "(or the .rec itself); list: the base of relative paths")
     list_file: Path | None = None
@@ -88,6 +132,13 @@ class DataConfig(Strict):
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     batch_size: int = Field(128, ge=1, description="global batch size, split across processes")
     num_workers: int = Field(2, ge=0)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from facesphere.train.data_setup import DATA_KINDS
+
+        return _registered(DATA_KINDS, value)
 
     @model_validator(mode="after")
     def _paths(self) -> "DataConfig":
@@ -98,6 +149,20 @@ class DataConfig(Strict):
         if self.kind == "list" and self.list_file is None:
             raise ValueError("data.kind 'list' needs data.list_file")
         return self
+
+
+def _registered(registry, name: str):
+    """``name`` if ``registry`` knows it, else a ValueError listing the known names (pydantic names the field)."""
+    try:
+        registry.get(name)
+    except KeyError as error:
+        raise ValueError(str(error.args[0])) from None
+    return name
+
+
+def _require_distinct(keys: list[str], field: str) -> None:
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{field}: give repeated entries distinct labels, got {keys}")
 
 
 class ProtocolRun(Strict):
@@ -117,9 +182,7 @@ class ProtocolRun(Strict):
     def _known_protocol(cls, value: str) -> str:
         from facesphere.evaluate.protocols import PROTOCOLS
 
-        if value not in PROTOCOLS:
-            raise ValueError(f"unknown evaluation protocol {value!r}; known: {', '.join(PROTOCOLS.names())}")
-        return value
+        return _registered(PROTOCOLS, value)
 
     @field_validator("label")
     @classmethod
@@ -149,9 +212,7 @@ class EvalConfig(Strict):
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "EvalConfig":
-        keys = [run.key for run in self.protocols]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"eval.protocols: give repeated protocols distinct labels, got {keys}")
+        _require_distinct([run.key for run in self.protocols], "eval.protocols")
         return self
 
 
@@ -201,6 +262,36 @@ class ExperimentConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    objectives: list[ObjectiveConfig] = Field(default_factory=list, description="what training minimises; empty: "
+                                              "one recognition objective (model.head, model.partial_fc)")
+
+    @model_validator(mode="after")
+    def _unique_objectives(self) -> "ExperimentConfig":
+        from facesphere.heads import HEADS
+
+        _require_distinct([o.key for o in self.objectives], "objectives")
+        for o in self.resolved_objectives():
+            if o.name == "recognition" and "head" in o.args:
+                try:
+                    constructor = HEADS.get(o.args["head"])
+                except KeyError as error:
+                    raise ValueError(f"objectives ({o.key}): {error.args[0]}") from None
+                _check_kwargs(constructor, o.args.get("head_args") or {}, f"head {o.args['head']!r}")
+        return self
+
+    def resolved_objectives(self) -> list[ObjectiveConfig]:
+        """The objectives to train; the recognition objective's ``head`` (with ``head_args``), ``partial_fc`` and
+        ``sample_rate`` default to ``model.head``, ``model.head_args`` and ``model.partial_fc``."""
+        m = self.model
+        objectives = self.objectives or [ObjectiveConfig(name="recognition")]
+        resolved = []
+        for o in objectives:
+            if o.name == "recognition":
+                head = {} if "head" in o.args else {"head": m.head, "head_args": m.head_args}
+                defaults = {**head, "partial_fc": m.partial_fc.enabled, "sample_rate": m.partial_fc.sample_rate}
+                o = o.model_copy(update={"args": {**defaults, **o.args}})
+            resolved.append(o)
+        return resolved
 
     @field_validator("name")
     @classmethod

@@ -1,11 +1,16 @@
-"""The training loop: backbone → margin head → cross-entropy, on one process or many (torchrun).
+"""The training loop: backbone → outputs → objectives → named loss terms, on one process or many (torchrun).
 
-The trainer never knows which head it runs: every head maps (embeddings, labels) to logits for
-``F.cross_entropy``. With ``model.partial_fc.enabled`` the head runs inside Partial FC instead: the
-backbone is data-parallel (DDP), the class centres are sharded across processes with their own
-optimiser, and each process checkpoints its shard. Data order and augmentation are pure functions of
-(seed, epoch, index), and the checkpoint stores every RNG state, so ``resume`` continues a killed run
-step for step.
+The loop knows no paper. A batch is ``(images, targets)``, ``targets`` a dict of named tensors (with
+``<name>_mask`` where only some samples carry a target). The backbone's outputs (``{"embedding": ...}``,
+or the dict a backbone returns) go to every configured objective (:mod:`facesphere.objectives`), each
+returning named loss terms; the loop minimises ``Σ weight · term`` and logs every term by name
+(metrics.csv ``loss/<term>``, TensorBoard ``train/<term>``, the progress bar) beside the total ``loss``.
+Before each step every objective's ``update(step)`` runs (annealing schedules). Replicated
+objectives train inside DDP with the backbone; a ``sharded`` objective (Partial FC) runs outside it
+with its own optimiser and schedule, and each rank saves its share in shard files that a resume on
+any number of processes re-cuts. Data order and augmentation are pure functions of (seed, epoch,
+index), and the checkpoint stores every RNG state, so ``resume`` continues a killed run step for step.
+Checkpoints keep the backbone under ``model["backbone.*"]`` and the run config under ``config``.
 """
 
 from __future__ import annotations
@@ -21,13 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from facesphere.backbones import Backbone, build_backbone
-from facesphere.heads import MarginHead, build_head
-from facesphere.heads.partial_fc import PartialFC, Shard, build_partial_fc
+from facesphere.objectives import Objective, ObjectiveContext, build_objective
 from facesphere.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -48,32 +51,75 @@ logger = logging.getLogger(__name__)
 
 
 class FaceModel(nn.Module):
-    """Backbone and head as one module, so one DDP wrapper synchronises both.
+    """The backbone and the objectives (by key); :meth:`replicated` is what DDP wraps, sharded objectives stay out."""
 
-    ``forward`` returns the head's output: logits for a margin head, the loss for Partial FC.
-    """
-
-    def __init__(self, backbone: Backbone, head: MarginHead | PartialFC) -> None:
+    def __init__(self, backbone: Backbone, objectives: dict[str, Objective]) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = head
+        self.objectives = nn.ModuleDict(objectives)
 
-    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        return self.head(self.backbone(images), labels)
+    def sharded(self) -> dict[str, Objective]:
+        return {key: o for key, o in self.objectives.items() if o.sharded}
+
+    def replicated(self) -> "Replicated":
+        return Replicated(self.backbone, [o for o in self.objectives.values() if not o.sharded])
+
+
+class Replicated(nn.Module):
+    """The backbone and the replicated objectives: ``(images, targets) -> (outputs, terms)``."""
+
+    def __init__(self, backbone: Backbone, objectives: list[Objective]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.objectives = nn.ModuleList(objectives)
+
+    def forward(self, images: Tensor, targets: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        out = self.backbone(images)
+        outputs = out if isinstance(out, dict) else {"embedding": out}
+        return outputs, _terms(self.objectives, outputs, targets)
+
+
+def _terms(objectives, outputs: dict[str, Tensor], targets: dict[str, Tensor],
+           into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Collect the objectives' named terms (into ``into``); a name returned twice is an error."""
+    terms = {} if into is None else into
+    for objective in objectives:
+        for name, value in objective(outputs, targets).items():
+            if name in terms:
+                raise ValueError(f"two objectives return the loss term {name!r}; give them distinct labels")
+            terms[name] = value
+    return terms
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int, ctx: DistContext | None = None) -> FaceModel:
-    """Backbone + head; with Partial FC the head holds only this process's shard of the class centres."""
+    """Backbone + the configured objectives; a sharded objective holds only this rank's share."""
+    ctx = ctx or DistContext()
     backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_args)
-    m = cfg.model
-    if m.partial_fc.enabled:
-        ctx = ctx or DistContext()
-        shard = Shard.of(num_classes, ctx.rank, ctx.world_size)
-        head = build_partial_fc(m.head, backbone.embedding_size, num_classes, m.partial_fc.sample_rate, seed=cfg.seed,
-                                shard=shard, **m.head_args)
-    else:
-        head = build_head(m.head, backbone.embedding_size, num_classes, **m.head_args)
-    return FaceModel(backbone, head)
+    objectives = {}
+    for o in cfg.resolved_objectives():
+        context = ObjectiveContext(o.key, backbone.embedding_size, num_classes, cfg.seed, ctx.rank, ctx.world_size)
+        objectives[o.key] = build_objective(o.name, context, **o.args)
+    return FaceModel(backbone, objectives)
+
+
+_LEGACY_KEY = "recognition"
+"""Checkpoints written before objectives existed hold one recognition objective as ``head.*`` / ``partial_fc``."""
+
+
+def _upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of the single-head trainer in today's layout (``objectives.recognition.*``, ``sharded``)."""
+    if any(k.startswith("head.") for k in state["model"]) or "partial_fc" in state:
+        state = dict(state)
+        state["model"] = {(f"objectives.{_LEGACY_KEY}.{k}" if k.startswith("head.") else k): v
+                          for k, v in state["model"].items()}
+        if "partial_fc" in state:
+            old = state.pop("partial_fc")
+            state["sharded"] = {"world_size": old["world_size"], "schedulers": {_LEGACY_KEY: old["scheduler"]}}
+    return state
+
+
+def _upgrade_shard(shard: dict[str, Any]) -> dict[str, Any]:
+    return shard if "objectives" in shard else {"objectives": {_LEGACY_KEY: shard}}
 
 
 def _is_no_decay(name: str, parameter: nn.Parameter) -> bool:
@@ -81,14 +127,14 @@ def _is_no_decay(name: str, parameter: nn.Parameter) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: ExperimentConfig, prefix: str = "") -> torch.optim.Optimizer:
-    """SGD/AdamW over ``model``'s parameters; names under ``head.`` (after ``prefix``) get the head's decay."""
+    """SGD/AdamW over ``model``'s parameters; all but the backbone's (names after ``prefix``) get the head's decay."""
     o = cfg.optim
     head_decay = o.weight_decay if o.head_weight_decay is None else o.head_weight_decay
     groups: dict[tuple[str, float], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters(prefix=prefix.rstrip(".")):
         if not parameter.requires_grad:
             continue
-        decay = head_decay if name.startswith("head.") else o.weight_decay
+        decay = o.weight_decay if name.startswith("backbone.") else head_decay
         if o.no_decay_norm_and_bias and _is_no_decay(name, parameter):
             decay = 0.0
         groups.setdefault((name.split(".")[0], decay), []).append(parameter)
@@ -145,12 +191,13 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
+    """metrics.csv rows as floats; empty cells (a column added on a resume) are left out."""
     with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
 
 
 class Trainer:
-    """Builds data, model, optimiser and schedule from an :class:`ExperimentConfig` and trains."""
+    """Builds data, model, objectives, optimisers and schedules from an :class:`ExperimentConfig` and trains."""
 
     def __init__(self, cfg: ExperimentConfig, ctx: DistContext | None = None) -> None:
         self.cfg = cfg
@@ -162,29 +209,45 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.train_set, self.loader, self.sampler = build_train_set(cfg, self.ctx)
         self.model = build_model(cfg, self.train_set.num_classes, self.ctx)
-        self.partial_fc = cfg.model.partial_fc.enabled
+        self.weights = {o.key: o.weight for o in cfg.resolved_objectives()}
+        self._check_targets()
         if self.ctx.distributed and cfg.train.sync_batchnorm:
             self.model = convert_batchnorm(self.model, self.ctx.device)
         self.model.to(self.ctx.device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if self.partial_fc:  # the shard is rank-local: its own optimiser, outside DDP
-            self.optimizers = [build_optimizer(self.model.backbone, cfg, "backbone."),
-                               build_optimizer(self.model.head, cfg, "head.")]
-        else:
-            self.optimizers = [build_optimizer(self.model, cfg)]
+        self.replicated = self.model.replicated()
+        self.sharded = self.model.sharded()
+        # Sharded objectives are rank-local: each has its own optimiser and schedule, outside DDP.
+        self.optimizers = [build_optimizer(self.replicated, cfg)] + [
+            build_optimizer(o, cfg, f"objectives.{key}.") for key, o in self.sharded.items()]
         self.schedulers = [build_scheduler(o, cfg.train.steps, cfg.schedule) for o in self.optimizers]
         self.optimizer, self.scheduler = self.optimizers[0], self.schedulers[0]
         self.amp_dtype = resolve_amp(cfg.train.amp, self.ctx.device)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
 
+    def _check_targets(self) -> None:
+        """Every objective's targets must be among the data set's ``target_names`` (when it declares them)."""
+        offered = getattr(self.train_set, "target_names", None)
+        if offered is None:
+            return
+        for key, objective in self.model.objectives.items():
+            missing = [t for t in objective.requires if t not in offered]
+            if missing:
+                raise ValueError(f"objective {key!r} needs targets {missing}; data.kind {self.cfg.data.kind!r} gives "
+                                 f"{sorted(offered)}")
+
+    def term_names(self) -> list[str]:
+        return [name for objective in self.model.objectives.values() for name in objective.terms()]
+
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """The replicated state (rank 0 saves it); with Partial FC the centres live in the shard files."""
+        """The replicated state (rank 0 saves it); sharded objectives' parameters live in the shard files."""
+        sharded_prefixes = tuple(f"objectives.{key}." for key in self.sharded)
         model = self.model.state_dict()
         state = {
-            "model": {k: v for k, v in model.items() if not (self.partial_fc and k.startswith("head."))},
+            "model": {k: v for k, v in model.items() if not k.startswith(sharded_prefixes)},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -192,45 +255,35 @@ class Trainer:
             "config": self.cfg.model_dump(mode="json"),
             "num_classes": self.train_set.num_classes,
         }
-        if self.partial_fc:
-            state["partial_fc"] = {"world_size": self.ctx.world_size, "scheduler": self.schedulers[1].state_dict()}
+        if self.sharded:
+            state["sharded"] = {"world_size": self.ctx.world_size,
+                                "schedulers": {key: s.state_dict() for key, s in zip(self.sharded, self.schedulers[1:])}}
         return state
 
     def shard_state(self) -> dict[str, Any]:
-        """This rank's classifier shard: its class range, the head's parameters and their optimiser state."""
-        shard = self.model.head.shard
-        return {"class_start": shard.start, "class_end": shard.end, "num_classes": self.train_set.num_classes,
-                "head": self.model.head.head.state_dict(), "optimizer": self.optimizers[1].state_dict()}
+        """This rank's share of every sharded objective, with its optimiser state."""
+        return {"objectives": {key: {**o.shard_state(), "optimizer": optimizer.state_dict()}
+                               for (key, o), optimizer in zip(self.sharded.items(), self.optimizers[1:])}}
 
     def load_state_dict(self, state: dict[str, Any], shards: list[dict[str, Any]] | None = None) -> None:
         if state.get("num_classes") != self.train_set.num_classes:
             raise ValueError(f"checkpoint has {state.get('num_classes')} classes, the data has {self.train_set.num_classes}")
-        if self.partial_fc != ("partial_fc" in state):
-            raise ValueError("the checkpoint was trained " + ("with" if "partial_fc" in state else "without") +
-                             " Partial FC; set model.partial_fc.enabled to match")
-        if self.partial_fc:
-            missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
-            if unexpected or any(not k.startswith("head.") for k in missing):
-                raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
-            self._load_shards(shards or [])
-            self.schedulers[1].load_state_dict(state["partial_fc"]["scheduler"])
-        else:
-            self.model.load_state_dict(state["model"])
+        saved = sorted(state.get("sharded", {}).get("schedulers", {}))
+        if saved != sorted(self.sharded):
+            raise ValueError(f"the checkpoint has sharded objectives {saved} (e.g. Partial FC), the config {sorted(self.sharded)}; "
+                             "make them match (model.partial_fc.enabled for recognition)")
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        sharded_prefixes = tuple(f"objectives.{key}." for key in self.sharded)
+        if unexpected or any(not k.startswith(sharded_prefixes) for k in missing):
+            raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+        for (key, objective), optimizer, scheduler in zip(self.sharded.items(), self.optimizers[1:], self.schedulers[1:]):
+            objective.load_shards([s["objectives"][key] for s in shards or []], optimizer)
+            scheduler.load_state_dict(state["sharded"]["schedulers"][key])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
-
-    def _load_shards(self, shards: list[dict[str, Any]]) -> None:
-        """Cut this rank's class range out of the saved shards (saved by any number of processes)."""
-        from facesphere.train.resharding import reshard_classifier
-
-        pfc = self.model.head
-        head_state, optimizer_state = reshard_classifier(shards, pfc.shard.start, pfc.shard.end, pfc.head,
-                                                         self.optimizers[1])
-        pfc.head.load_state_dict(head_state)
-        self.optimizers[1].load_state_dict(optimizer_state)
 
     def resume(self, source: Path | str | bool = True) -> bool:
         """Load the latest checkpoint of this run (``True``) or a given path; False when there is none."""
@@ -238,19 +291,19 @@ class Trainer:
         if path is None:
             logger.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
             return False
-        state = load_checkpoint(path, self.ctx.device)
+        state = _upgrade_checkpoint(load_checkpoint(path, self.ctx.device))
         shards = None
-        if "partial_fc" in state:
-            saved_world = int(state["partial_fc"]["world_size"])
-            shards = [load_checkpoint(shard_path(path.parent, int(state["step"]), r, saved_world), self.ctx.device)
-                      for r in range(saved_world)]
+        if "sharded" in state:
+            saved_world = int(state["sharded"]["world_size"])
+            shards = [_upgrade_shard(load_checkpoint(shard_path(path.parent, int(state["step"]), r, saved_world),
+                                                     self.ctx.device)) for r in range(saved_world)]
         self.load_state_dict(state, shards)
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
     def save(self) -> Path | None:
         """Shards first (every rank), then the main file (rank 0): a main file always has its shards."""
-        if self.partial_fc:
+        if self.sharded:
             save_shard(self.checkpoint_dir, self.step, self.ctx.rank, self.ctx.world_size, self.shard_state())
             self._barrier()
         path = None
@@ -277,18 +330,24 @@ class Trainer:
                 yield epoch, batch
             epoch, offset = epoch + 1, 0
 
-    def _train_module(self) -> nn.Module:
-        """The module the loop calls: DDP (and compile) around the replicated part, the Partial FC shard outside."""
-        if self.partial_fc:
-            return FaceModel(self._wrap(self.model.backbone), self.model.head)
-        return self._wrap(self.model)
-
     def _wrap(self, module: nn.Module) -> nn.Module:
+        """DDP (and compile) around the replicated part; sharded objectives are called outside it."""
         if self.ctx.distributed:
             module = DistributedDataParallel(module, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None)
         if self.cfg.train.compile:
             module = torch.compile(module)
         return module
+
+    def _total(self, terms: dict[str, Tensor]) -> Tensor:
+        """Σ weight · term over every objective's terms (a weight of 1 multiplies exactly)."""
+        total = None
+        for key, objective in self.model.objectives.items():
+            for name in objective.terms():
+                if name not in terms:
+                    raise ValueError(f"objective {key!r} did not return its term {name!r}")
+                weighted = terms[name] * self.weights[key]
+                total = weighted if total is None else total + weighted
+        return total
 
     def fit(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
@@ -296,41 +355,45 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
             atomic_write_text(self.run_dir / "machine.json", json.dumps(describe_machine(), indent=2, default=str))
-        metrics = MetricsLog(self.run_dir / "metrics.csv", MetricsLog.TRAIN_FIELDS, self.step) if ctx.is_main else None
+        names = self.term_names()
+        fields = MetricsLog.TRAIN_FIELDS[:3] + [f"loss/{n}" for n in names] + MetricsLog.TRAIN_FIELDS[3:]
+        metrics = MetricsLog(self.run_dir / "metrics.csv", fields, self.step) if ctx.is_main else None
         if ctx.is_main and cfg.eval.protocols:
             self.eval_log = MetricsLog(self.run_dir / "eval_metrics.csv", MetricsLog.EVAL_FIELDS, self.step)
         writer = self._tensorboard() if ctx.is_main else None
-        module = self._train_module()
+        module = self._wrap(self.replicated)
+        self.model.train()
         module.train()
-        head = self.model.head
+        sharded = list(self.sharded.values())
         device_type = ctx.device.type
         start_step, start_time = self.step, time.perf_counter()
         window_time, window_images = start_time, 0
         loss_value = math.nan
         progress = _Progress(cfg.train.steps, start_step, enabled=ctx.is_main and cfg.train.progress)
         try:
-            for epoch, (images, labels) in self._batches():
+            for epoch, (images, targets) in self._batches():
                 if self.step >= cfg.train.steps:
                     break
                 images = images.to(ctx.device, non_blocking=True)
-                labels = labels.to(ctx.device, non_blocking=True)
+                targets = {k: v.to(ctx.device, non_blocking=True) for k, v in targets.items()}
                 if cfg.train.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                head.update(self.step)
+                for objective in self.model.objectives.values():
+                    objective.update(self.step)
                 autocast = torch.autocast(device_type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
                 with autocast:
-                    output = module(images, labels)
-                loss = output if self.partial_fc else F.cross_entropy(output, labels)
+                    outputs, terms = module(images, targets)
+                    _terms(sharded, outputs, targets, into=terms)
+                loss = self._total(terms)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower the lr or check the data")
                 for optimizer in self.optimizers:
                     optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 if cfg.train.grad_clip:
-                    # With Partial FC only the backbone is clipped: the centres' norm is spread over ranks.
+                    # Sharded objectives are not clipped: their parameters' norm is spread over ranks.
                     self.scaler.unscale_(self.optimizer)
-                    clipped = self.model.backbone if self.partial_fc else self.model
-                    nn.utils.clip_grad_norm_(clipped.parameters(), cfg.train.grad_clip)
+                    nn.utils.clip_grad_norm_(self.replicated.parameters(), cfg.train.grad_clip)
                 for optimizer in self.optimizers:
                     self.scaler.step(optimizer)
                 self.scaler.update()
@@ -341,17 +404,21 @@ class Trainer:
                 window_images += images.shape[0] * ctx.world_size
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                     loss_value = all_reduce_mean(loss.detach().float(), ctx).item()
+                    values = {n: all_reduce_mean(terms[n].detach().float(), ctx).item() for n in names}
                     now = time.perf_counter()
                     speed = window_images / max(now - window_time, 1e-9)
                     window_time, window_images = now, 0
                     if metrics is not None:
                         metrics.write({"step": self.step, "epoch": epoch, "loss": f"{loss_value:.8f}", "lr": f"{lr:.8g}",
-                                       "images_per_second": f"{speed:.2f}", "elapsed_seconds": f"{now - start_time:.3f}"})
+                                       "images_per_second": f"{speed:.2f}", "elapsed_seconds": f"{now - start_time:.3f}",
+                                       **{f"loss/{n}": f"{v:.8f}" for n, v in values.items()}})
                     if writer is not None:
                         writer.add_scalar("train/loss", loss_value, self.step)
+                        for n, v in values.items():
+                            writer.add_scalar(f"train/{n}", v, self.step)
                         writer.add_scalar("train/lr", lr, self.step)
                         writer.add_scalar("train/images_per_second", speed, self.step)
-                    progress.update(self.step, loss_value, lr, speed)
+                    progress.update(self.step, loss_value, lr, speed, values if len(values) > 1 else {})
                 if self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.steps:
                     self.save()
                 if cfg.eval.enabled and cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.train.steps:
@@ -432,7 +499,8 @@ class Trainer:
 
 
 class _Progress:
-    """A rich progress bar with loss, lr and images/s on a terminal; periodic log lines otherwise."""
+    """A rich progress bar with the loss (and each term when there are several), lr and images/s on a terminal;
+    periodic log lines otherwise."""
 
     def __init__(self, total: int, start: int, enabled: bool) -> None:
         self.enabled = enabled
@@ -450,10 +518,11 @@ class _Progress:
             self.task = self.progress.add_task("train", total=total, completed=start, status="")
             self.progress.start()
 
-    def update(self, step: int, loss: float, lr: float, speed: float) -> None:
+    def update(self, step: int, loss: float, lr: float, speed: float, terms: dict[str, float] | None = None) -> None:
         if not self.enabled:
             return
-        status = f"loss {loss:.4f}  lr {lr:.4g}  {speed:.0f} img/s"
+        parts = "".join(f"  {name} {value:.4f}" for name, value in (terms or {}).items())
+        status = f"loss {loss:.4f}{parts}  lr {lr:.4g}  {speed:.0f} img/s"
         if self.progress is not None:
             self.progress.update(self.task, completed=step, status=status)
         elif time.perf_counter() - self.last_log > 10:
