@@ -10,7 +10,7 @@ from facesphere.heads.base import HEADS, CosineMarginHead
 def coco_alpha(num_classes: int, target_probability: float) -> float:
     """Smallest feature scale α at which ideally separated classes can reach p(true) = p.
 
-    α = ((K-1)/K)·log((K-1)p/(1-p)) (digest §3, derived from the simplex bound
+    α = ((K-1)/K)·log((K-1)p/(1-p)) (COCO, arXiv 1710.00870; derived from the simplex bound
     p ≤ e^α / (e^α + (K-1)e^{-α/(K-1)}); the paper's own closed form was not in the stored text).
     Reproduces the released face scale: K = 87,020, p ≈ 0.99996 gives α ≈ 21.475.
     """

@@ -11,7 +11,7 @@ from facesphere.heads.base import HEADS, CosineMarginHead
 class CosFaceHead(CosineMarginHead):
     """Target logit s·(cos θ_y - m), others s·cos θ_j.
 
-    AM-Softmax's ψ(θ) = cos θ - m in its normalised softmax loss (digest §4); equivalently ArcFace v3
+    AM-Softmax's ψ(θ) = cos θ - m in its normalised softmax loss (arXiv 1801.05599); equivalently ArcFace v3
     Eq. (4) with (m1, m2, m3) = (1, 0, m). Features and centres are L2-normalised, no bias.
 
     Args:

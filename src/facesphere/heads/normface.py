@@ -12,8 +12,8 @@ from facesphere.heads.base import HEADS, CosineMarginHead
 class NormFaceHead(CosineMarginHead):
     """logit_j = s·W̃_jᵀx̃ = s·cos θ_j, x̃ and W̃_j L2-normalised, no bias (NormFace's scaled cosine softmax).
 
-    Without the scale the loss is bounded far from zero (NormFace's lower-bound proposition:
-    L ≥ log(1 + (n-1)e^{-n s/(n-1)}), ≈0.39 at s = 10 for 10,575 classes; digest §1).
+    Without the scale the loss is bounded far from zero (the loss bound after normalisation, NormFace,
+    arXiv 1704.06369, Proposition 2: L ≥ log(1 + (n-1)e^{-n s/(n-1)}), ≈0.39 at s = 10 for 10,575 classes).
 
     Args:
         scale: s, or its initial value when learned. Default 10, the released layer's

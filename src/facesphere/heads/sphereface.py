@@ -24,7 +24,7 @@ def chebyshev(cos_theta: Tensor, m: int) -> Tensor:
 
 
 def sphereface_psi(cos_theta: Tensor, m: int) -> Tensor:
-    """ψ(θ) = (-1)^k cos(mθ) - 2k for θ ∈ [kπ/m, (k+1)π/m], k ∈ {0, …, m-1} (A-Softmax, digest §2).
+    """ψ(θ) = (-1)^k cos(mθ) - 2k for θ ∈ [kπ/m, (k+1)π/m], k ∈ {0, …, m-1} (A-Softmax, arXiv 1704.08063).
 
     k = floor(mθ/π) (clamped to m - 1 at θ = π) is piecewise constant, so it is computed without
     gradient. ψ is continuous (both pieces equal 1 - 2k at θ = kπ/m) and even C¹ in θ (sin(mθ) = 0
