@@ -71,8 +71,10 @@ def test_one_rule_maps_a_crop_size_to_its_template():
     for template in (arcface, sphereface, double):  # the name leads back to the same template
         got = get_template(template.name)
         assert got.size == template.size and np.array_equal(got.points, template.points)
+    small = template_for_size((64, 64))  # an ArcFace crop resized to 64x64, as the loaders resize training crops
+    assert small.name == "arcface_64x64" and np.allclose(small.points, arcface.points * 64 / 112)
     with pytest.raises(ValueError, match="arcface_NxN"):
-        get_template("arcface_200x200")
+        get_template("arcface_200x100")
     with pytest.raises(ValueError):
         arcface.points[0, 0] = 0.0  # shared templates are read-only
 
@@ -85,8 +87,8 @@ def test_every_layer_names_the_template_the_same_way():
     for size in ((112, 112), (112, 96), (224, 224)):
         backbone = build_backbone("mobilefacenet", embedding_size=8, input_size=size)
         assert training_card(backbone, "t", "mobilefacenet").alignment == template_for_size(size).name
-    odd = build_backbone("mobilefacenet", embedding_size=8, input_size=(120, 120))
-    assert training_card(odd, "t", "mobilefacenet").alignment == "unspecified_120x120"
+    odd = build_backbone("mobilefacenet", embedding_size=8, input_size=(120, 96))
+    assert training_card(odd, "t", "mobilefacenet").alignment == "unspecified_120x96"
     # a centre 112x96 crop of an ArcFace 112x112 crop is exactly a SphereFace crop; other crops are unknown
     assert cropped_alignment("arcface_112x112", (112, 112), (112, 96)) == "sphereface_112x96"
     assert cropped_alignment("arcface_224x224", (224, 224), (112, 112)) is None

@@ -8,7 +8,9 @@ them (``ModelCard.alignment``):
   the points of its repository's ``preprocess/code/face_align_demo.m``; CosFace uses it too.
 * ``arcface_112x112``: InsightFace's template (``insightface/python-package/insightface/utils/face_align.py``,
   ``arcface_dst``), the same points shifted 8 px right, i.e. 8 px of width added on each side.
-* ``arcface_{n·112}x{n·112}``: the ArcFace template scaled by n, for square crops of a multiple of 112.
+* ``arcface_{s}x{s}``: the ArcFace template scaled by s/112 for any other square crop: what an ArcFace
+  112x112 crop becomes when it is resized to s x s, as facesphere's loaders resize training crops to a
+  backbone's input size (so a network trained at 64x64 on ArcFace crops is deployed on ``arcface_64x64``).
 
 :func:`template_for_size` is the one rule from a crop size to its template (model cards, alignment
 and the evaluation protocols all use it); :func:`get_template` is its inverse by name.
@@ -54,27 +56,27 @@ _SCALED_ARCFACE = re.compile(r"^arcface_(\d+)x(\d+)$")
 
 def _known() -> str:
     return ", ".join(f"{t.name} ({t.size[0]}x{t.size[1]})" for t in TEMPLATES.values()) + \
-        ", arcface_NxN for N a multiple of 112"
+        ", arcface_NxN (the ArcFace template scaled to N x N)"
 
 
 def template_for_size(size: tuple[int, int]) -> Template:
     """The template of a crop of ``size`` (H, W): 112x112 -> arcface_112x112, 112x96 -> sphereface_112x96,
-    an n·112 square -> arcface_{n·112}x{n·112} (the ArcFace points times n). ValueError for any other size."""
+    another s x s square -> arcface_{s}x{s} (the ArcFace points times s/112). ValueError for any other size."""
     h, w = int(size[0]), int(size[1])
     for template in TEMPLATES.values():
         if template.size == (h, w):
             return template
-    if h == w and h > 0 and h % 112 == 0:
+    if h == w and h > 0:
         return Template(f"arcface_{h}x{w}", (h, w), _frozen(ARCFACE_POINTS_112 * (h / 112.0)))
     raise ValueError(f"no alignment template for a {h}x{w} crop; known: {_known()}")
 
 
 def get_template(name: str) -> Template:
-    """The template called ``name`` (a named one, or ``arcface_NxN`` for N a multiple of 112)."""
+    """The template called ``name`` (a named one, or ``arcface_NxN``: the ArcFace template scaled to N x N)."""
     if name in TEMPLATES:
         return TEMPLATES[name]
     match = _SCALED_ARCFACE.match(name)
-    if match and match.group(1) == match.group(2) and int(match.group(1)) > 0 and int(match.group(1)) % 112 == 0:
+    if match and match.group(1) == match.group(2) and int(match.group(1)) > 0:
         return template_for_size((int(match.group(1)), int(match.group(2))))
     raise ValueError(f"unknown alignment template {name!r}; known: {_known()}")
 
