@@ -12,7 +12,7 @@ from torch.utils.data import default_collate
 
 from facesphere.data import AugmentConfig, SyntheticFaces
 from facesphere.heads import build_head
-from facesphere.models.runs import backbone_from_checkpoint
+from facesphere.models.runs import backbone_from_checkpoint, load_checkpoint
 from facesphere.objectives import ObjectiveContext, Recognition, Regression
 from facesphere.train.config import ConfigError, load_config
 from facesphere.train.trainer import Trainer, read_metrics
@@ -148,3 +148,95 @@ def test_regression_resumes_exactly_after_sigkill_and_two_processes_follow_one(t
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     backbone, _, info = backbone_from_checkpoint(checkpoint)
     assert info["step"] == 10 and sum(p.numel() for p in backbone.parameters()) > 0
+
+
+# --- a dense regression (a map per image, as PRNet's position maps) through the same loop -------------------------
+# A backbone that returns a dict of outputs and a data kind with a per-pixel target are registered from this file,
+# as a researcher's own would be: nothing in facesphere is edited for them.
+
+
+class _DenseNet(torch.nn.Module):
+    """(N, 3, 32, 32) -> {"embedding": (N, 8), "coarse": (N, 1, 8, 8)}: a conv encoder with a dense head."""
+
+    input_size, embedding_size = (32, 32), 8
+
+    def __init__(self, **_) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                            torch.nn.ReLU(), torch.nn.AvgPool2d(4))
+        self.dense = torch.nn.Conv2d(8, 1, 3, padding=1)
+        self.embed = torch.nn.Linear(8 * 8 * 8, 8)
+
+    def forward(self, images):
+        features = self.features(images)
+        return {"embedding": self.embed(features.flatten(1)), "coarse": self.dense(features)}
+
+
+class _CoarseMaps(torch.utils.data.Dataset):
+    """Synthetic faces whose target ``coarse`` is the 8x8 mean luminance of the image; odd samples lack it."""
+
+    target_names = ("label", "coarse")
+
+    def __init__(self, faces: SyntheticFaces) -> None:
+        self.faces, self.num_classes, self.labels, self.image_size = faces, faces.num_classes, faces.labels, (32, 32)
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.faces.set_epoch(epoch)
+
+    def __getitem__(self, index):
+        image, targets = self.faces[index]
+        coarse = F.avg_pool2d(image.mean(0, keepdim=True), 4)
+        present = index % 2 == 0
+        return image, {**targets, "coarse": coarse if present else torch.full_like(coarse, float("nan")),
+                       "coarse_mask": present}
+
+
+def _register_dense_kinds(monkeypatch) -> None:
+    """Register the dense backbone and data kind for this test only (the registries are process-wide)."""
+    from facesphere.backbones import BACKBONES
+    from facesphere.train.data_setup import DATA_KINDS
+
+    monkeypatch.setitem(BACKBONES._entries, "test_dense", _DenseNet)
+    monkeypatch.setitem(DATA_KINDS._entries, "test_coarse_maps",
+                        lambda cfg, augment, size: _CoarseMaps(SyntheticFaces(8, 8, image_size=size, augment=augment)))
+
+
+def test_a_dense_map_regression_trains_checkpoints_and_resumes_through_the_same_loop(tmp_path, monkeypatch):
+    """A per-pixel target with half the samples masked (NaN placeholders): the loss falls, and a run that dies
+    after its first checkpoint resumes to exactly the uninterrupted losses and weights."""
+    _register_dense_kinds(monkeypatch)
+    overrides = ["data.kind=test_coarse_maps", "data.batch_size=16", "data.num_workers=0", "data.augment={flip: 0.0}",
+                 "model.backbone=test_dense", "model.backbone_args={}", "train.steps=12", "train.checkpoint_every=6",
+                 "optim={name: adamw, lr: 0.01, weight_decay: 0.0}", "schedule.kind=constant",
+                 "objectives=[{name: regression, label: coarse, args: {target: coarse, input: coarse, loss: l2}}]",
+                 "train.log_every=1", "train.tensorboard=false", "train.progress=false", "eval.enabled=false"]
+    whole = Trainer(load_config(None, overrides + ["name=whole", f"output_dir={tmp_path}"])).fit()
+    rows = read_metrics(tmp_path / "whole" / "metrics.csv")
+    assert [r["loss"] for r in rows] == [r["loss/coarse"] for r in rows]  # the only term
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+
+    crashed = load_config(None, overrides + ["name=crashed", f"output_dir={tmp_path}"])
+    first = Trainer(crashed)
+    original_save = Trainer.save
+
+    def save_then_die(self):
+        original_save(self)
+        raise KeyboardInterrupt("killed after the first checkpoint")
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    monkeypatch.setattr(Trainer, "save", original_save)
+    resumed = Trainer(crashed)
+    assert resumed.resume() and resumed.step == 6
+    resumed.fit()
+    again = read_metrics(tmp_path / "crashed" / "metrics.csv")
+    assert [r["step"] for r in again] == [r["step"] for r in rows]
+    assert [r["loss"] for r in again] == [r["loss"] for r in rows]
+    final = [load_checkpoint(run / "checkpoints" / "step_00000012.pt")["model"] for run in
+             (tmp_path / "whole", tmp_path / "crashed")]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    assert whole.steps == 12
