@@ -176,7 +176,7 @@ def test_two_processes_match_one_process(tmp_path, name, rate):
 
 def test_resharding_recuts_centres_and_momentum_for_any_process_count():
     """Shards saved by 3 ranks, re-cut for 2: centres and per-centre momentum rows land in the right place."""
-    from facesphere.train.resharding import reshard_classifier
+    from facesphere.objectives.resharding import reshard_classifier
 
     classes, dim = 11, 4
     full_weight = torch.arange(classes * dim, dtype=torch.float32).view(classes, dim)
