@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from _common import markdown_table, setup_logging, write_results
 
-from facesphere.train.checkpoint import list_checkpoints
+from facesphere.models.runs import list_checkpoints
 from facesphere.train.trainer import read_metrics
 
 BASE = ["model.backbone=mobilefacenet", "model.backbone_args={embedding_size: 128}", "model.head=arcface",

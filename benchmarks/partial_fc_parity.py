@@ -26,7 +26,7 @@ import torch
 from _common import markdown_table, setup_logging, write_results
 from parity import BASE, cli, overrides
 
-from facesphere.train.checkpoint import list_checkpoints
+from facesphere.models.runs import list_checkpoints
 from facesphere.train.trainer import read_metrics
 
 PFC = ["model.backbone=sphereface4", "model.backbone_args={embedding_size: 128}", "optim.lr=0.005",

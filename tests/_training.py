@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from facesphere.train.checkpoint import list_checkpoints
+from facesphere.models.runs import list_checkpoints
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "facesphere"]

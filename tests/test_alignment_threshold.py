@@ -5,14 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facesphere.align.similarity import (
-    ARCFACE_POINTS_112,
-    SPHEREFACE_POINTS_112x96,
-    align_faces,
-    get_template,
-    template_for_size,
-    umeyama,
-)
+from facesphere.align.similarity import align_faces, umeyama
+from facesphere.align.templates import ARCFACE_POINTS_112, SPHEREFACE_POINTS_112x96, get_template, template_for_size
 from facesphere.pipeline.threshold import Threshold, ThresholdMismatch, calibrate_threshold
 
 
@@ -111,6 +105,11 @@ def test_threshold_meets_the_target_far_and_guards_its_model(tmp_path):
     loaded.check_model("y1", 128)
     with pytest.raises(ThresholdMismatch, match="calibrate it for this model"):
         loaded.check_model("xiaoccer", 128)
+    bound = calibrate_threshold(scores, same, 1e-3, model="y1", embedding_size=128, weights_sha256="a" * 64)
+    bound.check_model("y1", 128, "a" * 64)
+    bound.check_model("y1", 128)  # a card without a hash (an imported model folder's is never missing)
+    with pytest.raises(ThresholdMismatch, match="other weights"):
+        bound.check_model("y1", 128, "b" * 64)  # a second run of the same name and step
     with pytest.raises(ValueError, match="cannot be measured with 20000 impostor pairs"):
         calibrate_threshold(scores, same, 1e-5, model="y1", embedding_size=128)
     (tmp_path / "bad.json").write_text("{}")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from facesphere.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, rng_state,
-                                         save_checkpoint, set_rng_state)
+from facesphere.models.runs import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
+from facesphere.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 
 
 def test_rng_round_trip():

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from conftest import require_data
 from facesphere.backbones import build_backbone
 from facesphere.cli.main import app
-from facesphere.data.synthetic import SyntheticFaces, write_image_folder
+from facesphere.data import SyntheticFaces, write_image_folder
 from facesphere.evaluate.pairset_eval import evaluate_pairset
 from facesphere.evaluate.pairsets import PairSet
 from facesphere.models.preprocess import CardPreprocess, FedInput

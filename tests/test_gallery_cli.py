@@ -48,3 +48,13 @@ def test_enrol_a_folder_then_list_check_remove(tmp_path):
         assert [i.name for i in store.identities()] == ["p0001", "p0003"]
     missing = runner.invoke(app, ["gallery", "list", str(tmp_path / "nope.sqlite")])
     assert missing.exit_code == 2 and "no such gallery" in missing.output
+
+
+def test_read_commands_refuse_a_folder_in_one_line(tmp_path):
+    """A folder given as the gallery is refused by name, with no traceback and nothing created in it."""
+    runner = CliRunner()
+    for command in (["gallery", "list", str(tmp_path)], ["gallery", "remove", str(tmp_path), "alice"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code != 0 and "Traceback" not in result.output, command
+        assert "not a gallery file (a folder" in " ".join(result.output.split()), result.output  # rich wraps lines
+    assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from facesphere.data.images import to_tensor
-from facesphere.align.similarity import ARCFACE_POINTS_112
+from facesphere.align.templates import ARCFACE_POINTS_112
 from facesphere.align.similarity import align_similarity, umeyama
 from facesphere.evaluate.age import (
     cacd_vs_cv_folds,

@@ -326,3 +326,24 @@ def test_typed_errors_map_to_status_codes():
                 UnknownIdentity("x"): 404, GalleryNotFound("x"): 422, GalleryError("x"): 422, BadMetadata("x"): 422,
                 TooManyFiles("x"): 413, RuntimeError("x"): 500}
     assert {type(e).__name__: status_of(e) for e in expected} == {type(e).__name__: s for e, s in expected.items()}
+
+
+def test_two_runs_of_one_name_are_two_models_for_galleries(run_folder, tmp_path):
+    """A run's card carries the SHA-256 of its weights: a gallery bound to one run refuses another run that has
+    the same name and step but other weights, and accepts the same weights again."""
+    from facesphere.gallery import Gallery, GalleryError
+    from facesphere.models.runs import load_backbone
+
+    state = torch.load(run_folder / "checkpoints" / "step_00000002.pt", weights_only=True)
+    other = tmp_path / "tiny"
+    (other / "checkpoints").mkdir(parents=True)
+    first_key = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][first_key] = state["model"][first_key] + 1e-3
+    torch.save(state, other / "checkpoints" / "step_00000002.pt")
+    cards = [load_backbone(path)[1] for path in (run_folder, other, run_folder)]
+    assert cards[0].name == cards[1].name == "tiny-step2"
+    assert cards[0].weights_sha256 == cards[2].weights_sha256 != cards[1].weights_sha256
+    Gallery(tmp_path / "g.sqlite", cards[0]).close()
+    Gallery(tmp_path / "g.sqlite", cards[2]).close()
+    with pytest.raises(GalleryError, match="cannot be mixed"):
+        Gallery(tmp_path / "g.sqlite", cards[1])

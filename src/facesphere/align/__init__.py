@@ -13,15 +13,8 @@ from facesphere.align.landmarks68 import (
     crop_squares,
     five_from_68,
 )
-from facesphere.align.similarity import (
-    TEMPLATES,
-    Template,
-    align_faces,
-    align_similarity,
-    get_template,
-    template_for_size,
-    umeyama,
-)
+from facesphere.align.similarity import align_faces, align_similarity, umeyama
+from facesphere.align.templates import TEMPLATES, Template, get_template, template_for_size
 
 __all__ = ["FGNET_TO_IBUG", "PFLD68", "TEMPLATES", "LandmarkInputError", "Template", "align_faces", "align_similarity",
            "crop_faces", "crop_squares", "five_from_68", "get_template", "template_for_size",

@@ -12,14 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from facesphere.align.templates import (
-    ARCFACE_POINTS_112,
-    SPHEREFACE_POINTS_112x96,
-    TEMPLATES,
-    Template,
-    get_template,
-    template_for_size,
-)
+from facesphere.align.templates import get_template, template_for_size
 
 def umeyama(src, dst, estimate_scale: bool = True) -> np.ndarray:
     """Least-squares similarity (Umeyama 1991) mapping ``src`` onto ``dst`` points, as a 3x3 matrix.
@@ -75,5 +68,4 @@ def align_faces(image: np.ndarray, landmarks: np.ndarray, alignment: str = "arcf
     return crops
 
 
-__all__ = ["ARCFACE_POINTS_112", "SPHEREFACE_POINTS_112x96", "TEMPLATES", "Template", "align_faces", "align_similarity",
-           "get_template", "template_for_size", "umeyama"]
+__all__ = ["align_faces", "align_similarity", "umeyama"]

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import typer
 
-from facesphere.train.checkpoint import CheckpointError
+from facesphere.models.runs import CheckpointError
 from facesphere.train.config import ConfigError
 
 logger = logging.getLogger("facesphere")

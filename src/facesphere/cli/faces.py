@@ -216,7 +216,8 @@ def calibrate(pairs: Path = typer.Argument(..., help="CSV of path1,path2,same (1
         if skipped:
             logger.warning("%d of %d pairs skipped (unreadable photo or no face)", skipped, len(labels))
         card = analyzer.embedder.card
-        threshold = calibrate_threshold(np.array(scores), np.array(same), far, card.name, card.embedding_size)
+        threshold = calibrate_threshold(np.array(scores), np.array(same), far, card.name, card.embedding_size,
+                                        card.weights_sha256)
         threshold.save(out)
         logger.info("threshold %.4f at FAR %.3g (measured FAR %.4g, TAR %s) from %d pairs -> %s", threshold.value, far,
                     threshold.measured_far, threshold.measured_tar, len(scores), out)

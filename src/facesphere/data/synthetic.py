@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from facesphere.data.export import write_image_folder  # noqa: F401  (its former home; facesphere.data exports it)
 from facesphere.data.face_render import render_face
 from facesphere.data.face_traits import face_identity, face_variation
 from facesphere.data.images import to_tensor
@@ -57,7 +56,8 @@ class SyntheticFaces(Dataset):
         unknown = sorted(set(targets) - set(EXTRA_TARGETS))
         if unknown:
             raise ValueError(f"SyntheticFaces has no targets {unknown}; it offers {', '.join(EXTRA_TARGETS)}")
-        if "pose" in targets and getattr(augment, "flip", 0) > 0:
+        flip = augment.get("flip", 0) if isinstance(augment, dict) else getattr(augment, "flip", 0)
+        if "pose" in targets and flip > 0:
             raise ValueError("the pose target needs augment.flip = 0: a mirrored face has the opposite yaw and roll")
         if not 0 <= target_share <= 1:
             raise ValueError(f"target_share must be in [0, 1], got {target_share}")

@@ -6,7 +6,7 @@ search below 100k templates and IVF-PQ above: on 1M x 512 synthetic galleries (b
 or beat HNSW's recall (0.97 vs 0.62 on isotropic templates, 1.00 vs 1.00 on structured ones) in 1/16 of
 its memory and a quarter to a third of its build time. Storage ``fp32``, ``fp16`` or ``int8`` (scalar
 quantisation) for flat and HNSW.
-Search is open-set: a match is ``known`` by the one verification decision (``pipeline.threshold.decide``).
+Search is open-set: a match is ``known`` by the one verification decision (``facesphere.utils.roc.decide``).
 """
 
 from __future__ import annotations

@@ -67,6 +67,8 @@ class Gallery:
         exists = self.path.exists()
         if not exists and card is None:
             raise GalleryNotFound(f"{self.path}: no such gallery; give the model card to create one")
+        if exists and not self.path.is_file():
+            raise GalleryNotFound(f"{self.path}: not a gallery file (a folder or a special file)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")

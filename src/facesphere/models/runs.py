@@ -9,6 +9,7 @@ evaluation and the gallery load models through one door.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -66,6 +67,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict (names, dtypes, shapes and bytes, in name order): the identity of a checkpoint's
+    weights, so two runs of the same name never pass for one model (galleries and thresholds bind to it)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def backbone_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
                              ) -> tuple[nn.Module, ModelCard, dict[str, Any]]:
     """(backbone in eval mode, card, description) from a training checkpoint file."""
@@ -85,7 +97,8 @@ def backbone_from_checkpoint(path: str | os.PathLike, device: str | torch.device
     backbone.to(device).eval()
     step = int(state.get("step", 0))
     card = training_card(backbone, f"{config.get('name', 'run')}-step{step}", backbone_name, backbone_args,
-                         source=f"facesphere training checkpoint {path}")
+                         source=f"facesphere training checkpoint {path}").model_copy(
+        update={"weights_sha256": state_sha256(backbone.state_dict())})
     logger.info("loaded %s (step %d) from %s", backbone_name, step, path)
     return backbone, card, {"kind": "training checkpoint", "path": str(path), "step": step}
 
@@ -120,4 +133,5 @@ def load_embedder(path: str | os.PathLike, device: str | torch.device = "cpu", t
 
 
 __all__ = ["CHECKPOINT_PATTERN", "CheckpointError", "backbone_from_checkpoint", "latest_checkpoint",
-           "list_checkpoints", "load_backbone", "load_checkpoint", "load_embedder", "resolve_checkpoint"]
+           "list_checkpoints", "load_backbone", "load_checkpoint", "load_embedder", "resolve_checkpoint",
+           "state_sha256"]

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from facesphere.align.similarity import align_faces, get_template
+from facesphere.align.similarity import align_faces
+from facesphere.align.templates import get_template
 from facesphere.data.images import ImageError, load_image
 from facesphere.models.card import ModelCard, ModelCardMismatch
 from facesphere.pipeline.stages import Stage, check_stages, json_value, round_pixels, stage_outputs
@@ -129,7 +130,7 @@ class FaceAnalyzer:
                 raise ModelCardMismatch(card.name, [f"template {template.name} makes {template.size} crops but the model "
                                                     f"expects {tuple(card.input_size)}"])
             if threshold is not None:
-                threshold.check_model(card.name, card.embedding_size)
+                threshold.check_model(card.name, card.embedding_size, card.weights_sha256)
             self.alignment = card.alignment
         else:
             self.alignment = alignment or "arcface_112x112"

@@ -90,7 +90,7 @@ def open_set_threshold(card: ModelCard, threshold: str | os.PathLike | Threshold
     if threshold is None:
         return value
     calibrated = threshold if isinstance(threshold, Threshold) else Threshold.load(threshold)
-    calibrated.check_model(card.name, card.embedding_size)
+    calibrated.check_model(card.name, card.embedding_size, card.weights_sha256)
     return calibrated.value
 
 

@@ -33,11 +33,15 @@ class Threshold(BaseModel):
     calibration_pairs: dict[str, int] = Field(description="genuine and impostor pair counts")
     measured_far: float
     measured_tar: float | None = None
+    weights_sha256: str | None = Field(None, description="the model card's weights hash, when it had one")
 
-    def check_model(self, model: str, embedding_size: int) -> None:
-        if (model, embedding_size) != (self.model, self.embedding_size):
+    def check_model(self, model: str, embedding_size: int, weights_sha256: str | None = None) -> None:
+        """Refuse scores of another model: name and size differ, or both sides know the weights and they differ."""
+        other_weights = None not in (weights_sha256, self.weights_sha256) and weights_sha256 != self.weights_sha256
+        if (model, embedding_size) != (self.model, self.embedding_size) or other_weights:
             raise ThresholdMismatch(f"threshold calibrated for {self.model!r} ({self.embedding_size}-d) cannot judge "
-                                    f"scores of {model!r} ({embedding_size}-d); calibrate it for this model")
+                                    f"scores of {model!r} ({embedding_size}-d"
+                                    f"{', other weights' if other_weights else ''}); calibrate it for this model")
 
     def decide(self, scores):
         """Same person iff cosine >= ``value`` (:func:`facesphere.utils.roc.decide`)."""
@@ -54,7 +58,8 @@ class Threshold(BaseModel):
             raise ValueError(f"{path}: not a facesphere threshold file ({error})") from None
 
 
-def calibrate_threshold(scores, same, target_far: float, model: str, embedding_size: int) -> Threshold:
+def calibrate_threshold(scores, same, target_far: float, model: str, embedding_size: int,
+                        weights_sha256: str | None = None) -> Threshold:
     """The lowest threshold whose FAR on these pairs is <= ``target_far`` (needs >= 1/target_far impostors)."""
     scores = np.asarray(scores, dtype=np.float64)
     same = np.asarray(same, dtype=bool)
@@ -66,6 +71,7 @@ def calibrate_threshold(scores, same, target_far: float, model: str, embedding_s
     far = float((scores[~same] >= value).mean())
     tar = tar_at_far(scores, same, [target_far]).get(float(target_far))
     return Threshold(value=float(value), target_far=target_far, model=model, embedding_size=embedding_size,
+                     weights_sha256=weights_sha256,
                      calibration_pairs={"genuine": int(same.sum()), "impostor": impostors}, measured_far=far,
                      measured_tar=None if tar is None else float(tar))
 

@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
+"""Checkpoints: written atomically (read by ``facesphere.models.runs``, with ``torch.load(weights_only=True)``).
 
 A checkpoint holds everything needed to continue exactly: model and head weights, optimiser,
 scheduler, the step, and the torch / numpy / python RNG states.
@@ -14,13 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from facesphere.models.runs import (  # noqa: F401  (re-exported: the checkpoint format is read there)
-    CHECKPOINT_PATTERN,
-    CheckpointError,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-)
+from facesphere.models.runs import list_checkpoints
 from facesphere.utils.files import atomic_path
 
 logger = logging.getLogger(__name__)

@@ -31,9 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from facesphere.backbones import Backbone, build_backbone
 from facesphere.objectives import Objective, ObjectiveContext, build_objective
+from facesphere.models.runs import latest_checkpoint, load_checkpoint
 from facesphere.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
     save_shard,
@@ -340,6 +339,9 @@ class Trainer:
 
     def _total(self, terms: dict[str, Tensor]) -> Tensor:
         """Σ weight · term over every objective's terms (a weight of 1 multiplies exactly)."""
+        unexpected = set(terms) - set(self.term_names())
+        if unexpected:
+            raise ValueError(f"objectives returned terms they do not declare in terms(): {sorted(unexpected)}")
         total = None
         for key, objective in self.model.objectives.items():
             for name in objective.terms():

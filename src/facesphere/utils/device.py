@@ -14,7 +14,7 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> to
     except RuntimeError:
         raise ValueError(f"device {str(name)!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {str(name)!r} requested but CUDA is not available")
+        raise ValueError(f"device {str(name)!r} requested but CUDA is not available")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
