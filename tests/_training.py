@@ -12,13 +12,14 @@ from pathlib import Path
 from facesphere.models.runs import list_checkpoints
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+TESTS = str(Path(__file__).resolve().parent)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "facesphere"]
 
 
 def env() -> dict[str, str]:
-    """This tree's src first on PYTHONPATH, one OpenMP thread per process."""
+    """This tree's src (then tests/, for plug-ins) first on PYTHONPATH, one OpenMP thread per process."""
     values = dict(os.environ)
-    values["PYTHONPATH"] = SRC + os.pathsep + values.get("PYTHONPATH", "")
+    values["PYTHONPATH"] = os.pathsep.join([SRC, TESTS, values.get("PYTHONPATH", "")])  # tests/: plug-in modules
     values["OMP_NUM_THREADS"] = "1"
     return values
 

@@ -151,75 +151,49 @@ def test_regression_resumes_exactly_after_sigkill_and_two_processes_follow_one(t
 
 
 # --- a dense regression (a map per image, as PRNet's position maps) through the same loop -------------------------
-# A backbone that returns a dict of outputs and a data kind with a per-pixel target are registered from this file,
-# as a researcher's own would be: nothing in facesphere is edited for them.
+# tests/dense_plugin.py registers a backbone with a dense output and a data kind with a per-pixel target; configs
+# load it with ``plugins: [dense_plugin]`` in every process, as a researcher's own module: facesphere is not edited.
+
+DENSE = ["plugins=[dense_plugin]", "data.kind=test_coarse_maps", "data.batch_size=16", "data.num_workers=0",
+         "data.augment={flip: 0.0}", "model.backbone=test_dense", "model.backbone_args={}",
+         "optim={name: adamw, lr: 0.01, weight_decay: 0.0}", "schedule.kind=constant",
+         "objectives=[{name: regression, label: coarse, args: {target: coarse, input: coarse, loss: l2}}]",
+         "train.log_every=1", "train.tensorboard=false", "train.progress=false", "eval.enabled=false"]
 
 
-class _DenseNet(torch.nn.Module):
-    """(N, 3, 32, 32) -> {"embedding": (N, 8), "coarse": (N, 1, 8, 8)}: a conv encoder with a dense head."""
+@pytest.fixture
+def dense_plugin(monkeypatch):
+    """The plug-in's registrations last for this test only (the registries are process-wide)."""
+    import sys
 
-    input_size, embedding_size = (32, 32), 8
-
-    def __init__(self, **_) -> None:
-        super().__init__()
-        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
-                                            torch.nn.ReLU(), torch.nn.AvgPool2d(4))
-        self.dense = torch.nn.Conv2d(8, 1, 3, padding=1)
-        self.embed = torch.nn.Linear(8 * 8 * 8, 8)
-
-    def forward(self, images):
-        features = self.features(images)
-        return {"embedding": self.embed(features.flatten(1)), "coarse": self.dense(features)}
-
-
-class _CoarseMaps(torch.utils.data.Dataset):
-    """Synthetic faces whose target ``coarse`` is the 8x8 mean luminance of the image; odd samples lack it."""
-
-    target_names = ("label", "coarse")
-
-    def __init__(self, faces: SyntheticFaces) -> None:
-        self.faces, self.num_classes, self.labels, self.image_size = faces, faces.num_classes, faces.labels, (32, 32)
-
-    def __len__(self) -> int:
-        return len(self.faces)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.faces.set_epoch(epoch)
-
-    def __getitem__(self, index):
-        image, targets = self.faces[index]
-        coarse = F.avg_pool2d(image.mean(0, keepdim=True), 4)
-        present = index % 2 == 0
-        return image, {**targets, "coarse": coarse if present else torch.full_like(coarse, float("nan")),
-                       "coarse_mask": present}
-
-
-def _register_dense_kinds(monkeypatch) -> None:
-    """Register the dense backbone and data kind for this test only (the registries are process-wide)."""
     from facesphere.backbones import BACKBONES
     from facesphere.train.data_setup import DATA_KINDS
 
-    monkeypatch.setitem(BACKBONES._entries, "test_dense", _DenseNet)
-    monkeypatch.setitem(DATA_KINDS._entries, "test_coarse_maps",
-                        lambda cfg, augment, size: _CoarseMaps(SyntheticFaces(8, 8, image_size=size, augment=augment)))
+    for registry in (BACKBONES, DATA_KINDS):
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+        monkeypatch.setattr(registry, "_canonical", list(registry._canonical))
+    monkeypatch.delitem(sys.modules, "dense_plugin", raising=False)
+    yield
+    sys.modules.pop("dense_plugin", None)
 
 
-def test_a_dense_map_regression_trains_checkpoints_and_resumes_through_the_same_loop(tmp_path, monkeypatch):
+def test_plugins_are_imported_before_validation_and_a_missing_one_is_one_line(dense_plugin):
+    assert load_config(None, DENSE).model.backbone == "test_dense"
+    with pytest.raises(ConfigError, match="plugins: cannot import 'no_such_plugin': ModuleNotFoundError"):
+        load_config(None, ["plugins=[no_such_plugin]"])
+
+
+def test_a_dense_map_regression_trains_checkpoints_and_resumes_through_the_same_loop(tmp_path, monkeypatch,
+                                                                                     dense_plugin):
     """A per-pixel target with half the samples masked (NaN placeholders): the loss falls, and a run that dies
     after its first checkpoint resumes to exactly the uninterrupted losses and weights."""
-    _register_dense_kinds(monkeypatch)
-    overrides = ["data.kind=test_coarse_maps", "data.batch_size=16", "data.num_workers=0", "data.augment={flip: 0.0}",
-                 "model.backbone=test_dense", "model.backbone_args={}", "train.steps=12", "train.checkpoint_every=6",
-                 "optim={name: adamw, lr: 0.01, weight_decay: 0.0}", "schedule.kind=constant",
-                 "objectives=[{name: regression, label: coarse, args: {target: coarse, input: coarse, loss: l2}}]",
-                 "train.log_every=1", "train.tensorboard=false", "train.progress=false", "eval.enabled=false"]
+    overrides = DENSE + ["train.steps=12", "train.checkpoint_every=6"]
     whole = Trainer(load_config(None, overrides + ["name=whole", f"output_dir={tmp_path}"])).fit()
     rows = read_metrics(tmp_path / "whole" / "metrics.csv")
     assert [r["loss"] for r in rows] == [r["loss/coarse"] for r in rows]  # the only term
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
 
     crashed = load_config(None, overrides + ["name=crashed", f"output_dir={tmp_path}"])
-    first = Trainer(crashed)
     original_save = Trainer.save
 
     def save_then_die(self):
@@ -228,7 +202,7 @@ def test_a_dense_map_regression_trains_checkpoints_and_resumes_through_the_same_
 
     monkeypatch.setattr(Trainer, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        first.fit()
+        Trainer(crashed).fit()
     monkeypatch.setattr(Trainer, "save", original_save)
     resumed = Trainer(crashed)
     assert resumed.resume() and resumed.step == 6
@@ -240,3 +214,25 @@ def test_a_dense_map_regression_trains_checkpoints_and_resumes_through_the_same_
              (tmp_path / "whole", tmp_path / "crashed")]
     assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
     assert whole.steps == 12
+
+
+@pytest.mark.slow
+def test_a_dense_map_regression_survives_sigkill_and_runs_under_torchrun(tmp_path):
+    """The same dense regression through the CLI: SIGKILL after a checkpoint + resume repeats the uninterrupted
+    losses bit for bit; 2 gloo processes (8 images each) follow 1 process (16) to float32 rounding. Only the map
+    is trained, so the embedding's layer gets no gradient: DDP is told (``train.find_unused_parameters``)."""
+    config = tmp_path / "dense.yaml"
+    config.write_text("{}\n")
+    common = ["train", str(config), *sets(DENSE + [f"output_dir={tmp_path}", "train.steps=10",
+                                                   "train.checkpoint_every=3", "train.find_unused_parameters=true"])]
+    run(cli(*common, "--set", "name=straight"))
+    kill_after_first_checkpoint(cli(*common, "--set", "name=killed", "--set", "data.num_workers=1"),
+                                tmp_path / "killed", 10)
+    run(cli(*common, "--set", "name=killed", "--set", "data.num_workers=1", "--resume", "latest"))
+    run(TORCHRUN + [*common, "--set", "name=two"])
+
+    losses = [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.csv")]
+    assert len(losses) == 10 and len(set(losses)) == 10
+    assert [r["loss"] for r in read_metrics(tmp_path / "killed" / "metrics.csv")] == losses
+    two = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.csv")]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(losses), rtol=1e-5, atol=1e-6)

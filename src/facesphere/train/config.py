@@ -7,6 +7,7 @@ is an error naming the field, never a silently ignored key.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from importlib import resources
 from pathlib import Path
@@ -245,6 +246,9 @@ class TrainConfig(Strict):
     channels_last: bool = False
     compile: bool = False
     sync_batchnorm: bool = True
+    find_unused_parameters: bool = Field(False, description="under torchrun: let DDP skip parameters no loss term "
+                                         "reaches (a backbone output that no objective reads); costs a graph walk "
+                                         "per step")
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -264,6 +268,9 @@ class ExperimentConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     objectives: list[ObjectiveConfig] = Field(default_factory=list, description="what training minimises; empty: "
                                               "one recognition objective (model.head, model.partial_fc)")
+    plugins: list[str] = Field(default_factory=list, description="modules imported before the config is validated "
+                               "(in every process), whose registrations (backbones, heads, objectives, data kinds) "
+                               "the config may then name")
 
     @model_validator(mode="after")
     def _unique_objectives(self) -> "ExperimentConfig":
@@ -338,11 +345,23 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         raise ConfigError(str(error)) from None
 
 
+def import_plugins(modules: list[str]) -> None:
+    """Import the config's ``plugins`` (a researcher's own backbones, objectives, data kinds register there)."""
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError(f"plugins must be a list of module names, got {modules!r}")
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # any failure inside the user's module is reported by the module's name
+            raise ConfigError(f"plugins: cannot import {module!r}: {type(error).__name__}: {error}") from None
+
+
 def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read a YAML file (or built-in config name), apply overrides, validate into an ExperimentConfig."""
     data = _read_yaml(source) if source is not None else {}
     for override in overrides:
         apply_override(data, override)
+    import_plugins(data.get("plugins") or [])
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:

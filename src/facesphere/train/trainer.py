@@ -332,7 +332,8 @@ class Trainer:
     def _wrap(self, module: nn.Module) -> nn.Module:
         """DDP (and compile) around the replicated part; sharded objectives are called outside it."""
         if self.ctx.distributed:
-            module = DistributedDataParallel(module, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None)
+            module = DistributedDataParallel(module, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None,
+                                             find_unused_parameters=self.cfg.train.find_unused_parameters)
         if self.cfg.train.compile:
             module = torch.compile(module)
         return module
