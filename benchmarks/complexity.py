@@ -16,8 +16,8 @@ PUBLISHED = {
     "iresnet50": (43.576e6, 6.3e9, "OpenVINO card of insightface LResNet50E-IR (43.576 MParams); arcface_torch README 6.3G"),
     "iresnet100": (65.132e6, 12.1e9, "OpenVINO card of insightface LResNet100E-IR; arcface_torch README 12.1G"),
     "iresnet200": (None, 23.5e9, "arcface_torch README 'FLOPs' column, r200"),
-    "sphereface20": (22.7e6, 1.75e9, "count of the released model prototxt (github.com/wy1iu/sphereface, train/code/sphereface_model.prototxt)"),
-    "sphereface64": (48.2e6, 6.1e9, "count of the released model prototxt (github.com/wy1iu/sphereface, train/code/sphereface_model.prototxt)"),
+    "sphereface20": (22.7e6, 1.75e9, "counted from the architecture (arXiv 1704.08063 Table 2; github.com/wy1iu/sphereface prototxt)"),
+    "sphereface64": (48.2e6, 6.1e9, "counted from the architecture (arXiv 1704.08063 Table 2; github.com/wy1iu/sphereface prototxt)"),
 }
 
 
