@@ -242,3 +242,28 @@ def test_serve_refuses_to_start_without_keys(tmp_path, monkeypatch):
                                       "--detector", "scrfd", "--detector-weights", str(weights)])
     assert answer.exit_code == 2 and "no API keys" in answer.output
     assert not (tmp_path / "g.sqlite").exists()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_weak_key_is_refused_without_printing_any_key(tmp_path, monkeypatch, verbose):
+    """One strong and one short key: serve refuses to start, and neither key appears in what it prints (the
+    validation error must not echo its input), even with debug logging."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from facesphere.cli.main import app
+
+    strong, short = "Zq" * 12 + "strongkey", "tinykey9"
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{strong}\n{short}\n")
+    weights = tmp_path / "detector.onnx"
+    weights.write_bytes(b"unused")
+    if verbose:
+        monkeypatch.setattr(logging.getLogger("facesphere"), "level", logging.DEBUG)
+    answer = CliRunner().invoke(app, ["serve", "--gallery", str(tmp_path / "g.sqlite"), "--model", str(tmp_path),
+                                      "--detector", "scrfd", "--detector-weights", str(weights),
+                                      "--api-keys", str(keys)])
+    assert answer.exit_code == 2 and "shorter than 16 characters" in " ".join(answer.output.split())
+    assert strong not in answer.output and short not in answer.output and "key9" not in answer.output
+    assert not (tmp_path / "g.sqlite").exists()
