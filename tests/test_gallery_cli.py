@@ -58,3 +58,30 @@ def test_read_commands_refuse_a_folder_in_one_line(tmp_path):
         assert result.exit_code != 0 and "Traceback" not in result.output, command
         assert "not a gallery file (a folder" in " ".join(result.output.split()), result.output  # rich wraps lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_commands_leave_a_foreign_or_empty_database_unchanged(tmp_path):
+    """`gallery list` on another application's SQLite file, an empty file and a non-database file: refused in one
+    line, and every byte of the file (and the absence of -wal/-shm files) is as before."""
+    import sqlite3
+
+    foreign = tmp_path / "other.db"
+    db = sqlite3.connect(foreign)
+    db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+    db.execute("INSERT INTO notes (text) VALUES ('keep me')")
+    db.commit()
+    db.close()
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite at all" * 100)
+    runner = CliRunner()
+    for path in (foreign, empty, garbage):
+        before = path.read_bytes()
+        for command in (["gallery", "list", str(path)], ["gallery", "remove", str(path), "alice"],
+                        ["gallery", "check", str(path)]):
+            result = runner.invoke(app, command)
+            assert result.exit_code == 2 and "Traceback" not in result.output, (command, result.output)
+            assert "not a facesphere gallery" in " ".join(result.output.split()), result.output
+        assert path.read_bytes() == before, path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "garbage.db", "other.db"]

@@ -59,8 +59,27 @@ def _card_key(card: ModelCard) -> dict[str, Any]:
             "weights_sha256": card.weights_sha256}
 
 
+def _require_gallery(path: Path) -> None:
+    """Raise ``GalleryError`` unless ``path`` is an SQLite database holding a facesphere model card, checked through
+    a read-only connection, so another application's database (or an empty file) is refused unchanged."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            card = db.execute("SELECT value FROM meta WHERE key='card'").fetchone() if "meta" in tables else None
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as error:
+        raise GalleryError(f"{path} is not a facesphere gallery ({error})") from None
+    if card is None:
+        raise GalleryError(f"{path} is not a facesphere gallery (no model card); nothing was changed")
+
+
 class Gallery:
-    """Open (or create, when ``card`` is given) the gallery database at ``path``."""
+    """Open (or create, when ``card`` is given) the gallery database at ``path``.
+
+    An existing file is checked read-only first: only a facesphere gallery (or an empty file, when creating) is
+    ever written to."""
 
     def __init__(self, path: str | Path, card: ModelCard | None = None) -> None:
         self.path = Path(path)
@@ -69,6 +88,8 @@ class Gallery:
             raise GalleryNotFound(f"{self.path}: no such gallery; give the model card to create one")
         if exists and not self.path.is_file():
             raise GalleryNotFound(f"{self.path}: not a gallery file (a folder or a special file)")
+        if exists and (card is None or self.path.stat().st_size > 0):
+            _require_gallery(self.path)  # read-only: a file that is not ours is refused before anything is written
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
