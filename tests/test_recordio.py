@@ -474,3 +474,24 @@ def test_training_reads_a_packed_record_dataset(tmp_path):
         Trainer(cfg).fit()
         runs[kind] = [r["loss"] for r in read_metrics(tmp_path / kind / "metrics.csv")]
     assert len(runs["record"]) == 3 and runs["record"] == runs["folder"]
+
+
+def test_an_index_entry_pointing_at_another_record_is_refused(packed):
+    """A corrupt .idx whose entry for one image points at another image's valid offset would train on that image
+    under the wrong label; the record header's id names its key, so reading it (training, `data inspect`) refuses."""
+    idx = packed / "train.idx"
+    rows = [line.split("\t") for line in idx.read_text().splitlines()]
+    keys = [int(k) for k, _ in rows]
+    reader = RecordIOReader(packed / "train.rec")
+    images = [k for k in keys if k and reader.read_label_header(k).flag == 0]  # image records, not identity ones
+    victim, other = images[0], images[-1]
+    offsets = {int(k): o for k, o in rows}
+    idx.write_text("".join(f"{k}\t{offsets[other] if k == victim else offsets[k]}\n" for k in keys))
+    dataset = RecordDataset(packed)  # labels come from the identity records: the check is on reading an image
+    position = int(np.flatnonzero(dataset.keys == victim)[0])
+    with pytest.raises(RecordIOError, match=rf"maps key {victim} to a record whose header says it is record {other}"):
+        dataset[position]
+    dataset[int(np.flatnonzero(dataset.keys == other)[0])]  # the record itself still reads under its own key
+    result = CliRunner().invoke(app, ["data", "inspect", str(packed)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "does not match the file" in " ".join(result.output.split())

@@ -287,7 +287,16 @@ class RecordIOReader:
     def read_header(self, key: int) -> tuple[IRHeader, bytes]:
         """``unpack`` of record ``key`` (errors name this file and the record's offset)."""
         offset = self.offset(key)
-        return unpack(self.read_at(offset)[0], self.path, offset)
+        header, payload = unpack(self.read_at(offset)[0], self.path, offset)
+        return self._checked(header, key, offset), payload
+
+    def _checked(self, header: IRHeader, key: int, offset: int) -> IRHeader:
+        """Refuse a record whose header names another key: an index entry pointing at another record's offset would
+        otherwise pair that record's image with this key's label. Packs that leave the id unset (0) pass."""
+        if header.id not in (0, int(key)):
+            raise RecordIOError(self.path, f"the index maps key {key} to a record whose header says it is record "
+                                           f"{header.id}: the index ({self.idx_path}) does not match the file", offset)
+        return header
 
     def read_label_header(self, key: int) -> IRHeader:
         """Only the ``IRHeader`` of record ``key``, from one small read (no image bytes) in the usual case."""
@@ -300,7 +309,7 @@ class RecordIOReader:
                 flag = _IR.unpack_from(prefix, _PART.size)[0]
                 need = _IR.size + 4 * flag
                 if need <= min(length, len(prefix) - _PART.size):
-                    return unpack(prefix[_PART.size:_PART.size + need], self.path, offset)[0]
+                    return self._checked(unpack(prefix[_PART.size:_PART.size + need], self.path, offset)[0], key, offset)
         return self.read_header(key)  # split header, long label or an error: take the careful path
 
     def read_at(self, offset: int) -> tuple[bytes, int]:
