@@ -163,6 +163,24 @@ def test_cli_detect_on_a_folder_with_bad_files(bad_inputs, tmp_path):
     assert len(face["box"]) == 4 and len(face["landmarks"]) == 5 and 0 < face["score"] <= 1
 
 
+def test_cli_exit_code_says_whether_any_input_was_read_and_out_must_be_a_file(bad_inputs, tmp_path):
+    """Every input unreadable: the JSON lists why, and the exit code is 1 (0 as soon as one photo is read). An
+    --out naming a folder is refused before any work, by the option itself."""
+    weights = require_data(RETINAFACE)
+    unreadable = [bad_inputs["bomb.png"], bad_inputs["empty.jpg"]]
+    out = tmp_path / "faces.json"
+    failed = CliRunner().invoke(app, ["detect", *map(str, unreadable), "--detector-weights", str(weights),
+                                      "--out", str(out)])
+    assert failed.exit_code == 1 and "none of the 2 inputs could be read" in " ".join(failed.output.split())
+    assert all("error" in entry for entry in json.loads(out.read_text()))
+    mixed = CliRunner().invoke(app, ["detect", *map(str, unreadable), str(bad_inputs["face.jpg"]),
+                                     "--detector-weights", str(weights), "--out", str(out)])
+    assert mixed.exit_code == 0, mixed.output
+    folder = CliRunner().invoke(app, ["detect", str(bad_inputs["face.jpg"]), "--detector-weights", str(weights),
+                                      "--out", str(tmp_path)])
+    assert folder.exit_code == 2 and "directory" in folder.output and "Traceback" not in folder.output
+
+
 def test_cli_verify_and_draw(y1_folder, tmp_path):
     weights = require_data(RETINAFACE)
     runner = CliRunner()

@@ -30,7 +30,7 @@ WeightsOpt = typer.Option(..., "--detector-weights", help=WEIGHTS_HELP, exists=T
 ScoreOpt = typer.Option(None, "--score", min=0.0, max=1.0, help="detection score threshold (default: the detector's)")
 MinFaceOpt = typer.Option(None, "--min-face", min=0.0, help="ignore faces whose box is smaller than this (pixels)")
 MaxFacesOpt = typer.Option(None, "--max-faces", min=1, help="keep at most this many faces per image (largest score)")
-OutOpt = typer.Option(None, "--out", help="write the JSON here (atomically) instead of stdout")
+OutOpt = typer.Option(None, "--out", dir_okay=False, help="write the JSON here (atomically) instead of stdout")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for the networks")
 Landmarks68Opt = typer.Option(None, "--landmarks68", help=LANDMARKS_HELP)
 LandmarkerOpt = typer.Option(None, "--landmarker", help="registered landmarker run on every face (pfld68, ...); "
@@ -72,6 +72,13 @@ def _summary(results) -> None:
         logger.warning("%s", r.error)
 
 
+def _exit_unless_any_read(results) -> None:
+    """Exit code 1 when no input could be read (the JSON still lists why); 0 when at least one was."""
+    if results and all(r.error for r in results):
+        logger.error("none of the %d inputs could be read", len(results))
+        raise typer.Exit(code=1)
+
+
 def _sources(inputs: list[Path]) -> list[Path]:
     from facesphere.pipeline import input_sources
 
@@ -94,6 +101,7 @@ def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_we
         results = analyzer.analyze(_sources(inputs), embed=False)
         _summary(results)
         emit([r.to_dict() for r in results], out)
+    _exit_unless_any_read(results)
 
 
 def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-dir", help="folder for the crops"),
@@ -122,6 +130,7 @@ def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-
         _summary(results)
         logger.info("crops (%s) written to %s", analyzer.alignment, out_dir)
         emit(payload, out)
+    _exit_unless_any_read(results)
 
 
 def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model", help=MODEL_HELP),
@@ -139,6 +148,7 @@ def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model"
         card = analyzer.embedder.card
         emit({"model": card.name, "embedding_size": card.embedding_size, "alignment": card.alignment, "flip": flip,
               "images": [r.to_dict() for r in results]}, out)
+    _exit_unless_any_read(results)
 
 
 def verify(image1: Path = typer.Argument(..., help="first photo"), image2: Path = typer.Argument(..., help="second photo"),
@@ -187,6 +197,7 @@ def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-d
             write_png(out_dir / f"{index:05d}_{source.stem}.png", draw_faces(image, result.faces))
         _summary(results)
         logger.info("drawings written to %s", out_dir)
+    _exit_unless_any_read(results)
 
 
 def calibrate(pairs: Path = typer.Argument(..., help="CSV of path1,path2,same (1/0) lines, paths relative to it"),
