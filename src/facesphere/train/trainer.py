@@ -217,6 +217,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.replicated = self.model.replicated()
         self.sharded = self.model.sharded()
+        self._sharded_prefixes = tuple(f"objectives.{key}." for key in self.sharded)  # their keys in state dicts
+        self.term_names = [name for objective in self.model.objectives.values() for name in objective.terms()]
         # Sharded objectives are rank-local: each has its own optimiser and schedule, outside DDP.
         self.optimizers = [build_optimizer(self.replicated, cfg)] + [
             build_optimizer(o, cfg, f"objectives.{key}.") for key, o in self.sharded.items()]
@@ -237,16 +239,12 @@ class Trainer:
                 raise ValueError(f"objective {key!r} needs targets {missing}; data.kind {self.cfg.data.kind!r} gives "
                                  f"{sorted(offered)}")
 
-    def term_names(self) -> list[str]:
-        return [name for objective in self.model.objectives.values() for name in objective.terms()]
-
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The replicated state (rank 0 saves it); sharded objectives' parameters live in the shard files."""
-        sharded_prefixes = tuple(f"objectives.{key}." for key in self.sharded)
         model = self.model.state_dict()
         state = {
-            "model": {k: v for k, v in model.items() if not k.startswith(sharded_prefixes)},
+            "model": {k: v for k, v in model.items() if not k.startswith(self._sharded_prefixes)},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -272,8 +270,7 @@ class Trainer:
             raise ValueError(f"the checkpoint has sharded objectives {saved} (e.g. Partial FC), the config {sorted(self.sharded)}; "
                              "make them match (model.partial_fc.enabled for recognition)")
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
-        sharded_prefixes = tuple(f"objectives.{key}." for key in self.sharded)
-        if unexpected or any(not k.startswith(sharded_prefixes) for k in missing):
+        if unexpected or any(not k.startswith(self._sharded_prefixes) for k in missing):
             raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
         for (key, objective), optimizer, scheduler in zip(self.sharded.items(), self.optimizers[1:], self.schedulers[1:]):
             objective.load_shards([s["objectives"][key] for s in shards or []], optimizer)
@@ -340,14 +337,12 @@ class Trainer:
 
     def _total(self, terms: dict[str, Tensor]) -> Tensor:
         """Σ weight · term over every objective's terms (a weight of 1 multiplies exactly)."""
-        unexpected = set(terms) - set(self.term_names())
-        if unexpected:
-            raise ValueError(f"objectives returned terms they do not declare in terms(): {sorted(unexpected)}")
+        if terms.keys() != set(self.term_names):
+            raise ValueError(f"the objectives returned the terms {sorted(terms)}, but declare {sorted(self.term_names)} "
+                             "in terms()")
         total = None
         for key, objective in self.model.objectives.items():
             for name in objective.terms():
-                if name not in terms:
-                    raise ValueError(f"objective {key!r} did not return its term {name!r}")
                 weighted = terms[name] * self.weights[key]
                 total = weighted if total is None else total + weighted
         return total
@@ -358,7 +353,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
             atomic_write_text(self.run_dir / "machine.json", json.dumps(describe_machine(), indent=2, default=str))
-        names = self.term_names()
+        names = self.term_names
         fields = MetricsLog.TRAIN_FIELDS[:3] + [f"loss/{n}" for n in names] + MetricsLog.TRAIN_FIELDS[3:]
         metrics = MetricsLog(self.run_dir / "metrics.csv", fields, self.step) if ctx.is_main else None
         if ctx.is_main and cfg.eval.protocols:
