@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests of parsers: no per-example deadline (two shared cores), the same examples on every run (a red CI
+# is reproducible), and a count that a long fuzzing run can raise: FACESPHERE_FUZZ_EXAMPLES=100000 pytest -k property.
+settings.register_profile("facesphere", deadline=None, derandomize=True, print_blob=True,
+                          max_examples=int(os.environ.get("FACESPHERE_FUZZ_EXAMPLES", "200")))
+settings.load_profile("facesphere")
 
 
 def data_root() -> Path:
