@@ -240,6 +240,66 @@ def test_list_file_errors_name_the_line(tmp_path, content, line, reason):
     assert info.value.line == line and f"bad.txt:{line}:" in str(info.value)
 
 
+def test_list_file_with_a_huge_label_is_refused_before_any_allocation(tmp_path):
+    """One stray label (2e9) would size the classifier for 2e9 classes (~1 TB): refused, naming the line."""
+    (tmp_path / "list.txt").write_text("a.png 0\nb.png 1\n# comment\nc.png 2000000000\nd.png 1\n")
+    with pytest.raises(ListFileError, match=r"label 2000000000 of 'c.png'.*only 3 labels are used.*remap-list") as info:
+        ImageListDataset(tmp_path / "list.txt", image_size=(8, 8))
+    assert info.value.line == 4
+
+
+def test_train_refuses_a_huge_label_in_one_line_under_a_memory_limit(tmp_path):
+    """Through the CLI with the address space capped at 6 GB: exit 2, one line, no model was built."""
+    import resource
+    import subprocess
+
+    from _training import cli, env, sets
+
+    _write_png(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "list.txt").write_text("a.png 0\na.png 1\na.png 2000000000\n")
+    limit = 6 * 2**30
+    done = subprocess.run(cli("train", "quickstart", *sets([f"data.list_file={tmp_path / 'list.txt'}", "data.kind=list",
+                                                            f"output_dir={tmp_path / 'runs'}", "data.num_workers=0"])),
+                          env=env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "list.txt:3: label 2000000000" in " ".join(done.stderr.split())
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sparse_labels_of_ordinary_size_are_accepted(tmp_path):
+    """A filtered subset of MS1M keeps its labels (up to 93k, 5k used): allowed, the classifier has 93k rows."""
+    labels = np.random.default_rng(0).choice(93_431, size=5_000, replace=False)
+    labels[0] = 93_430
+    (tmp_path / "list.txt").write_text("".join(f"x/{i}.jpg {label}\n" for i, label in enumerate(labels)))
+    assert ImageListDataset(tmp_path / "list.txt", image_size=(8, 8)).num_classes == 93_431
+
+
+def test_remap_list_renumbers_labels_densely(tmp_path):
+    from facesphere.data.lists import parse_list_file, remap_list_file
+
+    (tmp_path / "list.txt").write_text("a b.png 2000000000\nc.png 7\nd.png 2000000000\ne.png 93000\n")
+    assert remap_list_file(tmp_path / "list.txt", tmp_path / "dense.txt") == 3
+    assert parse_list_file(tmp_path / "dense.txt") == [("a b.png", 2), ("c.png", 0), ("d.png", 2), ("e.png", 1)]
+    assert ImageListDataset(tmp_path / "dense.txt", image_size=(8, 8)).num_classes == 3
+
+
+@pytest.mark.parametrize(("label", "reason"), [("1_000", "not an integer"), ("\u0663", "not an integer"),
+                                                ("99999999999999999999", "out of range"), ("9" * 5000, "out of range")])
+def test_list_labels_are_plain_int64_decimals(tmp_path, label, reason):
+    (tmp_path / "list.txt").write_text(f"a.png 0\nb.png {label}\n", encoding="utf-8")
+    with pytest.raises(ListFileError, match=reason) as info:
+        ImageListDataset(tmp_path / "list.txt", image_size=(8, 8))
+    assert info.value.line == 2
+
+
+def test_list_file_not_utf8_names_the_line(tmp_path):
+    (tmp_path / "list.txt").write_bytes(b"a.png 0\nb\xff.png 1\n")
+    with pytest.raises(ListFileError, match="not UTF-8") as info:
+        ImageListDataset(tmp_path / "list.txt", image_size=(8, 8))
+    assert info.value.line == 2
+
+
 def test_empty_list_file_is_an_error(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     with pytest.raises(ValueError, match="no entries"):

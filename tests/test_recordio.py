@@ -205,6 +205,18 @@ def test_independent_rec_without_header_record(tmp_path):
     assert RecordDataset(tmp_path / "plain.rec").labels.tolist() == labels
 
 
+def test_rec_with_a_huge_label_or_class_count_is_refused(tmp_path):
+    """A stray label (or property) of 2e9 would size the classifier for 2e9 classes: refused, naming the record."""
+    jpeg = _jpeg(0)
+    _spec_write(tmp_path / "plain.rec", [(k, _spec_header(0, lab, k) + jpeg) for k, lab in enumerate([0, 1, 2e9])])
+    with pytest.raises(RecordIOError, match=r"plain.rec#2: label 2000000000: the classifier would have 2,000,000,001"):
+        RecordDataset(tmp_path / "plain.rec")
+    _spec_write(tmp_path / "train.rec", [(k, _spec_header(0, lab, k) + jpeg) for k, lab in enumerate([0, 1, 1])])
+    (tmp_path / "property").write_text("2000000000,24,32\n")
+    with pytest.raises(RecordIOError, match=r"property: property says 2,000,000,000 classes"):
+        RecordDataset(tmp_path)
+
+
 # ----------------------------------------------------------------------------------------- pack_folder
 
 

@@ -43,6 +43,21 @@ def pack(folder: Path = typer.Argument(..., help="image folder: one sub-folder p
         pack_folder(folder, out_dir, quality=quality, jpeg=jpeg, overwrite=overwrite, verify=verify)
 
 
+@app.command("remap-list")
+def remap_list(list_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="list file of '<path> <label>' lines"),
+               out: Path = typer.Argument(..., dir_okay=False, help="list file to write, with labels renumbered 0..N-1")) -> None:
+    """Renumber a list file's labels 0..N-1 (old order kept; each line notes its old label), so the classifier is
+    sized by the identities in use, not by the largest label. Paths are copied as they are: write the new list
+    next to the old one (relative paths start at the list's folder) or set data.root."""
+    from facesphere.data.lists import remap_list_file
+
+    with user_errors():
+        if out.resolve() == list_file.resolve():
+            raise FileExistsError(f"{out}: give a new file (the original keeps the old labels)")
+        classes = remap_list_file(list_file, out)
+    logger.info("wrote %s: %d classes", out, classes)
+
+
 @app.command("inspect")
 def inspect(path: Path = typer.Argument(..., help="dataset folder (with train.rec) or a .rec file"),
             samples: int = typer.Option(16, min=0, help="images to decode (evenly spaced) and show on the sheet"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,12 @@ import numpy as np
 
 from facesphere.data.folders import ImageFilesDataset
 from facesphere.data.images import DEFAULT_MAX_PIXELS
+from facesphere.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
+
+_LABEL = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take "1_000" and other scripts' digits
+_MAX_LABEL = 2**63 - 1  # labels are int64
 
 
 class ListFileError(ValueError):
@@ -35,27 +41,65 @@ def parse_list_file(list_file: str | os.PathLike) -> list[tuple[str, int]]:
     paths may contain spaces. Blank lines and lines starting with ``#`` are skipped, as is a trailing
     `` # comment``. Raises ``ListFileError`` (with the line number) for malformed lines or negative labels.
     """
+    return [(path, label) for _, path, label in _numbered_entries(list_file)]
+
+
+def _numbered_entries(list_file: str | os.PathLike) -> list[tuple[int, str, int]]:
+    """``parse_list_file`` with each entry's line number first."""
     list_file = Path(list_file)
-    entries: list[tuple[str, int]] = []
-    with open(list_file, encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            if " #" in line or "\t#" in line:
-                line = line[: min(i for i in (line.find(" #"), line.find("\t#")) if i >= 0)].rstrip()
-            fields = line.rsplit(None, 1)
-            if len(fields) != 2:
-                raise ListFileError(list_file, number, f"expected '<path> <label>', got {raw.strip()!r}")
-            path, label_text = fields
-            try:
-                label = int(label_text)
-            except ValueError:
-                raise ListFileError(list_file, number, f"label {label_text!r} is not an integer") from None
-            if label < 0:
-                raise ListFileError(list_file, number, f"label {label} is negative")
-            entries.append((path, label))
+    raw = list_file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ListFileError(list_file, line, f"not UTF-8 text (byte 0x{raw[error.start]:02x})") from None
+    entries: list[tuple[int, str, int]] = []
+    for number, raw_line in enumerate(io.StringIO(text, newline=None), start=1):  # lines end at \n, \r\n or \r
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if " #" in line or "\t#" in line:
+            line = line[: min(i for i in (line.find(" #"), line.find("\t#")) if i >= 0)].rstrip()
+        fields = line.rsplit(None, 1)
+        if len(fields) != 2:
+            raise ListFileError(list_file, number, f"expected '<path> <label>', got {raw_line.strip()!r}")
+        path, label_text = fields
+        if not _LABEL.fullmatch(label_text):
+            raise ListFileError(list_file, number, f"label {label_text!r} is not an integer")
+        if label_text.startswith("-") and label_text.strip("-0"):
+            raise ListFileError(list_file, number, f"label {label_text} is negative")
+        if len(label_text.lstrip("+0")) > 19 or int(label_text) > _MAX_LABEL:  # length first: int() refuses > 4300 digits
+            raise ListFileError(list_file, number, f"label {label_text[:30]} is out of range (above {_MAX_LABEL})")
+        label = int(label_text)
+        entries.append((number, path, label))
     return entries
+
+
+SPARSE_CLASSES = 1_000_000
+"""Class counts above this are refused when most classes would have no sample (``too_sparse``)."""
+
+SPARSE_FACTOR = 100
+"""... namely when the class count exceeds the number of labels in use by this factor."""
+
+
+def too_sparse(num_classes: int, distinct: int) -> bool:
+    """True when a largest label implies far more classes than the data uses: the classifier is sized by the
+    class count (``num_classes x embedding_size`` weights, e.g. 2e9 classes x 512 float32 = 4 TB), so a stray
+    label must be refused before anything is allocated. Sparse label sets of ordinary size (a filtered subset
+    of MS1M: labels up to 93k, 5k used) pass; only a count above ``SPARSE_CLASSES`` and above
+    ``SPARSE_FACTOR`` times the labels used is refused."""
+    return num_classes > SPARSE_CLASSES and num_classes > SPARSE_FACTOR * distinct
+
+
+def remap_list_file(source: str | os.PathLike, target: str | os.PathLike) -> int:
+    """Write ``source``'s entries to ``target`` with labels renumbered 0..N-1 in the order of the old labels
+    (each line keeps its old label as a ``# label <old>`` comment); returns N. For sparse label sets whose
+    largest label would size the classifier far beyond the classes in use."""
+    entries = parse_list_file(source)
+    new = {old: i for i, old in enumerate(sorted({label for _, label in entries}))}
+    atomic_write_text(target, "".join(f"{path} {new[label]}  # label {label}\n" for path, label in entries))
+    logger.info("%s: %d entries, labels up to %d renumbered 0..%d", target, len(entries), max(new, default=-1), len(new) - 1)
+    return len(new)
 
 
 class ImageListDataset(ImageFilesDataset):
@@ -80,13 +124,21 @@ class ImageListDataset(ImageFilesDataset):
         if not self.list_file.is_file():
             raise FileNotFoundError(f"list file {self.list_file} does not exist")
         self.root = Path(root) if root is not None else self.list_file.parent
-        entries = parse_list_file(self.list_file)
-        if not entries:
+        numbered = _numbered_entries(self.list_file)
+        if not numbered:
             raise ValueError(f"{self.list_file}: no entries")
+        entries = [(path, label) for _, path, label in numbered]
         labels = np.array([label for _, label in entries], dtype=np.int64)
         largest = int(labels.max())
         if num_classes is None:
             num_classes = largest + 1
+            distinct = len(np.unique(labels))
+            if too_sparse(num_classes, distinct):
+                bad = int(np.argmax(labels))
+                raise ListFileError(self.list_file, numbered[bad][0],
+                                    f"label {largest} of {entries[bad][0]!r} would size the classifier for {num_classes:,} "
+                                    f"classes but only {distinct:,} labels are used; number the labels 0..N-1 "
+                                    f"(facesphere data remap-list {self.list_file} <new list>)")
         elif largest >= num_classes:
             bad = int(np.argmax(labels >= num_classes))
             raise ValueError(f"{self.list_file}: label {labels[bad]} of {entries[bad][0]!r} is not below num_classes={num_classes}")

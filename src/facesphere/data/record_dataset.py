@@ -30,6 +30,7 @@ from facesphere.data.folders import (
     ImageFolderDataset,
 )
 from facesphere.data.images import DEFAULT_MAX_PIXELS, load_image_bytes
+from facesphere.data.lists import too_sparse
 from facesphere.data.recordio import (
     IRHeader,
     RecordIOError,
@@ -180,6 +181,12 @@ class RecordDataset(EncodedImagesDataset):
             num_classes = self.property[0]
             if image_size is None:
                 image_size = self.property[1:]
+        distinct = len(np.unique(layout.labels))
+        if too_sparse(num_classes, distinct):
+            source = (f"{self.property_path}: property says {num_classes:,} classes" if num_classes != labels_classes
+                      else f"{self.rec_path}#{int(self.keys[np.argmax(layout.labels)])}: label {labels_classes - 1}")
+            raise RecordIOError(source, f"the classifier would have {num_classes:,} classes but only {distinct:,} "
+                                        "identities have images; repack with labels numbered 0..N-1")
         super().__init__(layout.labels, num_classes, image_size, augment, seed, strict, max_pixels)
         logger.info("%s: %d images in %d classes", self.rec_path, len(self), self.num_classes)
 
