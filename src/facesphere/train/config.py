@@ -11,16 +11,55 @@ import importlib
 import inspect
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from facesphere.utils.overrides import apply_overrides
 
 
 class Strict(BaseModel):
+    """Unknown keys are errors, and booleans are never numbers: pydantic would read ``batch_size: true`` as 1 and
+    ``flip: 1`` as true. A boolean field takes only true/false; a number field (also inside lists and tuples)
+    refuses true/false. Numbers keep pydantic's conversions (``lr: 1`` is 1.0, ``steps: 1e4`` via ``--set`` is
+    10000; ``steps: 1.5`` is refused)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if not _fits_booleans(annotation, value):
+            raise ValueError(f"expected true or false, got {value!r}" if annotation is bool
+                             else f"a boolean ({str(value).lower()}) is not a valid value here" if isinstance(value, bool)
+                             else f"booleans are not numbers, got {value!r}")
+        return value
+
+
+def _fits_booleans(annotation: Any, value: Any) -> bool:
+    """False when ``value`` puts a boolean where ``annotation`` wants anything else, or a non-boolean where it
+    wants a bool (looking inside lists and tuples); every other check is pydantic's."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin is Annotated:
+        return _fits_booleans(args[0], value)
+    if origin in (Union, types.UnionType):
+        return any(_fits_booleans(a, value) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            return all(_fits_booleans(a, v) for a, v in zip(args, value))
+        return all(_fits_booleans(args[0], v) for v in value)
+    return True
 
 
 class PartialFCSettings(Strict):
