@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -274,6 +276,35 @@ def test_pack_folder_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(ImageError, match="broken.png"):
         pack_folder(root, tmp_path / "out", progress=False)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A small PNG declaring ``width x height`` RGB pixels, its data a compressed run of zeros (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = zlib.compress(bytes((1 + 3 * width) * 16), 9)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("verify", ["--verify", "--no-verify"])
+@pytest.mark.parametrize(("name", "data", "reason"), [
+    ("bomb.png", _png_bomb(60_000, 60_000), "decompression bomb"),  # above Pillow's own limit
+    ("big.png", _png_bomb(8_000, 8_000), "exceeds the limit of 40000000 pixels"),  # above ours only
+    ("junk.png", b"\x89PNG\r\n\x1a\nnot really", "not a recognised image format|cannot decode|cannot read the image header"),
+])
+def test_cli_pack_refuses_a_bomb_in_one_line_with_or_without_verify(tmp_path, verify, name, data, reason):
+    """--no-verify skips decoding but still reads every header: a bomb is refused by name, exit 2, nothing written."""
+    root = _folder(tmp_path)
+    (root / "00001" / name).write_bytes(data)
+    assert len(data) < 20_000
+    result = CliRunner().invoke(app, ["data", "pack", str(root), str(tmp_path / "out"), verify])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in text and result.exception.__class__ is SystemExit, text
+    assert re.search(f"00001/{name}: .*({reason})", text), text
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------- corrupt files

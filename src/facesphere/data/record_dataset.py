@@ -17,19 +17,20 @@ import logging
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from facesphere.data.folders import (
     IMAGE_EXTENSIONS,
     EncodedImagesDataset,
     ImageFolderDataset,
 )
-from facesphere.data.images import DEFAULT_MAX_PIXELS, load_image_bytes
+from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, load_image_bytes
 from facesphere.data.lists import too_sparse
 from facesphere.data.recordio import (
     IRHeader,
@@ -233,6 +234,29 @@ def image_format(data: bytes) -> str:
     return "unknown"
 
 
+def declared_size(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) an encoded image declares, read from its header only (no pixel decoded), refused as
+    ``load_image_bytes`` refuses it before decoding: ``ImageTooLarge`` above ``max_pixels`` or Pillow's
+    decompression-bomb limit, ``ImageError`` for an unreadable or empty header. ``name`` labels errors."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageTooLarge(name, f"refused as a decompression bomb: {error}") from None
+    except UnidentifiedImageError:
+        raise ImageError(name, "not a recognised image format" if data else "empty image data") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageError(name, f"cannot read the image header: {error or type(error).__name__}") from None
+    if width <= 0 or height <= 0:
+        raise ImageError(name, f"zero-size image ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(name, f"declared size {width}x{height} exceeds the limit of {max_pixels} pixels "
+                                  "(decompression bomb?)")
+    return height, width
+
+
 def _encode(image: np.ndarray, fmt: str, quality: int) -> bytes:
     buffer = io.BytesIO()
     if fmt == "jpeg":
@@ -259,7 +283,8 @@ def pack_folder(
     JPEG and PNG files are stored byte for byte, so reading back is lossless; other formats (BMP, WebP,
     TIFF, PPM) are stored as PNG of their decoded RGB pixels, which every RecordIO reader can decode.
     ``jpeg=True`` re-encodes every non-JPEG at ``quality`` instead (smaller, lossy). With ``verify`` each
-    image is decoded once, so a corrupt file fails the pack, not the training run. All three files are
+    image is decoded once, so a corrupt file fails the pack, not the training run; without it (faster) only each
+    header is read, so a decompression bomb or an unreadable header still fails the pack. All three files are
     written to temporary names and renamed at the end: an interrupted pack leaves nothing behind.
     """
     if not 1 <= quality <= 100:
@@ -287,8 +312,7 @@ def pack_folder(
                 image = load_image_bytes(data, str(path), max_pixels)
                 shape = image.shape[:2]
             else:
-                with Image.open(io.BytesIO(data)) as header:
-                    shape = (header.size[1], header.size[0])
+                shape = declared_size(data, str(path), max_pixels)
             sizes[shape] = sizes.get(shape, 0) + 1
             if as_is:
                 how = f"{fmt} as is"
