@@ -143,3 +143,11 @@ def test_yaml_batch_size_true_is_refused_naming_the_field(tmp_path):
     cfg = load_config(None, ["optim.lr=1", "train.steps=1e4", "eval.flip=false", "optim.betas=[0, 1]"])
     assert (cfg.optim.lr, cfg.train.steps, cfg.eval.flip, cfg.optim.betas) == (1.0, 10000, False, (0.0, 1.0))
     assert type(cfg.optim.lr) is float and type(cfg.train.steps) is int
+
+
+def test_a_directory_or_non_utf8_file_as_config_is_one_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    (tmp_path / "c.yaml").write_bytes(b"name: \xff\n")
+    with pytest.raises(ConfigError, match="c.yaml: not UTF-8"):
+        load_config(tmp_path / "c.yaml")

@@ -23,3 +23,14 @@ def test_nested_overrides_create_sections_and_refuse_non_sections():
     for bad in ("novalue", "=3", ".=3"):
         with pytest.raises(ValueError, match="key=value"):
             parse_options([bad])
+
+
+def test_quoted_text_stays_text_and_exponents_are_numbers_in_yaml_files_too(tmp_path):
+    from facesphere.train.config import load_config
+
+    assert parse_value('"2024"') == "2024" and parse_value("'1e-3'") == "1e-3" and parse_value("2e1") == 20.0
+    cfg = load_config(None, ['name="2024"'])
+    assert cfg.name == "2024"
+    (tmp_path / "c.yaml").write_text("train:\n  steps: 1e4\noptim:\n  lr: 1e-3\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.train.steps == 10000 and cfg.optim.lr == 1e-3

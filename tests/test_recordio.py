@@ -219,6 +219,14 @@ def test_rec_with_a_huge_label_or_class_count_is_refused(tmp_path):
         RecordDataset(tmp_path)
 
 
+@pytest.mark.parametrize("label", [(float("inf"), 5.0), (3.0e38, 3.0e38), (float("nan"), 2.0), (2.0, 1.5)])
+def test_header_record_with_an_unusable_range_is_a_recordio_error(tmp_path, label):
+    """Found by the property tests: an infinite or huge (a, b) in record 0 ended in OverflowError / MemoryError."""
+    _spec_write(tmp_path / "x.rec", [(0, _spec_header(2, label, 0)), (1, _spec_header(0, 0, 1) + _jpeg(0))])
+    with pytest.raises(RecordIOError, match="record 0|header record 0"):
+        RecordDataset(tmp_path / "x.rec")
+
+
 # ----------------------------------------------------------------------------------------- pack_folder
 
 

@@ -88,10 +88,12 @@ class RecordLayout:
         return len(self.identity_ranges) if self.identity_ranges is not None else int(self.labels.max()) + 1
 
 
-def _label(header: IRHeader, path: Path, key: int, offset: int) -> int:
-    value = header.labels[0] if header.labels else float("nan")
-    if not np.isfinite(value) or value != int(value) or value < 0:
-        raise RecordIOError(path, f"record {key}: label {value} is not a non-negative integer identity", offset)
+def _label(header: IRHeader, path: Path, key: int, offset: int, position: int = 0, what: str = "identity") -> int:
+    """The header's ``position``-th label as a non-negative integer (a float32 holds integers exactly up to 2^24 and
+    represents them up to 2^63 here), else a RecordIOError naming the record."""
+    value = header.labels[position] if len(header.labels) > position else float("nan")
+    if not np.isfinite(value) or value != int(value) or not 0 <= value < 2**63:
+        raise RecordIOError(path, f"record {key}: label {value} is not a non-negative integer {what}", offset)
     return int(value)
 
 
@@ -109,9 +111,10 @@ def read_layout(reader: RecordIOReader) -> RecordLayout:
         return RecordLayout(keys.copy(), _image_labels(reader, keys), None, None)
     if len(header0.labels) < 2:
         raise RecordIOError(reader.path, f"header record 0 has flag {header0.flag} but no (a, b) label", reader.offset(0))
-    a, b = int(header0.labels[0]), int(header0.labels[1])
-    if not 1 <= a <= b:
-        raise RecordIOError(reader.path, f"header record 0 has an invalid label ({a}, {b})", reader.offset(0))
+    a, b = (_label(header0, reader.path, 0, reader.offset(0), i, "key") for i in (0, 1))
+    if not 1 <= a <= b or a - 1 > 2 * len(reader):  # a few missing images are tolerated below, not most of them
+        raise RecordIOError(reader.path, f"header record 0 has an invalid label ({a}, {b}) for an index of "
+                                         f"{len(reader)} records", reader.offset(0))
     image_keys = keys[(keys >= 1) & (keys < a)]
     if len(image_keys) != a - 1:
         logger.warning("%s: the header announces %d images but the index lists %d of them", reader.path, a - 1, len(image_keys))
@@ -122,7 +125,7 @@ def read_layout(reader: RecordIOReader) -> RecordLayout:
         header = reader.read_label_header(key)
         if len(header.labels) < 2:
             raise RecordIOError(reader.path, f"identity record {key} has no (start, end) label", reader.offset(key))
-        ranges.append((int(header.labels[0]), int(header.labels[1])))
+        ranges.append(tuple(_label(header, reader.path, key, reader.offset(key), i, "key") for i in (0, 1)))
     identity_ranges = np.array(ranges, dtype=np.int64).reshape(-1, 2)
     by_key = np.full(a, -1, dtype=np.int64)
     consistent = len(ranges) > 0

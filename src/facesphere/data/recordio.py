@@ -292,8 +292,9 @@ class RecordIOReader:
 
     def _checked(self, header: IRHeader, key: int, offset: int) -> IRHeader:
         """Refuse a record whose header names another key: an index entry pointing at another record's offset would
-        otherwise pair that record's image with this key's label. Packs that leave the id unset (0) pass."""
-        if header.id not in (0, int(key)):
+        otherwise pair that record's image with this key's label. Packs that leave the id unset (0) pass, and so
+        does any record read without an index (keys are then file positions, not ids)."""
+        if self.idx_path is not None and header.id not in (0, int(key)):
             raise RecordIOError(self.path, f"the index maps key {key} to a record whose header says it is record "
                                            f"{header.id}: the index ({self.idx_path}) does not match the file", offset)
         return header

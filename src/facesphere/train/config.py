@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from facesphere.utils.overrides import apply_overrides
+from facesphere.utils.overrides import apply_overrides, load_yaml
 
 
 class Strict(BaseModel):
@@ -363,12 +363,17 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
     path = Path(source)
     if not path.exists() and not path.suffix and str(source) in builtin_config_names():
         text = resources.files("facesphere.configs").joinpath(f"{source}.yaml").read_text()
+    elif path.is_dir():
+        raise ConfigError(f"config {str(source)!r} is a directory, not a YAML file")
     elif path.exists():
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{source}: not UTF-8 text (byte {error.start})") from None
     else:
         raise ConfigError(f"config {str(source)!r} is neither a file nor a built-in ({', '.join(builtin_config_names())})")
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: not valid YAML: {error}") from None
     if not isinstance(data, dict):

@@ -1,33 +1,76 @@
-"""``key=value`` overrides from the command line (``--set``), parsed one way for configs and protocol options."""
+"""``key=value`` overrides from the command line (``--set``), parsed one way for configs and protocol options.
+
+Values are YAML (``load_yaml``) with numbers as people write them: PyYAML follows YAML 1.1, which reads
+``1e-3`` (no dot) as text; here it is a float, as in YAML 1.2. Quoted text stays text (``name="2024"``).
+``format_value`` writes a value so that ``parse_value`` reads it back unchanged.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from typing import Any
 
 import yaml
 
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-_INTEGER = re.compile(r"^[+-]?\d+$")
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also resolves plain ``1e3`` / ``1.5E-3`` / ``.5e1`` scalars as floats (YAML 1.2)."""
 
 
-def _coerce(value: Any) -> Any:
-    """YAML 1.1 leaves '1e-3' a string; make numeric-looking strings numbers, recursively."""
-    if isinstance(value, str) and _NUMBER.match(value.strip()):
-        return int(value) if _INTEGER.match(value.strip()) else float(value)
-    if isinstance(value, list):
-        return [_coerce(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _coerce(v) for k, v in value.items()}
-    return value
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 exponent floats (``1e-3`` is 0.001, not text); raises ``yaml.YAMLError``."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # deeply nested flow collections
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 def parse_value(raw: str) -> Any:
     """A value as YAML (numbers, booleans, lists, null); text that is not YAML stays text."""
     try:
-        return _coerce(yaml.safe_load(raw))
+        return load_yaml(raw)
     except yaml.YAMLError:
         return raw
+
+
+def format_value(value: Any) -> str:
+    """``value`` (None, bool, int, float, str or a list of them) as ``--set`` text that ``parse_value`` reads back
+    equal: plain where that is unambiguous, else quoted."""
+    if isinstance(value, float):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf") if math.isinf(value) else repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(format_value(v) if not isinstance(v, str) else _quoted(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value if value.strip() == value and _is_plain(value) else _quoted(value)
+    return json.dumps(value)  # None, bool, int
+
+
+def _quoted(text: str) -> str:
+    """A YAML double-quoted scalar: characters YAML may not carry literally (controls, C1, U+FFFE/F) escaped as
+    ``\\uXXXX``; others kept as they are (JSON's surrogate-pair escapes would not read back in YAML)."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif 0x20 <= code <= 0x7E or 0xA0 <= code <= 0xD7FF or 0xE000 <= code <= 0xFFFD or code >= 0x10000:
+            out.append(char)
+        else:
+            out.append(f"\\u{code:04x}")
+    return '"' + "".join(out) + '"'
+
+
+def _is_plain(text: str) -> bool:
+    try:
+        return load_yaml(text) == text
+    except yaml.YAMLError:
+        return False
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
