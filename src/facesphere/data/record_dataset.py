@@ -390,9 +390,8 @@ def describe_records(dataset: RecordDataset, formats_checked: int = 1000) -> dic
         fmt = image_format(payload)
         formats[fmt] = formats.get(fmt, 0) + 1
         try:
-            with Image.open(io.BytesIO(payload)) as image:
-                size = f"{image.size[1]}x{image.size[0]}"
-        except Exception:  # noqa: BLE001 - an unreadable header is reported here; decoding would raise ImageError
+            size = "x".join(map(str, declared_size(payload, dataset.source(i), max_pixels=None)))
+        except ImageError:  # reported here as a count; decoding would raise it
             size = "unreadable"
         sizes[size] = sizes.get(size, 0) + 1
     prop = dataset.property
