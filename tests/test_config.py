@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import types
+import typing
 
-from facesphere.train.config import ConfigError, apply_override, builtin_config_names, load_config
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from facesphere.evaluate.protocols import PROTOCOLS
+from facesphere.train.config import ConfigError, ExperimentConfig, apply_override, builtin_config_names, load_config
 
 
 def test_every_builtin_config_validates():
@@ -56,14 +61,6 @@ def test_missing_file_and_malformed_override(tmp_path):
 
 
 # ------------------------------------------------------------------ booleans are not numbers (every field)
-
-import types  # noqa: E402
-import typing  # noqa: E402
-
-from pydantic import BaseModel, ValidationError  # noqa: E402
-
-from facesphere.evaluate.protocols import PROTOCOLS  # noqa: E402
-from facesphere.train.config import ExperimentConfig  # noqa: E402
 
 REQUIRED = {"ObjectiveConfig": {"name": "recognition"}, "ProtocolRun": {"name": PROTOCOLS.names()[0], "path": "x"}}
 
