@@ -291,3 +291,16 @@ def test_kill_9_while_enrolling_and_removing_loses_nothing_acknowledged(tmp_path
 
     result = kill_loop(writer, check, runs=20, max_delay_s=0.4, seed=3)
     assert result.mid_write >= 15 and result.writes >= 100, result
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+@pytest.mark.parametrize("metadata", [{"a": float("nan")}, {"a": [float("inf")]}, {"a": object()}, ["not", "a dict"]])
+def test_metadata_json_cannot_hold_is_refused_and_nothing_is_stored(tmp_path, metadata):
+    with Gallery(tmp_path / "g.sqlite", _card()) as g:
+        with pytest.raises(GalleryError, match="metadata"):
+            g.enrol("alice", np.ones(DIM), metadata)
+        assert len(g) == 0
+        g.enrol("bob", np.ones(DIM))
+        with pytest.raises(GalleryError, match="metadata"):
+            g.update("bob", metadata)
+        assert g.get("bob").metadata == {}

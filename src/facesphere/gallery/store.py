@@ -82,6 +82,16 @@ def identity_name(name: object) -> str:
     return stripped
 
 
+def _metadata_json(metadata: Any) -> str:
+    """``metadata`` as standard JSON text: an object of JSON values, no NaN or infinity (which JSON cannot hold)."""
+    if not isinstance(metadata, dict):
+        raise GalleryError(f"metadata must be a JSON object, not {type(metadata).__name__}")
+    try:
+        return json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise GalleryError(f"metadata is not storable as JSON ({error})") from None
+
+
 def _sqlite_errors(method):
     """Run a ``Gallery`` method with SQLite's errors turned into :class:`GalleryUnusable` naming the file."""
 
@@ -230,11 +240,11 @@ class Gallery:
             row = self._db.execute("SELECT id, metadata FROM identities WHERE name=?", (name,)).fetchone()
             if row is None:
                 identity = self._db.execute("INSERT INTO identities (name, metadata, created, updated) VALUES (?,?,?,?)",
-                                            (name, json.dumps(metadata or {}), now, now)).lastrowid
+                                            (name, _metadata_json(metadata or {}), now, now)).lastrowid
             else:
                 identity = row[0]
                 merged = {**json.loads(row[1]), **(metadata or {})}
-                self._db.execute("UPDATE identities SET metadata=?, updated=? WHERE id=?", (json.dumps(merged), now, identity))
+                self._db.execute("UPDATE identities SET metadata=?, updated=? WHERE id=?", (_metadata_json(merged), now, identity))
             self._db.executemany("INSERT INTO templates (identity, embedding, source, created) VALUES (?,?,?,?)",
                                  [(identity, v.tobytes(), s, now) for v, s in zip(vectors, sources)])
         return self.get(name)
@@ -244,7 +254,7 @@ class Gallery:
         """Replace ``name``'s metadata."""
         with self._transaction():
             done = self._db.execute("UPDATE identities SET metadata=?, updated=? WHERE name=?",
-                                    (json.dumps(metadata), time.time(), name)).rowcount
+                                    (_metadata_json(metadata), time.time(), name)).rowcount
         if not done:
             raise UnknownIdentity(f"no identity named {name!r}")
         return self.get(name)
