@@ -197,6 +197,30 @@ def test_a_damaged_gallery_is_one_line_exit_2_for_every_cli_command(tmp_path, ki
         assert _digest(path) == before, command
 
 
+def test_cli_enrol_into_a_damaged_gallery_is_one_line_exit_2(tmp_path):
+    """`gallery enrol` (which writes) on each damaged file: one line naming it, exit 2, the file unchanged."""
+    import shutil
+
+    from conftest import require_data
+
+    from facesphere.models import import_weights
+    from facesphere.models.store import save_model
+
+    save_model(tmp_path / "y1", *import_weights(require_data("weights/mobilefacenet_insightface_y1")))
+    people = tmp_path / "people"
+    (people / "alice").mkdir(parents=True)
+    shutil.copy(require_data("data/cacd_vs_fold1/CACD_VS") / "0001_0.jpg", people / "alice")
+    for kind in DAMAGE:
+        path = _damaged(tmp_path, kind)
+        before = _digest(path)
+        result = CliRunner().invoke(app, ["gallery", "enrol", str(path), str(people), "--model", str(tmp_path / "y1"),
+                                          "--detector", "scrfd", "--detector-weights",
+                                          str(require_data("weights/scrfd_500m_kps_onnx/scrfd_500m_bnkps.onnx"))])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (kind, result.output, result.exception)
+        assert path.name in " ".join(result.output.split()), (kind, result.output)
+        assert _digest(path) == before, kind
+
+
 def test_the_unusable_error_names_the_file_and_is_a_gallery_error(tmp_path):
     path = _damaged(tmp_path, "damaged data pages")
     with pytest.raises(GalleryUnusable, match=r"damaged data pages\.sqlite: cannot use the gallery database"):

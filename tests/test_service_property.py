@@ -1,5 +1,6 @@
 """Property tests of the REST request models: random names, metadata JSON, face indices, top-k values, file counts
-and bodies. Every answer is 2xx, or 4xx with a JSON ``{"error": ...}``; never 500, never an error logged."""
+and bodies. Every answer is 2xx, or 4xx with a JSON ``{"error": ...}``; never 500, never an error logged; an
+enrolment that succeeds holds exactly the name (stripped) and metadata sent."""
 
 from __future__ import annotations
 
