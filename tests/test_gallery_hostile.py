@@ -280,6 +280,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 20 writer starts, each importing torch through facesphere.models (~2 s apiece on shared cores)
 def test_kill_9_while_enrolling_and_removing_loses_nothing_acknowledged(tmp_path):
     """kill_loop SIGKILLs a writer enrolling and removing identities through the library ~20 times; after each kill
     the gallery opens, its check passes, every acknowledged enrolment is there and every acknowledged removal
