@@ -6,7 +6,7 @@ import io
 import json
 import struct
 import zlib
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import numpy as np
 import pytest
@@ -267,3 +267,79 @@ def test_a_weak_key_is_refused_without_printing_any_key(tmp_path, monkeypatch, v
     assert answer.exit_code == 2 and "shorter than 16 characters" in " ".join(answer.output.split())
     assert strong not in answer.output and short not in answer.output and "key9" not in answer.output
     assert not (tmp_path / "g.sqlite").exists()
+
+
+BAD_NAMES = ["", "   ", ".", "..", " .. ", "al\x00ice", "\x00", "\x01\x02\x7f", "a\tb", "a\nb", "a\u2028b", "x" * 201]
+TRICKY_NAMES = ["Zoë Ångström", "李小龍", "a b  c", "100% sure", "#1 fan", "who? me", "O'Brien \"the\" 2nd",
+                "<script>alert(1)</script>", "a/b", "a/", "../x", "x/..", "%2F%00", "+plus+", "back\\slash", "…"]
+
+
+def test_unaddressable_names_are_refused_with_a_clear_422(service):
+    client, live, _ = service
+    for name in BAD_NAMES:
+        answer = client.post("/v1/identities", data={"name": name},
+                             files=_upload("0001_0.jpg", _photo("0001_0.jpg"), "images"))
+        assert answer.status_code == 422, (name, answer.text)
+        error = answer.json()["error"]
+        assert "name" in error and "\n" not in error, (name, error)
+    assert len(live) == 0 and client.get("/v1/identities").json() == []
+
+
+def test_every_accepted_tricky_name_can_be_fetched_patched_and_deleted(service):
+    client, live, _ = service
+    photo = _upload("0001_0.jpg", _photo("0001_0.jpg"), "images")
+    for name in TRICKY_NAMES:
+        made = client.post("/v1/identities", data={"name": name}, files=photo)
+        assert made.status_code == 201 and made.json()["name"] == name, (name, made.text)
+    assert sorted(i["name"] for i in client.get("/v1/identities").json()) == sorted(TRICKY_NAMES)
+    for name in TRICKY_NAMES:
+        if unquote(name) != name:  # Starlette's TestClient decodes the path twice; the page test (real server) has it
+            assert client.delete(f"/v1/identities/{quote(quote(name, safe=''), safe='')}").status_code == 204
+            continue
+        url = f"/v1/identities/{quote(name, safe='')}"  # what the page's encodeURIComponent sends
+        got = client.get(url)
+        assert got.status_code == 200 and got.json()["name"] == name, (name, got.text)
+        assert client.patch(url, json={"metadata": {"n": name}}).json()["metadata"] == {"n": name}, name
+        assert client.delete(url).status_code == 204, name
+        assert client.get(url).status_code == 404, name
+    assert client.get("/v1/identities").json() == [] and len(live) == 0
+
+
+def test_docs_pages_work_offline(service):
+    """/docs and /redoc reference no other host, and every asset they reference is served by the app."""
+    import re
+
+    client, _, _ = service
+    for page in ("/docs", "/redoc"):
+        html = client.get(page, headers={"X-API-Key": ""})
+        assert html.status_code == 200, page
+        urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", html.text)
+        assert urls, page
+        external = re.findall(r"https?://[^\s'\"<>)]+", html.text)
+        assert not external, (page, external)
+        for url in urls:
+            assert url.startswith("/"), (page, url)
+            assert client.get(url, headers={"X-API-Key": ""}).status_code == 200, (page, url)
+
+
+def test_serve_refuses_a_damaged_gallery_in_one_line(tmp_path):
+    """`facesphere serve --gallery DAMAGED` stops with one line naming the file, exit 2, the file unchanged."""
+    import hashlib
+
+    from test_gallery_hostile import DAMAGE, _damaged
+    from typer.testing import CliRunner
+
+    from facesphere.cli.main import app
+    from facesphere.models import import_weights
+    from facesphere.models.store import save_model
+
+    save_model(tmp_path / "y1", *import_weights(require_data("weights/mobilefacenet_insightface_y1")))
+    for kind in DAMAGE:
+        path = _damaged(tmp_path, kind)
+        before = hashlib.sha256(path.read_bytes()).hexdigest()
+        done = CliRunner().invoke(app, ["serve", "--gallery", str(path), "--model", str(tmp_path / "y1"),
+                                        "--detector", "scrfd", "--detector-weights", str(require_data(SCRFD))],
+                                  env={"FACESPHERE_API_KEYS": KEY})
+        assert done.exit_code == 2 and "Traceback" not in done.output, (kind, done.output, done.exception)
+        assert path.name in " ".join(done.output.split()), (kind, done.output)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == before, kind

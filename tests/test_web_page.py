@@ -143,3 +143,40 @@ def test_page_identifies_draws_and_enrols_in_headless_chromium(server, browser, 
         target = Path(os.environ["FACESPHERE_SCREENSHOTS"])
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, target / shot.name)
+
+
+TRICKY_NAMES = ["Zoë Ångström", "a b  c", "100% sure", "#1 fan", "who? me", "O'Brien \"the\" 2nd",
+                "<img src=x onerror=\"document.title='pwned'\">", "<script>document.title='pwned'</script>", "a/b",
+                "../x", "x/..", "%2F%00", "back\\slash"]
+
+
+def test_tricky_names_are_shown_verbatim_and_deleted_by_the_page_button(server, browser):
+    """Names with spaces, %, #, ?, quotes, slashes and HTML are listed as text (no markup runs) and each is deleted
+    by clicking its own delete button on the page; the API then no longer lists it."""
+    import httpx
+
+    photo = require_data(CACD) / "0002_0.jpg"
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as api:
+        for name in TRICKY_NAMES:
+            made = api.post("/v1/identities", data={"name": name},
+                            files={"images": (photo.name, photo.read_bytes(), "image/jpeg")})
+            assert made.status_code == 201 and made.json()["name"] == name, made.text
+        browser.get(server.url + "/")
+        _set_key(browser, KEY)
+        shown = lambda d: d.execute_script(  # noqa: E731
+            "return [...document.querySelectorAll('#identities li.identity')].map(li => li.dataset.name)")
+        _wait_for(browser, lambda d: set(TRICKY_NAMES) <= set(shown(d)), "the tricky names in the list")
+        assert browser.title == "facesphere", "a name's markup ran"
+        assert not browser.find_elements("css selector", "#identities img, #identities script")
+        for name in TRICKY_NAMES:
+            item = browser.execute_script(
+                "return [...document.querySelectorAll('#identities li.identity')].find(li => li.dataset.name === "
+                "arguments[0])", name)
+            visible = " ".join(name.split())  # as the browser renders it: runs of spaces collapse
+            assert item.text.startswith(visible), (name, item.text)  # shown as text, verbatim
+            item.find_element("tag name", "button").click()
+            _wait_for(browser, lambda d: name not in shown(d), f"{name!r} gone from the page")
+            assert f"removed {visible}" in browser.find_element("id", "status").text
+        listed = {i["name"] for i in api.get("/v1/identities").json()}
+        assert not listed & set(TRICKY_NAMES), listed
+        assert browser.title == "facesphere"

@@ -39,11 +39,13 @@ def enrol(gallery: Path = GalleryArg,
     """Enrol the largest face of every photo (one template per photo); photos without a face are reported."""
     from rich.progress import Progress
 
-    from facesphere.gallery import Gallery
+    from facesphere.gallery import Gallery, identity_name
     from facesphere.pipeline import PeopleFolder
 
     with user_errors():
         people = PeopleFolder(folder)
+        for person in people.people:  # every name is checked before any model is loaded or anything written
+            identity_name(person.name)
         analyzer = analyzer_from_flags(detector, detector_weights, model, threads=threads)
         skipped = 0
         with Gallery(gallery, analyzer.embedder.card) as store, Progress() as progress:

@@ -187,6 +187,22 @@ class SearchIndex:
             self._alive[row >> 3] &= ~(1 << (row & 7)) & 0xFF
             self._dead += 1
 
+    def score(self, name: str, query) -> float | None:
+        """The index's cosine between ``query`` and ``name``'s own row (None when ``name`` is not in the index):
+        tells a template that finds another identity first because the two are identical from one that does
+        not find itself."""
+        import faiss
+
+        row = self._rows.get(name)
+        if row is None:
+            return None
+        query = np.asarray(query, dtype=np.float32).reshape(1, -1)
+        query = np.ascontiguousarray(query / max(float(np.linalg.norm(query)), 1e-12))
+        only = np.array([row], dtype=np.int64)
+        selector = faiss.IDSelectorArray(1, faiss.swig_ptr(only))
+        scores, indices = self.index.search(query, 1, params=_search_parameters(self.index, selector))
+        return float(scores[0, 0]) if indices[0, 0] == row else None
+
     def search(self, queries, k: int = 5, threshold: float | None = None) -> list[list[Match]]:
         """Top-k matches per query, best first; a score below ``threshold`` is marked not ``known``."""
         import faiss

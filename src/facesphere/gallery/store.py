@@ -9,9 +9,11 @@ never mix). Search indexes (``facesphere.gallery.index``) are rebuilt from the s
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,64 @@ class GalleryNotFound(GalleryError, FileNotFoundError):
     """No gallery database at that path (and no model card to create one)."""
 
 
+class GalleryUnusable(GalleryError):
+    """The gallery file cannot be read or written by SQLite: damaged, truncated, not a database, or locked."""
+
+
+class BadName(GalleryError):
+    """An identity name that could not be addressed everywhere (API paths, the page, the command line)."""
+
+
+MAX_NAME_LENGTH = 200
+_REFUSED_CATEGORIES = {"Cc": "a control character", "Cs": "a lone surrogate", "Zl": "a line separator",
+                       "Zp": "a paragraph separator"}
+
+
+def identity_name(name: object) -> str:
+    """``name`` without surrounding whitespace, or :class:`BadName` when it could not be addressed: empty, ``.`` or
+    ``..`` (URL dot segments, removed by browsers and HTTP clients even when percent-encoded), longer than
+    ``MAX_NAME_LENGTH`` characters, or holding a control character (NUL included), a lone surrogate or a
+    line/paragraph separator. Anything else (any script, spaces, ``/ % # ? " ' <>``) is a valid name: the API and
+    the page percent-encode it. The one check of every name the library, the CLI and the service accept."""
+    if not isinstance(name, str):
+        raise BadName(f"an identity name must be text, not {type(name).__name__}")
+    stripped = name.strip()
+    if not stripped:
+        raise BadName("an identity needs a non-empty name (not only spaces or control characters)")
+    if stripped in (".", ".."):
+        raise BadName(f"{stripped!r} cannot be an identity name (it could not be addressed in a URL)")
+    if len(stripped) > MAX_NAME_LENGTH:
+        raise BadName(f"identity names are at most {MAX_NAME_LENGTH} characters, got {len(stripped)}")
+    for char in stripped:
+        what = _REFUSED_CATEGORIES.get(unicodedata.category(char))
+        if what:
+            raise BadName(f"identity name {stripped!r} holds {what} (U+{ord(char):04X})")
+    return stripped
+
+
+def _metadata_json(metadata: Any) -> str:
+    """``metadata`` as standard JSON text: an object of JSON values, no NaN or infinity (which JSON cannot hold)."""
+    if not isinstance(metadata, dict):
+        raise GalleryError(f"metadata must be a JSON object, not {type(metadata).__name__}")
+    try:
+        return json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise GalleryError(f"metadata is not storable as JSON ({error})") from None
+
+
+def _sqlite_errors(method):
+    """Run a ``Gallery`` method with SQLite's errors turned into :class:`GalleryUnusable` naming the file."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as error:
+            raise GalleryUnusable(f"{self.path}: cannot use the gallery database ({error})") from None
+
+    return guarded
+
+
 @dataclass(frozen=True)
 class Identity:
     name: str
@@ -59,19 +119,22 @@ def _card_key(card: ModelCard) -> dict[str, Any]:
             "weights_sha256": card.weights_sha256}
 
 
-def _require_gallery(path: Path) -> None:
+def _require_gallery(path: Path, creating: bool) -> None:
     """Raise ``GalleryError`` unless ``path`` is an SQLite database holding a facesphere model card, checked through
-    a read-only connection, so another application's database (or an empty file) is refused unchanged."""
+    a read-only connection, so another application's database (or an empty file) is refused unchanged.
+
+    ``creating``: an SQLite database without any table (a gallery another process is creating right now) is
+    accepted too."""
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
             card = db.execute("SELECT value FROM meta WHERE key='card'").fetchone() if "meta" in tables else None
         finally:
             db.close()
     except sqlite3.DatabaseError as error:
         raise GalleryError(f"{path} is not a facesphere gallery ({error})") from None
-    if card is None:
+    if card is None and not (creating and not tables):
         raise GalleryError(f"{path} is not a facesphere gallery (no model card); nothing was changed")
 
 
@@ -79,7 +142,8 @@ class Gallery:
     """Open (or create, when ``card`` is given) the gallery database at ``path``.
 
     An existing file is checked read-only first: only a facesphere gallery (or an empty file, when creating) is
-    ever written to."""
+    ever written to. Creation is one transaction (schema and card together), so processes creating the same gallery
+    at once all open the one gallery; SQLite's errors (a damaged file) are :class:`GalleryUnusable`."""
 
     def __init__(self, path: str | Path, card: ModelCard | None = None) -> None:
         self.path = Path(path)
@@ -89,20 +153,37 @@ class Gallery:
         if exists and not self.path.is_file():
             raise GalleryNotFound(f"{self.path}: not a gallery file (a folder or a special file)")
         if exists and (card is None or self.path.stat().st_size > 0):
-            _require_gallery(self.path)  # read-only: a file that is not ours is refused before anything is written
+            # read-only: a file that is not ours is refused before anything is written
+            _require_gallery(self.path, creating=card is not None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            self._open(card)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @_sqlite_errors
+    def _open(self, card: ModelCard | None) -> None:
+        deadline = time.monotonic() + 30
+        while True:  # switching to WAL does not wait for a creator racing us (no busy handler): retry
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        stored = self._db.execute("SELECT value FROM meta WHERE key='card'").fetchone()
+        with self._transaction():  # schema and card at once: a racing creator sees neither or both
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                self._db.execute(statement)
+            if card is not None:
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('card', ?)", (card.model_dump_json(),))
+            stored = self._db.execute("SELECT value FROM meta WHERE key='card'").fetchone()
         if stored is None:
-            if card is None:
-                raise GalleryError(f"{self.path} is not a facesphere gallery (no model card)")
-            with self._transaction():
-                self._db.execute("INSERT INTO meta VALUES ('card', ?)", (card.model_dump_json(),))
-            stored = (card.model_dump_json(),)
+            raise GalleryError(f"{self.path} is not a facesphere gallery (no model card)")
         self.card = ModelCard.model_validate_json(stored[0])
         if card is not None:
             self.check_card(card)
@@ -123,7 +204,10 @@ class Gallery:
                 db.execute("BEGIN IMMEDIATE")
 
             def __exit__(self, kind, value, tb):
-                db.execute("COMMIT" if kind is None else "ROLLBACK")
+                if kind is None:
+                    db.execute("COMMIT")
+                elif db.in_transaction:  # SQLite may have rolled back by itself (e.g. on a damaged page)
+                    db.execute("ROLLBACK")
                 return False
 
         return _Tx()
@@ -140,11 +224,13 @@ class Gallery:
             raise GalleryError("embeddings must be finite and non-zero")
         return array / norms
 
+    @_sqlite_errors
     def enrol(self, name: str, embeddings, metadata: dict[str, Any] | None = None,
               sources: Sequence[str] | None = None) -> Identity:
-        """Add templates to ``name`` (created if new; ``metadata`` merged in) in one durable transaction."""
-        if not name or not isinstance(name, str):
-            raise GalleryError("an identity needs a non-empty name")
+        """Add templates to ``name`` (created if new; ``metadata`` merged in) in one durable transaction.
+
+        ``name`` is checked and stripped by :func:`identity_name`."""
+        name = identity_name(name)
         vectors = self._check(embeddings)
         sources = list(sources) if sources is not None else [None] * len(vectors)
         if len(sources) != len(vectors):
@@ -154,24 +240,26 @@ class Gallery:
             row = self._db.execute("SELECT id, metadata FROM identities WHERE name=?", (name,)).fetchone()
             if row is None:
                 identity = self._db.execute("INSERT INTO identities (name, metadata, created, updated) VALUES (?,?,?,?)",
-                                            (name, json.dumps(metadata or {}), now, now)).lastrowid
+                                            (name, _metadata_json(metadata or {}), now, now)).lastrowid
             else:
                 identity = row[0]
                 merged = {**json.loads(row[1]), **(metadata or {})}
-                self._db.execute("UPDATE identities SET metadata=?, updated=? WHERE id=?", (json.dumps(merged), now, identity))
+                self._db.execute("UPDATE identities SET metadata=?, updated=? WHERE id=?", (_metadata_json(merged), now, identity))
             self._db.executemany("INSERT INTO templates (identity, embedding, source, created) VALUES (?,?,?,?)",
                                  [(identity, v.tobytes(), s, now) for v, s in zip(vectors, sources)])
         return self.get(name)
 
+    @_sqlite_errors
     def update(self, name: str, metadata: dict[str, Any]) -> Identity:
         """Replace ``name``'s metadata."""
         with self._transaction():
             done = self._db.execute("UPDATE identities SET metadata=?, updated=? WHERE name=?",
-                                    (json.dumps(metadata), time.time(), name)).rowcount
+                                    (_metadata_json(metadata), time.time(), name)).rowcount
         if not done:
             raise UnknownIdentity(f"no identity named {name!r}")
         return self.get(name)
 
+    @_sqlite_errors
     def remove(self, name: str) -> None:
         """Delete ``name`` and all its templates."""
         with self._transaction():
@@ -180,6 +268,7 @@ class Gallery:
             raise UnknownIdentity(f"no identity named {name!r}")
 
     # ------------------------------------------------------------------------------------------ reads
+    @_sqlite_errors
     def get(self, name: str) -> Identity:
         row = self._db.execute("SELECT i.name, i.metadata, COUNT(t.id) FROM identities i LEFT JOIN templates t "
                                "ON t.identity=i.id WHERE i.name=? GROUP BY i.id", (name,)).fetchone()
@@ -187,14 +276,17 @@ class Gallery:
             raise UnknownIdentity(f"no identity named {name!r}")
         return Identity(row[0], json.loads(row[1]), int(row[2]))
 
+    @_sqlite_errors
     def identities(self) -> list[Identity]:
         rows = self._db.execute("SELECT i.name, i.metadata, COUNT(t.id) FROM identities i LEFT JOIN templates t "
                                 "ON t.identity=i.id GROUP BY i.id ORDER BY i.name").fetchall()
         return [Identity(r[0], json.loads(r[1]), int(r[2])) for r in rows]
 
+    @_sqlite_errors
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM identities").fetchone()[0])
 
+    @_sqlite_errors
     def identity_templates(self) -> tuple[list[str], np.ndarray]:
         """Names and one unit template per identity (the normalised mean of its image embeddings)."""
         rows = self._db.execute("SELECT i.name, t.embedding FROM templates t JOIN identities i ON t.identity=i.id "
@@ -213,6 +305,7 @@ class Gallery:
         matrix = np.stack(sums)
         return names, matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
+    @_sqlite_errors
     def template(self, name: str) -> np.ndarray:
         """``name``'s unit template: the normalised mean of its image embeddings."""
         rows = self._db.execute("SELECT t.embedding FROM templates t JOIN identities i ON t.identity=i.id "
@@ -232,4 +325,5 @@ class Gallery:
         self.close()
 
 
-__all__ = ["Gallery", "GalleryError", "GalleryNotFound", "Identity", "UnknownIdentity"]
+__all__ = ["MAX_NAME_LENGTH", "BadName", "Gallery", "GalleryError", "GalleryNotFound", "GalleryUnusable", "Identity",
+           "UnknownIdentity", "identity_name"]

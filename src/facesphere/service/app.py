@@ -6,7 +6,9 @@ a key and sends it with every call. Bodies over ``max_request_bytes`` get 413; t
 errors get the status of :data:`ERROR_STATUS` (images over ``max_image_pixels`` 413, unreadable images
 400, photos without a face 422, unknown identities 404). Every error is JSON ``{"error": "..."}``. Faces
 carry the named extras of the analyser's stages (``facesphere.pipeline.stages``) next to box, score and
-landmarks. The OpenAPI spec is at ``/openapi.json``.
+landmarks. The OpenAPI spec is at ``/openapi.json``; its pages ``/docs`` (Swagger UI) and ``/redoc`` load their
+scripts from the app itself (the assets bundled by fastapi-offline), so they work without internet. A gallery file
+SQLite cannot use answers 500 with a JSON error naming it.
 
 The networks and the index run on one dedicated thread (``ModelThread``), one request at a time (each
 call already uses every CPU thread); gallery writes are committed to the SQLite store before the search
@@ -29,12 +31,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import facesphere
 from facesphere.data.images import ImageError, ImageTooLarge, load_image_bytes
-from facesphere.gallery import GalleryError, Identity, LiveGallery, UnknownIdentity, open_live_gallery
+from facesphere.gallery import (
+    GalleryError,
+    GalleryUnusable,
+    Identity,
+    LiveGallery,
+    UnknownIdentity,
+    identity_name,
+    open_live_gallery,
+)
 from facesphere.pipeline import AnalyzerSpec, NoFaceFound, build_analyzer, decide, open_set_threshold, pick_face
 from facesphere.service.limits import BodySizeLimit
 from facesphere.service.model_thread import ModelThread
@@ -59,6 +70,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     NoFaceFound: 422,
     BadMetadata: 422,
     UnknownIdentity: 404,
+    GalleryUnusable: 500,
     GalleryError: 422,
 }
 """HTTP status of each expected error type; the most specific class in an error's MRO decides."""
@@ -189,9 +201,10 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
     ``model_thread``: the thread that loaded the analyser's models (a new one if None)."""
     service = FaceService(analyzer, gallery, settings, model_thread)
     on_model_thread = service.model_thread.run
-    app = FastAPI(title="facesphere", version=facesphere.__version__,
-                  description="Face detection, embedding, verification and 1:N identification against an enrolled "
-                              "gallery. Every /v1 endpoint needs an X-API-Key header.")
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the app itself (no CDN), so they work offline
+    app = FastAPIOffline(title="facesphere", version=facesphere.__version__,
+                         description="Face detection, embedding, verification and 1:N identification against an "
+                                     "enrolled gallery. Every /v1 endpoint needs an X-API-Key header.")
     app.state.service = service
 
     def require_key(key: Annotated[str | None, Security(API_KEY)]) -> None:
@@ -207,6 +220,8 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
         return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
 
     async def _expected_error(request: Request, error: Exception):
+        if status_of(error) >= 500:  # the service's own fault (e.g. a damaged gallery file): the operator must know
+            logger.error("%s %s failed: %s", request.method, request.url.path, error)
         return JSONResponse({"error": str(error)}, status_code=status_of(error))
 
     for kind in ERROR_STATUS:
@@ -269,11 +284,13 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
         return IdentifyOut(width=array.shape[1], height=array.shape[0], threshold=settings.match_threshold, faces=out)
 
     @app.post("/v1/identities", dependencies=keyed, tags=["gallery"], status_code=201)
-    def enrol(name: str = Form(..., min_length=1, max_length=200),
+    def enrol(name: str = Form(..., description="the identity's name: printable, not '.' or '..', surrounding "
+                                                "spaces dropped (facesphere.gallery.identity_name)"),
               images: list[UploadFile] = File(..., description="one or more photos of the person"),
               face: int = Form(0, ge=0, description="which face of each photo, 0 = the largest"),
               metadata: str = Form("{}", description="JSON object merged into the identity's metadata")) -> IdentityOut:
         """Enrol a person (or add photos to them): one template per photo, committed before the reply."""
+        name = identity_name(name)  # refused before any photo is analysed
         if len(images) > settings.max_files:
             raise TooManyFiles(f"{len(images)} photos in one enrolment; the limit is {settings.max_files}")
         try:
@@ -283,7 +300,7 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
         if not isinstance(extra, dict):
             raise BadMetadata("metadata must be a JSON object")
         faces = [service.one_face(upload, face) for upload in images]
-        identity = on_model_thread(gallery.enrol, name.strip(), np.stack([f.embedding for f in faces]), extra,
+        identity = on_model_thread(gallery.enrol, name, np.stack([f.embedding for f in faces]), extra,
                                    [u.filename or "upload" for u in images])
         logger.info("enrolled %r (%d templates)", identity.name, identity.templates)
         return _identity(identity)

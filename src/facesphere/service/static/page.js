@@ -133,6 +133,7 @@ async function refresh() {
     $("identities").replaceChildren(...identities.map((identity) => {
       const item = document.createElement("li");
       item.className = "identity";
+      item.dataset.name = identity.name;
       item.textContent = `${identity.name} — ${identity.templates} template(s) `;
       const button = document.createElement("button");
       button.textContent = "delete";
