@@ -1,7 +1,9 @@
 """``facesphere detect | align | embed | verify | draw | calibrate``: the face pipeline on files and folders.
 
 Inputs are image files or folders (searched recursively for images). Results are JSON (stdout, or
-``--out``); an input that cannot be read gets an ``error`` entry and the others are still processed.
+``--out``); an input that cannot be read gets an ``error`` entry and the others are still processed; a
+folder entry that is not taken as an image (hidden, unsupported file type) gets a ``{"source", "skipped"}``
+entry after the results, with the reason.
 Weights are given by path: nothing is downloaded.
 """
 
@@ -79,13 +81,16 @@ def _exit_unless_any_read(results) -> None:
         raise typer.Exit(code=1)
 
 
-def _sources(inputs: list[Path]) -> list[Path]:
+def _sources(inputs: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
+    """The image files of ``inputs`` and a JSON entry per folder entry left out (with the reason)."""
     from facesphere.pipeline import input_sources
 
-    sources = input_sources(inputs)
+    skipped: list = []
+    sources = input_sources(inputs, skipped)
     if not sources:
-        raise ValueError("no images found in the inputs")
-    return sources
+        why = f" ({len(skipped)} entries skipped: {skipped[0].path}: {skipped[0].reason}, ...)" if skipped else ""
+        raise ValueError(f"no images found in the inputs{why}")
+    return sources, [item.to_dict() for item in skipped]
 
 
 def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
@@ -98,9 +103,10 @@ def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_we
         analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68, landmarker=landmarker,
                                        landmarker_weights=landmarker_weights, score_threshold=score,
                                        min_face_size=min_face, max_faces=max_faces, threads=threads)
-        results = analyzer.analyze(_sources(inputs), embed=False)
+        sources, skipped = _sources(inputs)
+        results = analyzer.analyze(sources, embed=False)
         _summary(results)
-        emit([r.to_dict() for r in results], out)
+        emit([r.to_dict() for r in results] + skipped, out)
     _exit_unless_any_read(results)
 
 
@@ -118,7 +124,8 @@ def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-
     with user_errors():
         analyzer = analyzer_from_flags(detector, detector_weights, model, score_threshold=score, min_face_size=min_face,
                                        max_faces=max_faces, threads=threads, alignment=None if model else alignment)
-        results = analyzer.analyze(_sources(inputs), embed=False)
+        sources, skipped = _sources(inputs)
+        results = analyzer.analyze(sources, embed=False)
         payload = []
         for index, result in enumerate(results):
             entry = result.to_dict()
@@ -129,7 +136,7 @@ def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-
             payload.append(entry)
         _summary(results)
         logger.info("crops (%s) written to %s", analyzer.alignment, out_dir)
-        emit(payload, out)
+        emit(payload + skipped, out)
     _exit_unless_any_read(results)
 
 
@@ -143,11 +150,12 @@ def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model"
     with user_errors():
         analyzer = analyzer_from_flags(detector, detector_weights, model, score_threshold=score, min_face_size=min_face,
                                        max_faces=max_faces, threads=threads, flip=flip)
-        results = analyzer.analyze(_sources(inputs))
+        sources, skipped = _sources(inputs)
+        results = analyzer.analyze(sources)
         _summary(results)
         card = analyzer.embedder.card
         emit({"model": card.name, "embedding_size": card.embedding_size, "alignment": card.alignment, "flip": flip,
-              "images": [r.to_dict() for r in results]}, out)
+              "images": [r.to_dict() for r in results] + skipped}, out)
     _exit_unless_any_read(results)
 
 
@@ -186,7 +194,7 @@ def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-d
                                        landmarker_weights=landmarker_weights, score_threshold=score,
                                        min_face_size=min_face, max_faces=max_faces, threads=threads)
         results = []
-        for index, source in enumerate(_sources(inputs)):  # one photo at a time: each is decoded once
+        for index, source in enumerate(_sources(inputs)[0]):  # one photo at a time: each is decoded once
             try:
                 image = load_image(source)
             except ImageError as error:

@@ -102,7 +102,7 @@ class PersonPhotos:
     embeddings: list = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    """``"<photo>: <why>"`` for each photo without a usable face."""
+    """``"<photo>: <why>"`` for each photo without a usable face and each file the folder listing skipped."""
 
 
 class PeopleFolder:
@@ -121,7 +121,9 @@ class PeopleFolder:
         """Per person, the largest face's embedding of each photo, ``batch`` photos per pass."""
         for person in self.people:
             found = PersonPhotos(person.name)
-            photos = input_sources([person])
+            left_out: list = []
+            photos = input_sources([person], left_out)
+            found.skipped.extend(f"{item.path}: skipped ({item.reason})" for item in left_out)
             for start in range(0, len(photos), batch):
                 for result in analyzer.analyze(photos[start:start + batch]):
                     if result.error or not result.faces:
