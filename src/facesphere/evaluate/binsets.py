@@ -40,8 +40,10 @@ __all__ = [
 ]
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle names a global (callable or class) that a ``.bin`` file has no business using."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """The pickle names a global (callable or class) that a ``.bin`` file has no business using.
+
+    Also a ``ValueError``, like every refusal of a bad input file, so callers (the CLI) report it as one."""
 
 
 class BinFormatError(ValueError):
@@ -179,7 +181,12 @@ def _as_bytes(item, index: int, source: str) -> bytes:
 def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     """The encoded images (2·N byte strings) and ``issame`` (N bools) of a ``.bin``, safely unpickled."""
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such .bin file") from None
+    except OSError as error:  # a folder, no permission, an I/O error
+        raise BinFormatError(f"{path}: cannot read ({error.strerror or error})") from None
     obj = _safe_loads(data, str(path))
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise BinFormatError(f"{path}: expected a (bins, issame) pair, got {type(obj).__name__}")
