@@ -4,7 +4,7 @@ A ``.bin`` is a pickle of ``(bins, issame)``: ``bins`` holds 2·N encoded JPEG/P
 ``bins[2k], bins[2k+1]``) and ``issame`` N booleans. Two encodings of ``bins`` exist in the wild:
 
 * ``bytes`` (the MXNet-era files, written by Python 2 as ``str``; read here with ``encoding="bytes"``;
-  Python 3 protocol-2 pickles of bytes go through ``_codecs.encode(text, "latin1")``);
+  Python 3 protocol-2 pickles of bytes go through ``_codecs.encode(text, "latin1")``, of empty bytes ``bytes()``);
 * ``numpy`` uint8 arrays of the encoded bytes (the Paddle variant, e.g. ``small_lfw.bin``: shape (n, 1)), pickled through
   ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray`` and ``numpy.dtype``.
 
@@ -117,6 +117,13 @@ def _latin1_encode(text, encoding="utf-8", errors="strict") -> bytes:
     return text.encode("latin1")
 
 
+def _empty_bytes(*args) -> bytes:
+    """``bytes()``, as Python 3 pickles an empty ``bytes`` at protocol < 3; any argument is refused."""
+    if args:
+        raise UnsafePickleError("bytes(...) with arguments is not allowed")
+    return b""
+
+
 class _Guarded:
     """An allowed callable as the pickle sees it: callable, but BUILD cannot touch its attributes."""
 
@@ -138,6 +145,8 @@ _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): _Guarded(_dtype, "numpy.dtype"),
     ("_codecs", "encode"): _Guarded(_latin1_encode, "_codecs.encode"),
+    ("__builtin__", "bytes"): _Guarded(_empty_bytes, "bytes"),
+    ("builtins", "bytes"): _Guarded(_empty_bytes, "bytes"),
 }
 
 
