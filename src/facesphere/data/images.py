@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import stat
+import struct
 import warnings
 from pathlib import Path
 
@@ -174,9 +175,10 @@ def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int | None, data:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageTooLarge(path, f"refused as a decompression bomb: {error}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError) as error:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated"), SyntaxError
-        # (broken PNG chunks) or ValueError; the original message is kept as the reason.
+        # (broken PNG chunks) or ValueError, and some plugins let struct.error or IndexError out of a short
+        # header; the original message is kept as the reason.
         reason = str(error) or type(error).__name__
         if "truncated" in reason.lower():
             reason = f"truncated file ({reason})"

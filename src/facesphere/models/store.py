@@ -312,7 +312,10 @@ def load_model(folder: str | os.PathLike, expected: InputSpec | None = None,
         raise WeightMismatch(f"{weights}", ["sha256 differs from card.json's weights_sha256 "
                                              "(modified, or the folder was only partly rewritten)"])
     backbone = card.build_backbone()
-    tensors = load_file(str(weights), device="cpu")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except Exception as error:  # noqa: BLE001 - safetensors reports a corrupt file as its own SafetensorError
+        raise WeightMismatch(f"{weights}", [f"not a readable safetensors file ({error})"]) from None
     check_state_dict(backbone, tensors, f"{weights} does not fit {card.backbone}")
     backbone.load_state_dict(tensors, strict=True)
     backbone.to(device).eval()
