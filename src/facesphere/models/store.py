@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import hashlib
 import logging
 import os
@@ -216,6 +217,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """A hard link (no bytes copied, the old folder is removed anyway), or a copy where links are impossible."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
 def _backup_of(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.old"
 
@@ -231,7 +240,7 @@ def _recover(folder: Path) -> None:
         else:
             os.rename(backup, folder)
             logger.warning("%s: restored the previous model left by an interrupted save", folder)
-    for stale in folder.parent.glob(f".{folder.name}.*.new"):
+    for stale in folder.parent.glob(f".{glob.escape(folder.name)}.*.new"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -244,10 +253,10 @@ def _replace_folder(new: Path, folder: Path) -> None:
     if folder.exists():
         for entry in folder.iterdir():  # a README or notes kept beside the model survive the save
             if entry.name not in (WEIGHTS_FILE, CARD_FILE) and not (new / entry.name).exists():
-                if entry.is_dir():
-                    shutil.copytree(entry, new / entry.name, symlinks=True)
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
                 else:
-                    shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+                    _link_or_copy(entry, new / entry.name)
         shutil.copymode(folder, new)
         _fsync(new)
         if not _exchange(new, folder):
