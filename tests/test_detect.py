@@ -237,13 +237,59 @@ def test_retinaface_weights_are_checked(tmp_path):
     state["extra.weight"] = torch.zeros(1)
     path = tmp_path / "broken.pth"
     torch.save(state, path)
-    with pytest.raises(DetectorWeightsError, match="unknown RetinaFace checkpoint"):
+    with pytest.raises(DetectorWeightsError, match="not one of the known public RetinaFace weights"):
         load_retinaface(path)
     with pytest.raises(DetectorWeightsError, match=r"missing \(1\): ClassHead.0.conv1x1.weight") as error:
         load_retinaface(path, leaky=0.1)
     assert "unexpected (1): extra.weight" in str(error.value) and str(path) in str(error.value)
     torch.save({"module." + k: v for k, v in RetinaFaceMobileNet(leaky=0.0).state_dict().items()}, path)
     assert load_retinaface(path, leaky=0.0).leaky == 0.0
+
+
+RETINAFACE_FILES = {"weights/retinaface_mnet025_biubug6/official_release/mobilenet0.25_Final.pth": 0.1,
+                    "weights/retinaface_mnet025_biubug6/Final_Retinaface.pth": 0.0}
+
+
+@pytest.mark.parametrize("relative", sorted(RETINAFACE_FILES))
+def test_re_saved_retinaface_weights_are_recognised(tmp_path, relative):
+    """Known weights are recognised by their tensors, not their file: another pickle, a DataParallel prefix or a
+    checkpoint wrapper still give the slope they were trained with."""
+    state = torch.load(require_data(relative), map_location="cpu", weights_only=True)
+    copies = {"plain.pth": {k: v.clone() for k, v in state.items()},
+              "module.pth": {f"module.{k}": v for k, v in state.items()},
+              "wrapped.pth": {"state_dict": state, "epoch": 7}}
+    for name, obj in copies.items():
+        torch.save(obj, tmp_path / name, _use_new_zipfile_serialization=name != "plain.pth")
+        assert load_retinaface(tmp_path / name).leaky == RETINAFACE_FILES[relative], name
+
+
+def test_fine_tuned_retinaface_weights_need_the_slope_and_the_cli_can_give_it(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from facesphere.cli.main import app
+
+    release = next(name for name, leaky in RETINAFACE_FILES.items() if leaky == 0.1)
+    state = torch.load(require_data(release), map_location="cpu", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    tuned = {k: v * (1 + 1e-3 * torch.randn(v.shape, generator=generator)) if v.is_floating_point() else v
+             for k, v in state.items()}
+    path = tmp_path / "fine_tuned.pth"
+    torch.save(tuned, path)
+    with pytest.raises(DetectorWeightsError, match="--detector-option leaky=0.1"):
+        load_retinaface(path)
+    photo = require_data("data/cacd_vs_fold1/CACD_VS/0000_0.jpg")
+    refused = CliRunner().invoke(app, ["detect", str(photo), "--detector-weights", str(path)])
+    assert refused.exit_code == 2 and "--detector-option leaky=0.1" in " ".join(refused.output.split())
+    assert "Traceback" not in refused.output
+    done = CliRunner().invoke(app, ["detect", str(photo), "--detector-weights", str(path),
+                                    "--detector-option", "leaky=0.1", "--out", str(tmp_path / "faces.json")])
+    assert done.exit_code == 0, done.output
+    assert len(json.loads((tmp_path / "faces.json").read_text())[0]["faces"]) == 1
+    wrong = CliRunner().invoke(app, ["detect", str(photo), "--detector-weights", str(path),
+                                     "--detector-option", "slope=0.1"])
+    assert wrong.exit_code == 2 and "unknown detector option(s) slope" in " ".join(wrong.output.split())
 
 
 def test_onnx_detector_refuses_other_models():

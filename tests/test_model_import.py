@@ -34,6 +34,7 @@ from facesphere.models import (
     save_model,
 )
 from facesphere.models.mxnet_params import parse_symbol, read_params
+from facesphere.models.store import load_card
 
 Y1 = "weights/mobilefacenet_insightface_y1"
 XIAOCCER = "weights/mobilefacenet_casia_xiaoccer/068.ckpt"
@@ -593,3 +594,13 @@ def test_the_importer_registry_picks_by_name_or_by_file(tmp_path):
         _resolve(tmp_path / "w.npz", "auto")
     with pytest.raises(ValueError, match="unknown kind 'onnx'; expected one of " + ", ".join(KINDS)):
         import_weights(tmp_path, kind="onnx")
+
+
+def test_a_corrupt_weights_file_without_a_digest_is_a_weight_mismatch(tmp_path):
+    card = _card()
+    save_model(tmp_path / "m", card.build_backbone(), card)
+    unsigned = load_card(tmp_path / "m").model_copy(update={"weights_sha256": None})
+    (tmp_path / "m" / "card.json").write_text(unsigned.to_json())
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(WeightMismatch, match="not a readable safetensors file"):
+        load_model(tmp_path / "m")

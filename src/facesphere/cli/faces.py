@@ -1,7 +1,9 @@
 """``facesphere detect | align | embed | verify | draw | calibrate``: the face pipeline on files and folders.
 
 Inputs are image files or folders (searched recursively for images). Results are JSON (stdout, or
-``--out``); an input that cannot be read gets an ``error`` entry and the others are still processed.
+``--out``); an input that cannot be read gets an ``error`` entry and the others are still processed; a
+folder entry that is not taken as an image (hidden, unsupported file type) gets a ``{"source", "skipped"}``
+entry after the results, with the reason.
 Weights are given by path: nothing is downloaded.
 """
 
@@ -27,6 +29,8 @@ LANDMARKS_HELP = "optional 68-point landmark model (PFLD .onnx); short for --lan
 Inputs = typer.Argument(..., help="image files and/or folders")
 DetectorOpt = typer.Option("retinaface", "--detector", help=DETECTOR_HELP)
 WeightsOpt = typer.Option(..., "--detector-weights", help=WEIGHTS_HELP, exists=True, dir_okay=False)
+DetectorOptionsOpt = typer.Option([], "--detector-option", help="KEY=VALUE option of the detector (repeatable), "
+                                  "e.g. leaky=0.1 for RetinaFace weights it does not recognise")
 ScoreOpt = typer.Option(None, "--score", min=0.0, max=1.0, help="detection score threshold (default: the detector's)")
 MinFaceOpt = typer.Option(None, "--min-face", min=0.0, help="ignore faces whose box is smaller than this (pixels)")
 MaxFacesOpt = typer.Option(None, "--max-faces", min=1, help="keep at most this many faces per image (largest score)")
@@ -41,15 +45,17 @@ StorageOpt = typer.Option("fp32", "--storage", help="index storage: fp32, fp16 o
 
 
 def analyzer_from_flags(detector: str, weights: Path, model: Path | None = None, landmarks68: Path | None = None,
-                        **options):
+                        detector_options: list[str] = (), **options):
     """The library's analyser (``facesphere.pipeline.build_analyzer``) from the options every command shares."""
     from facesphere.pipeline import build_analyzer
+    from facesphere.utils.overrides import parse_options
 
     if landmarks68 is not None:
         if options.get("landmarker") or options.get("landmarker_weights"):
             raise ValueError("give --landmarks68 or --landmarker/--landmarker-weights, not both")
         options.update(landmarker="pfld68", landmarker_weights=landmarks68)
-    return build_analyzer(detector=detector, detector_weights=weights, model=model, **options)
+    return build_analyzer(detector=detector, detector_weights=weights, model=model,
+                          detector_options=parse_options(detector_options), **options)
 
 
 def emit(payload: Any, out: Path | None) -> None:
@@ -79,33 +85,40 @@ def _exit_unless_any_read(results) -> None:
         raise typer.Exit(code=1)
 
 
-def _sources(inputs: list[Path]) -> list[Path]:
+def _sources(inputs: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
+    """The image files of ``inputs`` and a JSON entry per folder entry left out (with the reason)."""
     from facesphere.pipeline import input_sources
 
-    sources = input_sources(inputs)
+    skipped: list = []
+    sources = input_sources(inputs, skipped)
     if not sources:
-        raise ValueError("no images found in the inputs")
-    return sources
+        why = f" ({len(skipped)} entries skipped: {skipped[0].path}: {skipped[0].reason}, ...)" if skipped else ""
+        raise ValueError(f"no images found in the inputs{why}")
+    return sources, [item.to_dict() for item in skipped]
 
 
 def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+           detector_option: list[str] = DetectorOptionsOpt,
            landmarks68: Optional[Path] = Landmarks68Opt, landmarker: Optional[str] = LandmarkerOpt,
            landmarker_weights: Optional[Path] = LandmarkerWeightsOpt, score: Optional[float] = ScoreOpt,
            min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt,
            threads: Optional[int] = ThreadsOpt, out: Optional[Path] = OutOpt) -> None:
     """Faces in each image: box, score, 5 landmarks (and the landmarker's outputs, e.g. landmarks68), as JSON."""
     with user_errors():
-        analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68, landmarker=landmarker,
+        analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68,
+                                       detector_options=detector_option, landmarker=landmarker,
                                        landmarker_weights=landmarker_weights, score_threshold=score,
                                        min_face_size=min_face, max_faces=max_faces, threads=threads)
-        results = analyzer.analyze(_sources(inputs), embed=False)
+        sources, skipped = _sources(inputs)
+        results = analyzer.analyze(sources, embed=False)
         _summary(results)
-        emit([r.to_dict() for r in results], out)
+        emit([r.to_dict() for r in results] + skipped, out)
     _exit_unless_any_read(results)
 
 
 def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-dir", help="folder for the crops"),
           detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+          detector_option: list[str] = DetectorOptionsOpt,
           alignment: str = typer.Option("arcface_112x112", "--alignment", help="template: arcface_112x112 or "
                                         "sphereface_112x96 (ignored with --model: the model's card decides)"),
           model: Optional[Path] = typer.Option(None, "--model", help=f"align for this model's card; {MODEL_HELP}"),
@@ -116,9 +129,11 @@ def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-
     from facesphere.pipeline.drawing import write_png
 
     with user_errors():
-        analyzer = analyzer_from_flags(detector, detector_weights, model, score_threshold=score, min_face_size=min_face,
+        analyzer = analyzer_from_flags(detector, detector_weights, model,
+                                       detector_options=detector_option, score_threshold=score, min_face_size=min_face,
                                        max_faces=max_faces, threads=threads, alignment=None if model else alignment)
-        results = analyzer.analyze(_sources(inputs), embed=False)
+        sources, skipped = _sources(inputs)
+        results = analyzer.analyze(sources, embed=False)
         payload = []
         for index, result in enumerate(results):
             entry = result.to_dict()
@@ -129,31 +144,35 @@ def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-
             payload.append(entry)
         _summary(results)
         logger.info("crops (%s) written to %s", analyzer.alignment, out_dir)
-        emit(payload, out)
+        emit(payload + skipped, out)
     _exit_unless_any_read(results)
 
 
 def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model", help=MODEL_HELP),
           detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+          detector_option: list[str] = DetectorOptionsOpt,
           flip: bool = typer.Option(True, "--flip/--no-flip", help="flip-sum test-time augmentation"),
           score: Optional[float] = ScoreOpt, min_face: Optional[float] = MinFaceOpt,
           max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt,
           out: Optional[Path] = OutOpt) -> None:
     """Unit-length embeddings of every face, with boxes and landmarks, as JSON."""
     with user_errors():
-        analyzer = analyzer_from_flags(detector, detector_weights, model, score_threshold=score, min_face_size=min_face,
+        analyzer = analyzer_from_flags(detector, detector_weights, model,
+                                       detector_options=detector_option, score_threshold=score, min_face_size=min_face,
                                        max_faces=max_faces, threads=threads, flip=flip)
-        results = analyzer.analyze(_sources(inputs))
+        sources, skipped = _sources(inputs)
+        results = analyzer.analyze(sources)
         _summary(results)
         card = analyzer.embedder.card
         emit({"model": card.name, "embedding_size": card.embedding_size, "alignment": card.alignment, "flip": flip,
-              "images": [r.to_dict() for r in results]}, out)
+              "images": [r.to_dict() for r in results] + skipped}, out)
     _exit_unless_any_read(results)
 
 
 def verify(image1: Path = typer.Argument(..., help="first photo"), image2: Path = typer.Argument(..., help="second photo"),
            model: Path = typer.Option(..., "--model", help=MODEL_HELP), detector: str = DetectorOpt,
            detector_weights: Path = WeightsOpt,
+           detector_option: list[str] = DetectorOptionsOpt,
            threshold: Optional[Path] = typer.Option(None, "--threshold", help="threshold file from `facesphere calibrate`"),
            flip: bool = typer.Option(True, "--flip/--no-flip"), threads: Optional[int] = ThreadsOpt,
            out: Optional[Path] = OutOpt) -> None:
@@ -161,7 +180,8 @@ def verify(image1: Path = typer.Argument(..., help="first photo"), image2: Path 
     from facesphere.pipeline import pick_face
 
     with user_errors():
-        analyzer = analyzer_from_flags(detector, detector_weights, model, threads=threads, flip=flip,
+        analyzer = analyzer_from_flags(detector, detector_weights, model,
+                                       detector_options=detector_option, threads=threads, flip=flip,
                                        threshold=threshold)
         first, second = (pick_face(result) for result in analyzer.analyze([image1, image2]))
         comparison = analyzer.compare(first, second)
@@ -172,6 +192,7 @@ def verify(image1: Path = typer.Argument(..., help="first photo"), image2: Path 
 
 def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-dir", help="folder for the PNGs"),
          detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+         detector_option: list[str] = DetectorOptionsOpt,
          landmarks68: Optional[Path] = Landmarks68Opt, landmarker: Optional[str] = LandmarkerOpt,
          landmarker_weights: Optional[Path] = LandmarkerWeightsOpt, score: Optional[float] = ScoreOpt,
          min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt,
@@ -182,11 +203,12 @@ def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-d
     from facesphere.pipeline.drawing import draw_faces, write_png
 
     with user_errors():
-        analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68, landmarker=landmarker,
+        analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68,
+                                       detector_options=detector_option, landmarker=landmarker,
                                        landmarker_weights=landmarker_weights, score_threshold=score,
                                        min_face_size=min_face, max_faces=max_faces, threads=threads)
         results = []
-        for index, source in enumerate(_sources(inputs)):  # one photo at a time: each is decoded once
+        for index, source in enumerate(_sources(inputs)[0]):  # one photo at a time: each is decoded once
             try:
                 image = load_image(source)
             except ImageError as error:
@@ -204,6 +226,7 @@ def calibrate(pairs: Path = typer.Argument(..., help="CSV of path1,path2,same (1
               model: Path = typer.Option(..., "--model", help=MODEL_HELP), out: Path = typer.Option(..., "--out"),
               far: float = typer.Option(1e-3, "--far", help="target false accept rate"),
               detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+              detector_option: list[str] = DetectorOptionsOpt,
               flip: bool = typer.Option(True, "--flip/--no-flip"), threads: Optional[int] = ThreadsOpt) -> None:
     """A decision threshold for --far from labelled pairs of photos, through the whole pipeline."""
     import numpy as np
@@ -213,7 +236,8 @@ def calibrate(pairs: Path = typer.Argument(..., help="CSV of path1,path2,same (1
 
     with user_errors():
         paths1, paths2, labels, _ = read_pairs_csv(pairs)
-        analyzer = analyzer_from_flags(detector, detector_weights, model, threads=threads, flip=flip)
+        analyzer = analyzer_from_flags(detector, detector_weights, model,
+                                       detector_options=detector_option, threads=threads, flip=flip)
         unique = sorted({str(p) for p in [*paths1, *paths2]})
         results = dict(zip(unique, analyzer.analyze(unique)))
         scores, same, skipped = [], [], 0

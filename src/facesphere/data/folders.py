@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -16,7 +18,69 @@ from facesphere.data.transforms import SharedEpoch, as_transform, augment_rng, r
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+"""Files a folder listing takes as images: the formats ``load_image`` decodes (a GIF gives its first frame),
+the same whether a file is named directly or found in a folder."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A folder entry a listing did not take, and why (``hidden``, ``unsupported file type .txt``, ...)."""
+
+    path: Path
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"source": str(self.path), "skipped": self.reason}
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True,
+                extensions: Iterable[str] = IMAGE_EXTENSIONS) -> tuple[list[Path], list[Skipped]]:
+    """The image files in ``folder`` (sorted; sub-folders too when ``recursive``) and every entry left out, with why.
+
+    Hidden entries (names starting with ".") are left out, a hidden folder as one entry; files whose extension
+    is not in ``extensions`` (case-insensitive) and entries that are neither files nor folders are left out too.
+    Every folder listing of the toolkit goes through here, so each reports what it skipped the same way.
+    """
+    extensions = _normalise_extensions(extensions)
+    images: list[Path] = []
+    skipped: list[Skipped] = []
+    pending = [Path(folder)]
+    while pending:
+        for entry in sorted(pending.pop().iterdir()):
+            if _is_hidden(entry):
+                skipped.append(Skipped(entry, "hidden folder" if entry.is_dir() else "hidden file"))
+            elif entry.is_dir():
+                if recursive:
+                    pending.append(entry)
+                else:
+                    skipped.append(Skipped(entry, "folder"))
+            elif not entry.is_file():
+                skipped.append(Skipped(entry, "not a regular file"))
+            elif entry.suffix.lower() not in extensions:
+                skipped.append(Skipped(entry, f"unsupported file type {entry.suffix.lower() or '(no extension)'}"))
+            else:
+                images.append(entry)
+    return sorted(images), sorted(skipped, key=lambda s: s.path)
+
+
+def log_skipped(folder: str | os.PathLike, skipped: Sequence[Skipped]) -> None:
+    """One warning line summing up what a listing of ``folder`` skipped, e.g.
+    "skipped 3 files in F: 2 unsupported file type (.gif, .txt), 1 hidden file"."""
+    if not skipped:
+        return
+    kinds: Counter[str] = Counter()
+    types: dict[str, set[str]] = {}
+    for item in skipped:
+        kind, _, detail = item.reason.partition(" file type ")
+        kind = f"{kind} file type" if detail else kind
+        kinds[kind] += 1
+        if detail:
+            types.setdefault(kind, set()).add(detail)
+    parts = [f"{count} {kind}" + (f" ({', '.join(sorted(types[kind]))})" if kind in types else "")
+             for kind, count in sorted(kinds.items())]
+    logger.warning("skipped %d entr%s in %s: %s", len(skipped), "y" if len(skipped) == 1 else "ies", folder,
+                   ", ".join(parts))
 
 
 class EncodedImagesDataset(Dataset):
@@ -161,8 +225,9 @@ class ImageFolderDataset(ImageFilesDataset):
     """``root/<class>/<image>``: one sub-folder per identity.
 
     Classes are the non-empty sub-folders sorted by name (label = position in ``classes``); files in a
-    class are sorted by name and filtered by extension (case-insensitive). Hidden entries are ignored,
-    folders without images are skipped with a warning, and a root without any image is an error.
+    class are sorted by name and filtered by extension (case-insensitive). Hidden entries, files directly
+    under the root, other files and nested folders are left out and listed in ``skipped`` (one warning line
+    sums them up), folders without images are skipped with a warning, and a root without any image is an error.
     """
 
     def __init__(
@@ -182,14 +247,16 @@ class ImageFolderDataset(ImageFilesDataset):
             raise NotADirectoryError(f"image folder {self.root} is not a directory")
         extensions = _normalise_extensions(extensions)
         entries = sorted(p for p in self.root.iterdir() if not _is_hidden(p))
-        stray = [p for p in entries if p.is_file() and p.suffix.lower() in extensions]
-        if stray:
-            logger.warning("%s: ignoring %d image(s) directly under the root; images must be in one folder per class", self.root, len(stray))
+        self.skipped: list[Skipped] = [Skipped(p, "hidden file" if p.is_file() else "hidden folder")
+                                       for p in sorted(self.root.iterdir()) if _is_hidden(p)]
+        self.skipped += [Skipped(p, "file directly under the root (not in a class folder)")
+                         for p in entries if not p.is_dir()]
         classes: list[str] = []
         paths: list[Path] = []
         labels: list[int] = []
         for folder in (p for p in entries if p.is_dir()):
-            files = sorted(f for f in folder.iterdir() if f.is_file() and not _is_hidden(f) and f.suffix.lower() in extensions)
+            files, skipped = list_images(folder, recursive=False, extensions=extensions)
+            self.skipped += skipped
             if not files:
                 logger.warning("%s: skipping class folder without images", folder)
                 continue
@@ -197,6 +264,8 @@ class ImageFolderDataset(ImageFilesDataset):
             classes.append(folder.name)
             paths.extend(files)
             labels.extend([label] * len(files))
+        self.skipped.sort(key=lambda s: s.path)
+        log_skipped(self.root, self.skipped)
         if not paths:
             raise ValueError(f"no images with extensions {', '.join(extensions)} in class sub-folders of {self.root}")
         self.classes = classes

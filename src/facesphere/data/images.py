@@ -5,6 +5,10 @@ the EXIF orientation, converts every Pillow mode (grayscale, alpha, palette, 16-
 8-bit RGB, refuses decompression bombs before decoding, and reports every failure as one exception
 type, ``ImageError``, so loaders can catch exactly that and name the offending file.
 
+Before a file is read it is checked by its size (``DEFAULT_MAX_BYTES``) and its first bytes (one of the
+:data:`IMAGE_MAGIC` signatures), so a huge or foreign file in a folder of photos costs one small read, not
+its whole size in memory. A GIF gives its first frame.
+
 Plain JPEGs (RGB or grayscale, upright, complete) are decoded with OpenCV once Pillow has read and
 checked the header: the same libjpeg-turbo pixels, roughly 1.4-2x the speed of the Pillow
 path for 112x112 face crops (``benchmarks/data_throughput.py``). Anything else goes through Pillow.
@@ -15,6 +19,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
+import struct
 import warnings
 from pathlib import Path
 
@@ -25,6 +31,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 """Our own ceiling on declared image size (40 MP): face crops are tiny, anything larger is suspect."""
+
+DEFAULT_MAX_BYTES = 64 * 2**20
+"""Largest image file ``load_image`` reads (64 MiB; ``max_bytes=None`` disables it): checked before reading."""
+
+IMAGE_MAGIC = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "BMP": (b"BM",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+    "PPM/PGM/PBM": tuple(b"P%d" % k for k in range(1, 7)),
+}
+"""Leading bytes of each decoded format (WebP: ``RIFF`` + size + ``WEBP``, checked apart)."""
 
 ALPHA_BACKGROUND = (128, 128, 128)
 """Transparent pixels are composited over mid-grey, which normalises to ~0."""
@@ -63,16 +82,18 @@ class ImageTooLarge(ImageError):
         return (type(self), (self.path, self.reason) if self.path else (self.reason,))
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_bytes: int | None = DEFAULT_MAX_BYTES) -> np.ndarray:
     """Decode ``path`` into an HxWx3 uint8 RGB array, upright according to its EXIF orientation.
 
-    The declared size is checked before any pixel is decoded, against both Pillow's
-    ``Image.MAX_IMAGE_PIXELS`` and ``max_pixels`` (``None`` disables our own limit).
+    Before reading, the file's size is checked against ``max_bytes`` and its first bytes against
+    :data:`IMAGE_MAGIC`; the declared size is checked before any pixel is decoded, against both Pillow's
+    ``Image.MAX_IMAGE_PIXELS`` and ``max_pixels`` (``None`` disables either of our own limits).
     Raises ``ImageError`` for missing, non-image, truncated, empty or oversized files.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = _read_checked(path, max_bytes)
         return _decode(io.BytesIO(data), path, max_pixels, data)
     except FileNotFoundError:
         raise ImageError(path, "file not found") from None
@@ -81,17 +102,51 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     except PermissionError:
         raise ImageError(path, "permission denied") from None
     except UnidentifiedImageError:
-        if _size_or_none(path) == 0:
-            raise ImageError(path, "empty file (0 bytes)") from None
         raise ImageError(path, "not a recognised image format (or a corrupt header)") from None
+    except OSError as error:  # a name too long, a path through a file, a link loop, an I/O error
+        raise ImageError(path, f"cannot read: {error.strerror or error}") from None
 
 
 def load_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """``load_image`` for an encoded image held in memory (e.g. inside a ``.bin`` file); ``name`` labels errors."""
+    if not data:
+        raise ImageError(name, "empty image data")
+    _check_magic(data, name)
     try:
         return _decode(io.BytesIO(data), Path(name), max_pixels, data)
     except UnidentifiedImageError:
-        raise ImageError(name, "not a recognised image format" if data else "empty image data") from None
+        raise ImageError(name, "not a recognised image format") from None
+
+
+def _check_magic(head: bytes, name: str | os.PathLike) -> None:
+    """``ImageError`` unless ``head`` (a file's first bytes) starts like one of the formats decoded here."""
+    if any(head.startswith(m) for magics in IMAGE_MAGIC.values() for m in magics):
+        return
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return
+    raise ImageError(name, "not a recognised image format (its first bytes are none of JPEG, PNG, BMP, GIF, "
+                           "TIFF, WebP, PPM)")
+
+
+def _read_checked(path: Path, max_bytes: int | None) -> bytes:
+    """The bytes of ``path``, read only once its size and first bytes say it is an image small enough."""
+    info = path.stat()
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(str(path))
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(path, "not a regular file")
+    size = info.st_size
+    if size == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+    if max_bytes is not None and size > max_bytes:
+        raise ImageError(path, f"file of {size} bytes exceeds the limit of {max_bytes} bytes for an image")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+        _check_magic(head, path)
+        data = head + (handle.read() if max_bytes is None else handle.read(max_bytes + 1 - len(head)))
+    if max_bytes is not None and len(data) > max_bytes:  # grew since the stat
+        raise ImageError(path, f"file exceeds the limit of {max_bytes} bytes for an image")
+    return data
 
 
 def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int | None, data: bytes | None = None) -> np.ndarray:
@@ -120,9 +175,10 @@ def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int | None, data:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageTooLarge(path, f"refused as a decompression bomb: {error}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError) as error:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated"), SyntaxError
-        # (broken PNG chunks) or ValueError; the original message is kept as the reason.
+        # (broken PNG chunks) or ValueError, and some plugins let struct.error or IndexError out of a short
+        # header; the original message is kept as the reason.
         reason = str(error) or type(error).__name__
         if "truncated" in reason.lower():
             reason = f"truncated file ({reason})"
@@ -150,13 +206,6 @@ def _decode_jpeg_opencv(image: Image.Image, data: bytes) -> np.ndarray | None:
     if array is None or array.shape != (image.size[1], image.size[0], 3):
         return None
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
-
-
-def _size_or_none(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
 
 
 def _upright(image: Image.Image, path: Path) -> Image.Image:

@@ -98,19 +98,30 @@ def check_per_face(name: str, values, faces: int) -> np.ndarray:
     return array
 
 
+def image_problem(image) -> str | None:
+    """Why ``image`` is not an HxWx3 uint8 RGB array with H, W >= 1 (a one-line reason), or None when it is."""
+    if not isinstance(image, np.ndarray):
+        return f"expected an HxWx3 uint8 RGB numpy array, got {type(image).__name__}"
+    if image.dtype != np.uint8:
+        return f"expected dtype uint8 (RGB 0..255), got {image.dtype} {image.shape}"
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        return f"expected shape (H, W, 3) with H, W >= 1, got {image.shape}"
+    return None
+
+
 def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The images as C-contiguous HxWx3 uint8 arrays; :class:`DetectorInputError` naming the first bad one."""
+    """The images as C-contiguous HxWx3 uint8 arrays; :class:`DetectorInputError` naming the first bad one.
+
+    A detector's batch is all or nothing; :class:`facesphere.pipeline.FaceAnalyzer` checks each photo first
+    (:func:`image_problem`) and gives a bad one an error entry of its own, so the rest of its batch is analysed."""
     if isinstance(images, np.ndarray) and images.ndim == 3:
         raise DetectorInputError(f"detect() takes a sequence of images, got one array of shape {images.shape}; "
                                  "wrap a single image in a list")
     checked = []
     for i, image in enumerate(images):
-        if not isinstance(image, np.ndarray):
-            raise DetectorInputError(f"images[{i}]: expected an HxWx3 uint8 RGB numpy array, got {type(image).__name__}")
-        if image.dtype != np.uint8:
-            raise DetectorInputError(f"images[{i}]: expected dtype uint8 (RGB 0..255), got {image.dtype}")
-        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
-            raise DetectorInputError(f"images[{i}]: expected shape (H, W, 3) with H, W >= 1, got {image.shape}")
+        problem = image_problem(image)
+        if problem is not None:
+            raise DetectorInputError(f"images[{i}]: {problem}")
         checked.append(np.ascontiguousarray(image))
     return checked
 

@@ -10,8 +10,10 @@ config ``cfg_mnet``), so its public state_dicts load unchanged (300 keys, no ``m
 * ``ClassHead``/``BboxHead``/``LandmarkHead``: per level a 1x1 conv, 2 anchors per location.
 
 Activation: the released checkpoint (``mobilenet0.25_Final.pth``) was trained with LeakyReLU(0.1), the
-older ``Final_Retinaface.pth`` with plain ReLU (``leaky=0.0``). ``leaky=None`` picks it from the file's
-git blob id for these two known files, and otherwise asks for it.
+older ``Final_Retinaface.pth`` with plain ReLU (``leaky=0.0``). ``leaky=None`` picks it for these two known
+weights by the digest of their tensors (names, shapes, values), so a re-saved copy (another pickle, a ``module.``
+prefix, a ``{"state_dict": ...}`` wrapper) is recognised too; for other weights (fine-tuned ones) it must be given:
+``leaky=0.1`` in Python, ``--detector-option leaky=0.1`` on the command line.
 
 Anchors: per level ``step`` in (8, 16, 32) and sizes ((16, 32), (64, 128), (256, 512)) square anchors
 centred at ((j + 0.5) * step, (i + 0.5) * step); decoding with variances (0.1, 0.2) as in SSD.
@@ -40,10 +42,13 @@ VARIANCES = (0.1, 0.2)
 MEAN_BGR = (104.0, 117.0, 123.0)
 
 KNOWN_WEIGHTS = {
-    "d20413473219d2c8ea6e2c3d2fadb647a9314ed9": 0.1,  # biubug6 release mobilenet0.25_Final.pth: LeakyReLU(0.1)
-    "329256d427a406694f51bcc22be5898e1be4ddee": 0.0,  # biubug6 first commit Final_Retinaface.pth: ReLU
+    # biubug6 release mobilenet0.25_Final.pth: LeakyReLU(0.1)
+    "d2900a6815d385a09e0a65611c42edbcb2f6092e8e4776b0629e8eeb97f44263": 0.1,
+    # biubug6 first commit Final_Retinaface.pth: ReLU
+    "87ee7ed927ec34c27f732f147c429582fe0939361849f1316e38730e72adc78e": 0.0,
 }
-"""Git blob id of a known public state_dict -> the activation's negative slope it was trained with."""
+"""``facesphere.models.runs.state_sha256`` of a known public state_dict -> the activation's negative slope it was
+trained with."""
 
 
 def _act(leaky: float) -> nn.Module:
@@ -202,30 +207,33 @@ def load_retinaface_state(path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
-def leaky_for(path: str | os.PathLike) -> float | None:
-    """The LeakyReLU slope a known public RetinaFace file was trained with, or None when the file is unknown."""
-    from facesphere.models.store import git_blob_id
+def leaky_for(state: dict[str, Tensor]) -> float | None:
+    """The LeakyReLU slope the known public RetinaFace weights ``state`` were trained with, or None when unknown."""
+    from facesphere.models.runs import state_sha256
 
-    return KNOWN_WEIGHTS.get(git_blob_id(path))
+    return KNOWN_WEIGHTS.get(state_sha256(state))
 
 
 def load_retinaface(path: str | os.PathLike, leaky: float | None = None) -> RetinaFaceMobileNet:
     """A :class:`RetinaFaceMobileNet` in eval mode with the weights of ``path``, every key checked.
 
-    ``leaky=None`` takes the slope of a known public file (:data:`KNOWN_WEIGHTS`); for any other file
-    it must be given (0.1 for checkpoints of the current biubug6 code, 0.0 for its first release).
+    ``leaky=None`` takes the slope of known public weights (:data:`KNOWN_WEIGHTS`, re-saved copies included);
+    for any other weights it must be given (0.1 for checkpoints of the current biubug6 code, 0.0 for its first
+    release): the activation is not stored in the file.
     """
     from facesphere.models.store import WeightMismatch, check_state_dict
 
-    if leaky is None:
-        leaky = leaky_for(path)
-        if leaky is None:
-            raise DetectorWeightsError(f"{path}: unknown RetinaFace checkpoint, pass leaky=0.1 (LeakyReLU, biubug6 "
-                                       "release) or leaky=0.0 (ReLU, biubug6 first commit)")
-        logger.info("%s: known checkpoint, activation %s", Path(path).name,
-                    f"LeakyReLU({leaky})" if leaky else "ReLU")
-    model = RetinaFaceMobileNet(leaky=float(leaky))
     state = load_retinaface_state(path)
+    if leaky is None:
+        leaky = leaky_for(state)
+        if leaky is None:
+            raise DetectorWeightsError(
+                f"{path}: not one of the known public RetinaFace weights (e.g. fine-tuned), so the activation it was "
+                "trained with is unknown; give it: --detector-option leaky=0.1 (LeakyReLU, checkpoints of the "
+                "current biubug6 code) or leaky=0.0 (ReLU, its first release); in Python RetinaFaceDetector(..., "
+                "leaky=0.1)")
+        logger.info("%s: known weights, activation %s", Path(path).name, f"LeakyReLU({leaky})" if leaky else "ReLU")
+    model = RetinaFaceMobileNet(leaky=float(leaky))
     try:
         check_state_dict(model, state, f"{path} does not fit RetinaFace MobileNet-0.25")
     except WeightMismatch as error:

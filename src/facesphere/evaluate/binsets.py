@@ -4,7 +4,7 @@ A ``.bin`` is a pickle of ``(bins, issame)``: ``bins`` holds 2·N encoded JPEG/P
 ``bins[2k], bins[2k+1]``) and ``issame`` N booleans. Two encodings of ``bins`` exist in the wild:
 
 * ``bytes`` (the MXNet-era files, written by Python 2 as ``str``; read here with ``encoding="bytes"``;
-  Python 3 protocol-2 pickles of bytes go through ``_codecs.encode(text, "latin1")``);
+  Python 3 protocol-2 pickles of bytes go through ``_codecs.encode(text, "latin1")``, of empty bytes ``bytes()``);
 * ``numpy`` uint8 arrays of the encoded bytes (the Paddle variant, e.g. ``small_lfw.bin``: shape (n, 1)), pickled through
   ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray`` and ``numpy.dtype``.
 
@@ -40,8 +40,10 @@ __all__ = [
 ]
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle names a global (callable or class) that a ``.bin`` file has no business using."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """The pickle names a global (callable or class) that a ``.bin`` file has no business using.
+
+    Also a ``ValueError``, like every refusal of a bad input file, so callers (the CLI) report it as one."""
 
 
 class BinFormatError(ValueError):
@@ -115,6 +117,13 @@ def _latin1_encode(text, encoding="utf-8", errors="strict") -> bytes:
     return text.encode("latin1")
 
 
+def _empty_bytes(*args) -> bytes:
+    """``bytes()``, as Python 3 pickles an empty ``bytes`` at protocol < 3; any argument is refused."""
+    if args:
+        raise UnsafePickleError("bytes(...) with arguments is not allowed")
+    return b""
+
+
 class _Guarded:
     """An allowed callable as the pickle sees it: callable, but BUILD cannot touch its attributes."""
 
@@ -136,6 +145,8 @@ _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): _Guarded(_dtype, "numpy.dtype"),
     ("_codecs", "encode"): _Guarded(_latin1_encode, "_codecs.encode"),
+    ("__builtin__", "bytes"): _Guarded(_empty_bytes, "bytes"),
+    ("builtins", "bytes"): _Guarded(_empty_bytes, "bytes"),
 }
 
 
@@ -179,7 +190,12 @@ def _as_bytes(item, index: int, source: str) -> bytes:
 def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     """The encoded images (2·N byte strings) and ``issame`` (N bools) of a ``.bin``, safely unpickled."""
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such .bin file") from None
+    except OSError as error:  # a folder, no permission, an I/O error
+        raise BinFormatError(f"{path}: cannot read ({error.strerror or error})") from None
     obj = _safe_loads(data, str(path))
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise BinFormatError(f"{path}: expected a (bins, issame) pair, got {type(obj).__name__}")

@@ -55,6 +55,22 @@ def _fmt(values: tuple[float, ...]) -> str:
     return f"{values[0]:g}" if len(set(values)) == 1 else "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
+MAX_INPUT_SIDE = 4096
+"""Largest image side a card or input spec may declare: a bound on what building or feeding a model allocates."""
+MAX_EMBEDDING_SIZE = 65536
+"""Largest embedding a card may declare (same reason)."""
+
+
+def _check_input(size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...], label: str) -> None:
+    """Sizes in [1, MAX_INPUT_SIDE], finite means and finite positive stds (NaN or inf would not survive JSON)."""
+    if not all(0 < side <= MAX_INPUT_SIDE for side in size):
+        raise ValueError(f"{label} must be positive (H, W) of at most {MAX_INPUT_SIDE}, got {size}")
+    if not all(math.isfinite(m) for m in mean):
+        raise ValueError(f"mean must be finite, got {mean}")
+    if not all(math.isfinite(s) and s > 0 for s in std):
+        raise ValueError(f"std must be positive and finite, got {std}")
+
+
 class InputSpec(BaseModel):
     """What a batch of images is: colour order, size (H, W), normalisation and (if known) alignment.
 
@@ -73,10 +89,7 @@ class InputSpec(BaseModel):
 
     @model_validator(mode="after")
     def _valid(self) -> "InputSpec":
-        if min(self.size) <= 0:
-            raise ValueError(f"size must be positive (H, W), got {self.size}")
-        if any(not s > 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
+        _check_input(self.size, self.mean, self.std, "size")
         return self
 
     @classmethod
@@ -167,12 +180,9 @@ class ModelCard(BaseModel):
 
     @model_validator(mode="after")
     def _valid(self) -> "ModelCard":
-        if min(self.input_size) <= 0:
-            raise ValueError(f"input_size must be positive (H, W), got {self.input_size}")
-        if any(not s > 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
-        if self.embedding_size <= 0:
-            raise ValueError(f"embedding_size must be positive, got {self.embedding_size}")
+        _check_input(self.input_size, self.mean, self.std, "input_size")
+        if not 0 < self.embedding_size <= MAX_EMBEDDING_SIZE:
+            raise ValueError(f"embedding_size must lie in [1, {MAX_EMBEDDING_SIZE}], got {self.embedding_size}")
         clash = {"input_size", "embedding_size"} & set(self.backbone_args)
         if clash:
             raise ValueError(f"backbone_args must not repeat the card's own fields: {sorted(clash)}")

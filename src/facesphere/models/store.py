@@ -1,5 +1,9 @@
 """Stored models: a folder with ``model.safetensors`` (weights, no pickle) and ``card.json`` (a ModelCard).
 
+A folder is saved as one unit: both files are written into a temporary sibling folder, fsynced, and the
+sibling then takes the folder's place in one step (see :func:`_replace_folder`), so a crash at any moment
+leaves the old model or the new one, never new weights beside an old card.
+
 Also the strict weight filling shared by the importers: :class:`StateFiller` fills a backbone's
 state dict from named source tensors, and refuses to finish unless every source tensor was used
 exactly once and every target entry was filled with the right shape.
@@ -7,10 +11,15 @@ exactly once and every target entry was filled with the right shape.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import glob
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+import secrets
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +27,6 @@ import torch
 from torch import nn
 
 from facesphere.models.card import InputSpec, ModelCard
-from facesphere.utils.files import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +166,8 @@ def _structure(model: nn.Module) -> list[tuple[str, str, float | None]]:
 
 
 def save_model(folder: str | os.PathLike, backbone: nn.Module, card: ModelCard) -> Path:
-    """Write ``model.safetensors`` then ``card.json`` into ``folder`` (each atomically); returns the folder.
+    """Write ``model.safetensors`` and ``card.json`` into ``folder``, both in one atomic step (module doc); returns
+    the folder. Other files already in ``folder`` are kept; one writer per folder at a time.
 
     Refuses a card that does not rebuild exactly this backbone (module tree, BN eps, state-dict
     shapes), so whatever is saved loads back identically. The card stored gains ``weights_sha256``.
@@ -173,14 +182,111 @@ def save_model(folder: str | os.PathLike, backbone: nn.Module, card: ModelCard) 
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     check_state_dict(rebuilt, tensors, f"card {card.name!r} does not rebuild this backbone")
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "facesphere_model": card.name})
-        digest = file_sha256(tmp)
-    stored = ModelCard.from_json(card.model_copy(update={"weights_sha256": digest}).to_json())  # re-validated
-    atomic_write_text(folder / CARD_FILE, stored.to_json())
+    with _new_folder(folder) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "facesphere_model": card.name})
+        digest = file_sha256(tmp / WEIGHTS_FILE)
+        stored = ModelCard.from_json(card.model_copy(update={"weights_sha256": digest}).to_json())  # re-validated
+        (tmp / CARD_FILE).write_text(stored.to_json(), encoding="utf-8")
     logger.info("saved %s (%d tensors) to %s", card.name, len(tensors), folder)
     return folder
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: no exchange here
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """A hard link (no bytes copied, the old folder is removed anyway), or a copy where links are impossible."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def _backup_of(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.old"
+
+
+def _recover(folder: Path) -> None:
+    """Undo what a save killed between its two renames left (the fallback path of :func:`_replace_folder`): the
+    old folder waiting under its backup name goes back; a backup beside a complete folder, and temporary folders
+    of killed saves, are removed."""
+    backup = _backup_of(folder)
+    if backup.is_dir():
+        if folder.exists():
+            shutil.rmtree(backup)
+        else:
+            os.rename(backup, folder)
+            logger.warning("%s: restored the previous model left by an interrupted save", folder)
+    for stale in folder.parent.glob(f".{glob.escape(folder.name)}.*.new"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Put the complete folder ``new`` in place of ``folder`` as one step, keeping the old one's other files.
+
+    Where the system can swap two paths atomically (Linux), ``new`` and ``folder`` are exchanged and the old
+    version, now at ``new``, is removed. Elsewhere ``folder`` is renamed to a backup, ``new`` renamed in and the
+    backup removed; a save killed between the renames is undone by :func:`_recover` at the next save."""
+    if folder.exists():
+        for entry in folder.iterdir():  # a README or notes kept beside the model survive the save
+            if entry.name not in (WEIGHTS_FILE, CARD_FILE) and not (new / entry.name).exists():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(entry, new / entry.name)
+        shutil.copymode(folder, new)
+        _fsync(new)
+        if not _exchange(new, folder):
+            backup = _backup_of(folder)
+            os.rename(folder, backup)
+            os.rename(new, folder)
+            _fsync(folder.parent)
+            shutil.rmtree(backup)
+    else:
+        os.rename(new, folder)
+    _fsync(folder.parent)
+
+
+@contextlib.contextmanager
+def _new_folder(folder: Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``folder``; on success fsync what was written there and put it in
+    ``folder``'s place (:func:`_replace_folder`). On failure ``folder`` is left as it was."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} exists and is not a folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _recover(folder)
+    tmp = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.new"
+    tmp.mkdir()  # the usual permissions (umask), unlike mkdtemp's 0700
+    try:
+        yield tmp
+        for entry in tmp.iterdir():
+            _fsync(entry)
+        _replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_card(folder: str | os.PathLike) -> ModelCard:
@@ -215,7 +321,10 @@ def load_model(folder: str | os.PathLike, expected: InputSpec | None = None,
         raise WeightMismatch(f"{weights}", ["sha256 differs from card.json's weights_sha256 "
                                              "(modified, or the folder was only partly rewritten)"])
     backbone = card.build_backbone()
-    tensors = load_file(str(weights), device="cpu")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except Exception as error:  # noqa: BLE001 - safetensors reports a corrupt file as its own SafetensorError
+        raise WeightMismatch(f"{weights}", [f"not a readable safetensors file ({error})"]) from None
     check_state_dict(backbone, tensors, f"{weights} does not fit {card.backbone}")
     backbone.load_state_dict(tensors, strict=True)
     backbone.to(device).eval()

@@ -22,6 +22,7 @@ import numpy as np
 from facesphere.align.similarity import align_faces
 from facesphere.align.templates import get_template
 from facesphere.data.images import ImageError, load_image
+from facesphere.detect.base import image_problem
 from facesphere.models.card import ModelCard, ModelCardMismatch
 from facesphere.pipeline.stages import Stage, check_stages, json_value, round_pixels, stage_outputs
 from facesphere.pipeline.threshold import Threshold, decide
@@ -233,21 +234,34 @@ def _embedding_of(item) -> np.ndarray:
 
 
 def _check_array(image, source: str) -> np.ndarray:
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ImageError(source, f"expected an HxWx3 uint8 RGB array, got {array.dtype} {array.shape}")
+    """``image`` as an HxWx3 uint8 array, or an :class:`ImageError` naming ``source`` (the item's batch index)."""
+    try:
+        array = np.asarray(image)
+    except (ValueError, TypeError) as error:  # ragged nested lists, objects numpy cannot convert
+        raise ImageError(source, f"not an array ({error})") from None
+    problem = image_problem(array)
+    if problem is not None:
+        raise ImageError(source, problem)
     return array
 
 
-def input_sources(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files given directly, and the image files inside given folders (sorted, recursive)."""
-    from facesphere.data.folders import IMAGE_EXTENSIONS
+def input_sources(paths: Sequence[str | os.PathLike], skipped: list | None = None) -> list[Path]:
+    """Files given directly, and the image files inside given folders (sorted, recursive).
+
+    What a folder listing left out (hidden entries, unsupported file types) is appended to ``skipped``
+    (:class:`facesphere.data.folders.Skipped`, path and reason) when given, and summed up in one log line per folder.
+    """
+    from facesphere.data.folders import list_images, log_skipped
 
     out: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            out.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+            images, left_out = list_images(path)
+            log_skipped(path, left_out)
+            out.extend(images)
+            if skipped is not None:
+                skipped.extend(left_out)
         else:
             out.append(path)
     return out

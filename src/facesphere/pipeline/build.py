@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,6 +36,8 @@ class AnalyzerSpec(BaseModel):
 
     detector: str = Field("retinaface", description="registered detector name (facesphere.detect.DETECTORS)")
     detector_weights: Path
+    detector_options: dict[str, Any] = Field(default_factory=dict, description="further options of the detector's "
+                                             "constructor, e.g. {'leaky': 0.1} for RetinaFace weights it does not know")
     model: Path | None = Field(None, description=f"embedding model: {MODEL_FORMS}")
     landmarker: str | None = Field(None, description="registered landmarker name (align.landmarkers.LANDMARKERS)")
     landmarker_weights: Path | None = None
@@ -46,6 +49,20 @@ class AnalyzerSpec(BaseModel):
     flip: bool = True
     threshold: Path | None = Field(None, description="threshold file from `facesphere calibrate`")
     alignment: str | None = Field(None, description="crop template when there is no model (the card decides)")
+
+
+def _detector_options(constructor, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against what the detector's constructor (and :class:`Detector`'s) accepts."""
+    from facesphere.detect.base import Detector
+
+    accepted = {name for fn in (constructor, Detector.__init__)
+                for name, p in inspect.signature(fn).parameters.items()
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in ("self", "weights_path")}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"unknown detector option(s) {', '.join(unknown)}; this detector takes: "
+                         f"{', '.join(sorted(accepted))}")
+    return dict(options)
 
 
 def _runtime_options(constructor, threads: int | None, device: str) -> dict:
@@ -67,8 +84,10 @@ def build_analyzer(spec: AnalyzerSpec | None = None, stages: Sequence[Stage] = (
         import torch
 
         torch.set_num_threads(spec.threads)
+    constructor = DETECTORS.get(spec.detector)
     detector = build_detector(spec.detector, spec.detector_weights,
-                              **_runtime_options(DETECTORS.get(spec.detector), spec.threads, spec.device))
+                              **_runtime_options(constructor, spec.threads, spec.device),
+                              **_detector_options(constructor, spec.detector_options))
     embedder = load_embedder(spec.model, device=spec.device, threads=spec.threads) if spec.model else None
     landmarker = None
     if spec.landmarker or spec.landmarker_weights:
@@ -102,7 +121,7 @@ class PersonPhotos:
     embeddings: list = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    """``"<photo>: <why>"`` for each photo without a usable face."""
+    """``"<photo>: <why>"`` for each photo without a usable face and each file the folder listing skipped."""
 
 
 class PeopleFolder:
@@ -121,7 +140,9 @@ class PeopleFolder:
         """Per person, the largest face's embedding of each photo, ``batch`` photos per pass."""
         for person in self.people:
             found = PersonPhotos(person.name)
-            photos = input_sources([person])
+            left_out: list = []
+            photos = input_sources([person], left_out)
+            found.skipped.extend(f"{item.path}: skipped ({item.reason})" for item in left_out)
             for start in range(0, len(photos), batch):
                 for result in analyzer.analyze(photos[start:start + batch]):
                     if result.error or not result.faces:
