@@ -10,7 +10,8 @@ objectives train inside DDP with the backbone; a ``sharded`` objective (Partial 
 with its own optimiser and schedule, and each rank saves its share in shard files that a resume on
 any number of processes re-cuts. Data order and augmentation are pure functions of (seed, epoch,
 index), and the checkpoint stores every RNG state, so ``resume`` continues a killed run step for step.
-Checkpoints keep the backbone under ``model["backbone.*"]`` and the run config under ``config``.
+Checkpoints keep the backbone under ``model["backbone.*"]`` and the run config under ``config``; a resume
+must continue the same experiment (:mod:`facesphere.train.compat` says which settings may change).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from facesphere.train.checkpoint import (
     set_rng_state,
     shard_path,
 )
+from facesphere.train.compat import check_resume
 from facesphere.train.config import ExperimentConfig, dump_config
 from facesphere.train.data_setup import build_eval_set, build_train_set
 from facesphere.train.distributed import DistContext, all_reduce_mean, convert_batchnorm, init_distributed
@@ -163,6 +165,7 @@ class TrainResult:
     images_per_second: float
     evaluation: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
+    tensorboard_dir: Path | None = None  # set only when TensorBoard logs were written
 
 
 class MetricsLog:
@@ -227,6 +230,7 @@ class Trainer:
         self.amp_dtype = resolve_amp(cfg.train.amp, self.ctx.device)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
+        self.config_history: list[dict[str, Any]] = []  # earlier configs of this run (see facesphere.train.compat)
 
     def _check_targets(self) -> None:
         """Every objective's targets must be among the data set's ``target_names`` (when it declares them)."""
@@ -250,6 +254,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "config": self.cfg.model_dump(mode="json"),
+            "config_history": self.config_history,
             "num_classes": self.train_set.num_classes,
         }
         if self.sharded:
@@ -288,12 +293,20 @@ class Trainer:
             logger.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
             return False
         state = _upgrade_checkpoint(load_checkpoint(path, self.ctx.device))
+        stored, step = state.get("config"), int(state["step"])
+        if stored is None:
+            logger.warning("%s holds no config: the resume cannot check that it continues the same experiment", path)
+            changes = {}
+        else:
+            changes = check_resume(stored, self.cfg, step, str(path))
         shards = None
         if "sharded" in state:
             saved_world = int(state["sharded"]["world_size"])
             shards = [_upgrade_shard(load_checkpoint(shard_path(path.parent, int(state["step"]), r, saved_world),
                                                      self.ctx.device)) for r in range(saved_world)]
         self.load_state_dict(state, shards)
+        self.config_history = list(state.get("config_history", [])) + (
+            [{"until_step": step, "config": stored}] if changes else [])
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -427,7 +440,8 @@ class Trainer:
         wall = time.perf_counter() - start_time
         checkpoint = self.save()
         trained_images = (self.step - start_step) * cfg.data.batch_size
-        result = TrainResult(self.run_dir, self.step, loss_value, wall, trained_images / max(wall, 1e-9), checkpoint=checkpoint)
+        result = TrainResult(self.run_dir, self.step, loss_value, wall, trained_images / max(wall, 1e-9), checkpoint=checkpoint,
+                             tensorboard_dir=Path(writer.log_dir) if writer is not None else None)
         if cfg.eval.enabled:
             result.evaluation = self._evaluate(writer, plot=True)
         if writer is not None:
