@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from _training import TORCHRUN, cli, kill_after_first_checkpoint, run, sets
 
+from facesphere.cli.train import _report
 from facesphere.train.config import load_config
 from facesphere.train.trainer import Trainer, read_metrics
 
@@ -33,7 +36,19 @@ def test_training_lowers_the_loss_and_writes_artifacts(tmp_path):
     assert result.checkpoint is not None and result.checkpoint.name == "step_00000024.pt"
     assert (tmp_path / "t" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert 0.0 <= result.evaluation["accuracy_mean"] <= 1.0
-    assert list((tmp_path / "t" / "tensorboard").iterdir())
+    assert list((tmp_path / "t" / "tensorboard").iterdir()) and result.tensorboard_dir == tmp_path / "t" / "tensorboard"
+
+
+def test_the_tensorboard_folder_is_reported_only_when_tensorboard_logs(tmp_path, caplog):
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=quiet", "train.steps=1", "model.backbone=sphereface4",
+                                    "model.backbone_args={embedding_size: 16, input_size: [32, 32]}"])
+    off = Trainer(cfg).fit()
+    assert off.tensorboard_dir is None and not (tmp_path / "quiet" / "tensorboard").exists()
+    with caplog.at_level(logging.INFO, logger="facesphere"):
+        _report(off)
+        assert "metrics: " in caplog.text and "TensorBoard" not in caplog.text
+        _report(replace(off, tensorboard_dir=tmp_path))
+        assert f"TensorBoard logs in {tmp_path}" in caplog.text
 
 
 @pytest.mark.slow
