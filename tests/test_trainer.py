@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from _training import TORCHRUN, cli, kill_after_first_checkpoint, run, sets
+from _training import TORCHRUN, cli, env, kill_after_first_checkpoint, run, sets
 
 from facesphere.cli.train import _report
 from facesphere.train.config import load_config
@@ -37,6 +41,65 @@ def test_training_lowers_the_loss_and_writes_artifacts(tmp_path):
     assert (tmp_path / "t" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert 0.0 <= result.evaluation["accuracy_mean"] <= 1.0
     assert list((tmp_path / "t" / "tensorboard").iterdir()) and result.tensorboard_dir == tmp_path / "t" / "tensorboard"
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid`` (walking /proc/*/stat parent links): pid -> command name."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if rest[0] != "Z":
+            children.setdefault(int(rest[1]), []).append((int(stat.parent.name), name))
+    found, todo = {}, [pid]
+    while todo:
+        for child, name in children.get(todo.pop(), []):
+            found[child] = name
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="walks /proc")
+def test_sigkill_of_a_training_ends_its_data_workers_forkserver_and_resource_tracker(tmp_path):
+    """The workers start from a forkserver, so torch's own check (is my parent alive?) watches the server, not the
+    trainer; each worker must notice the trainer's death itself, and the server and tracker then see EOF."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    command = cli("train", str(config), *sets(TINY + [f"output_dir={tmp_path}", "name=w", "train.steps=100000",
+                                                      "train.checkpoint_every=100000", "data.num_workers=1"]))
+    proc = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        metrics = tmp_path / "w" / "metrics.csv"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+            assert proc.poll() is None, "the training ended by itself"
+            time.sleep(0.05)
+        children = _descendants(proc.pid)
+        assert len(children) >= 3, f"expected a forkserver, a worker and a resource tracker, found {children}"
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.1)
+        left = {pid: name for pid, name in children.items() if _alive(pid)}
+        assert not left, f"still running 10 s after the trainer was killed: {left}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its session: nothing is left behind if the test fails
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def test_the_tensorboard_folder_is_reported_only_when_tensorboard_logs(tmp_path, caplog):
