@@ -16,7 +16,7 @@ from _training import TORCHRUN, cli, env, kill_after_first_checkpoint, run, sets
 
 from facesphere.cli.train import _report
 from facesphere.train.config import load_config
-from facesphere.train.trainer import Trainer, read_metrics
+from facesphere.train.trainer import MetricsLog, Trainer, read_metrics
 
 TINY = [
     "model.backbone=mobilefacenet", "model.backbone_args={embedding_size: 64}", "model.head=arcface",
@@ -100,6 +100,16 @@ def test_sigkill_of_a_training_ends_its_data_workers_forkserver_and_resource_tra
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def test_a_resume_keeps_only_complete_metrics_rows_up_to_its_step(tmp_path):
+    """A kill while row 14 was appended left it cut to "1": the resume at step 3 drops it (it used to keep it as a
+    second, empty row of step 1) and rewrites the file atomically."""
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,loss\n1,0.5\n2,0.25\n3,0.125\n1")
+    MetricsLog(path, ["step", "loss"], 3)
+    assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.25", "3,0.125"]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
 
 
 def test_the_tensorboard_folder_is_reported_only_when_tensorboard_logs(tmp_path, caplog):

@@ -34,6 +34,7 @@ from facesphere.backbones import Backbone, build_backbone
 from facesphere.objectives import Objective, ObjectiveContext, build_objective
 from facesphere.models.runs import latest_checkpoint, load_checkpoint
 from facesphere.train.checkpoint import (
+    remove_partial_writes,
     rng_state,
     save_checkpoint,
     save_shard,
@@ -45,7 +46,7 @@ from facesphere.train.config import ExperimentConfig, dump_config
 from facesphere.train.data_setup import build_eval_set, build_train_set
 from facesphere.train.distributed import DistContext, all_reduce_mean, convert_batchnorm, init_distributed
 from facesphere.train.schedules import build_scheduler
-from facesphere.utils.files import atomic_write_text
+from facesphere.utils.files import atomic_path, atomic_write_text
 from facesphere.utils.machine import describe_machine
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,10 @@ class TrainResult:
 
 
 class MetricsLog:
-    """A CSV of metrics rows (rank 0), truncated to the resumed step so a resume never duplicates rows."""
+    """A CSV of metrics rows (rank 0), truncated to the resumed step so a resume never duplicates rows.
+
+    The truncation rewrites the file atomically, and a row cut short by a kill (fields missing) ends the rows
+    kept: rows up to the checkpoint's step were complete before the checkpoint was written."""
 
     TRAIN_FIELDS = ["step", "epoch", "loss", "lr", "images_per_second", "elapsed_seconds"]
     EVAL_FIELDS = ["step", "set", "accuracy_mean", "accuracy_std", "val_at_far"]
@@ -180,9 +184,11 @@ class MetricsLog:
         rows: list[dict[str, str]] = []
         if resume_step > 0 and path.exists():
             with open(path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as handle:
+                for row in csv.DictReader(handle):
+                    if None in row.values() or not row["step"].isdigit() or int(row["step"]) > resume_step:
+                        break
+                    rows.append(row)
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
@@ -289,6 +295,8 @@ class Trainer:
     def resume(self, source: Path | str | bool = True) -> bool:
         """Load the latest checkpoint of this run (``True``) or a given path; False when there is none."""
         path = latest_checkpoint(self.checkpoint_dir) if source is True else Path(source)
+        if self.ctx.is_main and source is True:
+            remove_partial_writes(self.checkpoint_dir)
         if path is None:
             logger.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
             return False
