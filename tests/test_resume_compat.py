@@ -67,6 +67,7 @@ REFUSED = [
 
 @pytest.mark.parametrize("changes,named", REFUSED, ids=[",".join(c) for c, _ in REFUSED])
 def test_an_incompatible_resume_is_refused_and_changes_nothing(out, changes, named):
+    (out / "run" / "checkpoints" / ".step_00000003.pt.cut.tmp").write_bytes(b"a killed write")  # kept too
     before = _hashes(out)
     trainer = Trainer(_config(out, changes))
     with pytest.raises(ResumeError) as refused:
@@ -96,9 +97,12 @@ def test_the_cli_refuses_in_one_line_with_exit_2_and_leaves_the_run_untouched(ou
 
 def test_more_steps_and_logging_resume_and_are_recorded(out, caplog):
     stored = (out / "run" / "config.yaml").read_text()
+    stale = out / "run" / "checkpoints" / ".step_00000003.pt.cut.tmp"
+    stale.write_bytes(b"a killed write")
     trainer = Trainer(_config(out, ["train.steps=4", "train.log_every=2"]))
     with caplog.at_level(logging.INFO, logger="facesphere.train.compat"):
         assert trainer.resume() and trainer.step == 2
+    assert not stale.exists(), "an accepted resume removes the partial writes of the killed run"
     assert "resuming with changed settings: output_dir " in caplog.text  # the run was copied: safe
     assert "; train.log_every 1 → 2; train.steps 2 → 4" in caplog.text
     result = trainer.fit()

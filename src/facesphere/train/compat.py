@@ -30,8 +30,6 @@ import json
 import logging
 from typing import Any
 
-from pydantic import ValidationError
-
 from facesphere.train.config import ConfigError, ExperimentConfig
 
 logger = logging.getLogger(__name__)
@@ -71,7 +69,7 @@ def _normalised(config: dict[str, Any]) -> dict[str, Any]:
     as stored when it no longer validates, so its odd fields show up as changes."""
     try:
         return ExperimentConfig.model_validate(config).model_dump(mode="json")
-    except (ValidationError, ValueError):
+    except ValueError:  # pydantic's ValidationError among them
         return config
 
 

@@ -295,8 +295,6 @@ class Trainer:
     def resume(self, source: Path | str | bool = True) -> bool:
         """Load the latest checkpoint of this run (``True``) or a given path; False when there is none."""
         path = latest_checkpoint(self.checkpoint_dir) if source is True else Path(source)
-        if self.ctx.is_main and source is True:
-            remove_partial_writes(self.checkpoint_dir)
         if path is None:
             logger.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
             return False
@@ -310,9 +308,11 @@ class Trainer:
         shards = None
         if "sharded" in state:
             saved_world = int(state["sharded"]["world_size"])
-            shards = [_upgrade_shard(load_checkpoint(shard_path(path.parent, int(state["step"]), r, saved_world),
+            shards = [_upgrade_shard(load_checkpoint(shard_path(path.parent, step, r, saved_world),
                                                      self.ctx.device)) for r in range(saved_world)]
         self.load_state_dict(state, shards)
+        if self.ctx.is_main and source is True:  # only once the resume is accepted: a refused one changes nothing
+            remove_partial_writes(self.checkpoint_dir)
         self.config_history = list(state.get("config_history", [])) + (
             [{"until_step": step, "config": stored}] if changes else [])
         logger.info("resumed from %s at step %d", path, self.step)
