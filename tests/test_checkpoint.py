@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from facesphere.models.runs import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
-from facesphere.train.checkpoint import rng_state, save_checkpoint, set_rng_state
+from facesphere.train.checkpoint import remove_partial_writes, rng_state, save_checkpoint, set_rng_state
 
 
 def test_rng_round_trip():
@@ -52,3 +52,15 @@ def test_missing_and_truncated(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+def test_partial_writes_of_a_killed_run_are_removed_and_never_listed(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(2)})
+    stale = [tmp_path / ".step_00000002.pt.k1ll3d.tmp", tmp_path / ".step_00000002.shard-00000-of-00002.pt.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"PK\x03\x04 cut short")
+    (tmp_path / "notes.txt").write_text("kept")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001.pt"]
+    assert remove_partial_writes(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step_00000001.pt"]
+    assert remove_partial_writes(tmp_path / "absent") == 0

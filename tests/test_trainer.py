@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from _training import TORCHRUN, cli, kill_after_first_checkpoint, run, sets
+from _training import TORCHRUN, cli, env, kill_after_first_checkpoint, run, sets
 
+from facesphere.cli.train import _report
 from facesphere.train.config import load_config
-from facesphere.train.trainer import Trainer, read_metrics
+from facesphere.train.trainer import MetricsLog, Trainer, read_metrics
 
 TINY = [
     "model.backbone=mobilefacenet", "model.backbone_args={embedding_size: 64}", "model.head=arcface",
@@ -33,7 +40,88 @@ def test_training_lowers_the_loss_and_writes_artifacts(tmp_path):
     assert result.checkpoint is not None and result.checkpoint.name == "step_00000024.pt"
     assert (tmp_path / "t" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert 0.0 <= result.evaluation["accuracy_mean"] <= 1.0
-    assert list((tmp_path / "t" / "tensorboard").iterdir())
+    assert list((tmp_path / "t" / "tensorboard").iterdir()) and result.tensorboard_dir == tmp_path / "t" / "tensorboard"
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid`` (walking /proc/*/stat parent links): pid -> command name."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if rest[0] != "Z":
+            children.setdefault(int(rest[1]), []).append((int(stat.parent.name), name))
+    found, todo = {}, [pid]
+    while todo:
+        for child, name in children.get(todo.pop(), []):
+            found[child] = name
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="walks /proc")
+def test_sigkill_of_a_training_ends_its_data_workers_forkserver_and_resource_tracker(tmp_path):
+    """The workers start from a forkserver, so torch's own check (is my parent alive?) watches the server, not the
+    trainer; each worker must notice the trainer's death itself, and the server and tracker then see EOF."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    command = cli("train", str(config), *sets(TINY + [f"output_dir={tmp_path}", "name=w", "train.steps=100000",
+                                                      "train.checkpoint_every=100000", "data.num_workers=1"]))
+    proc = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        metrics = tmp_path / "w" / "metrics.csv"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+            assert proc.poll() is None, "the training ended by itself"
+            time.sleep(0.05)
+        children = _descendants(proc.pid)
+        assert len(children) >= 3, f"expected a forkserver, a worker and a resource tracker, found {children}"
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.1)
+        left = {pid: name for pid, name in children.items() if _alive(pid)}
+        assert not left, f"still running 10 s after the trainer was killed: {left}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its session: nothing is left behind if the test fails
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def test_a_resume_keeps_only_complete_metrics_rows_up_to_its_step(tmp_path):
+    """A kill while row 14 was appended left it cut to "1": the resume at step 3 drops it (it used to keep it as a
+    second, empty row of step 1) and rewrites the file atomically."""
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,loss\n1,0.5\n2,0.25\n3,0.125\n1")
+    MetricsLog(path, ["step", "loss"], 3)
+    assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.25", "3,0.125"]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+def test_the_tensorboard_folder_is_reported_only_when_tensorboard_logs(tmp_path, caplog):
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=quiet", "train.steps=1", "model.backbone=sphereface4",
+                                    "model.backbone_args={embedding_size: 16, input_size: [32, 32]}"])
+    off = Trainer(cfg).fit()
+    assert off.tensorboard_dir is None and not (tmp_path / "quiet" / "tensorboard").exists()
+    with caplog.at_level(logging.INFO, logger="facesphere"):
+        _report(off)
+        assert "metrics: " in caplog.text and "TensorBoard" not in caplog.text
+        _report(replace(off, tensorboard_dir=tmp_path))
+        assert f"TensorBoard logs in {tmp_path}" in caplog.text
 
 
 @pytest.mark.slow

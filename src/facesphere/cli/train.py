@@ -48,7 +48,10 @@ def _report(result) -> None:
         if "roc_plot" in ev:
             logger.info("ROC curve: %s", ev["roc_plot"])
     logger.info("checkpoint: %s", result.checkpoint)
-    logger.info("metrics: %s (and TensorBoard logs in %s)", result.run_dir / "metrics.csv", result.run_dir / "tensorboard")
+    if result.tensorboard_dir is not None and result.tensorboard_dir.is_dir():
+        logger.info("metrics: %s (and TensorBoard logs in %s)", result.run_dir / "metrics.csv", result.tensorboard_dir)
+    else:
+        logger.info("metrics: %s", result.run_dir / "metrics.csv")
 
 
 def quickstart(output_dir: Path = typer.Option(Path("runs"), help="where the run folder is created"),

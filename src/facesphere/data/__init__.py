@@ -10,6 +10,9 @@ Random augmentation is a pure function of (seed, epoch, index).
 
 from __future__ import annotations
 
+import functools
+import os
+import time
 from typing import Any
 
 import torch
@@ -92,14 +95,54 @@ def _default_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def _worker_init(worker_id: int) -> None:
-    """One intra-op thread per worker: workers already run in parallel, more threads only oversubscribe.
+def _worker_init(worker_id: int, owner_pid: int | None = None) -> None:
+    """One intra-op thread per worker: workers already run in parallel, more threads only oversubscribe; and the
+    worker ends with the process that owns the loader (``owner_pid``, see :func:`_exit_with`).
 
     No seeding is needed: augmentation is derived from (seed, epoch, index), never from worker state."""
     import cv2
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+    if owner_pid is not None:
+        _exit_with(owner_pid)
+
+
+def _exit_with(pid: int) -> None:
+    """End this process as soon as process ``pid`` has ended, even by kill -9.
+
+    A worker started by a forkserver is the server's child, not its owner's: torch's own check (is my parent
+    alive?) and ``PR_SET_PDEATHSIG`` both watch the server, and the server waits for its last worker, so after
+    a kill -9 of the owner the worker, the server and the resource tracker would all run on. A daemon thread
+    waits on a pidfd of the owner (Linux ≥ 5.3) or polls its pid every second (other POSIX systems); once the
+    worker is gone the server and the tracker read EOF on their pipes and exit. Nothing is done elsewhere."""
+    import select
+    import threading
+
+    if os.name != "posix":
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd on this system (or the owner has already ended: polled below)
+        pidfd = None
+
+    def wait_then_exit() -> None:
+        if pidfd is not None:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)  # readable once the process has ended
+            poller.poll()
+        else:
+            while True:
+                time.sleep(1.0)
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:  # it exists under another user: keep waiting
+                    pass
+        os._exit(1)
+
+    threading.Thread(target=wait_then_exit, name="exit-with-owner", daemon=True).start()
 
 
 def build_loader(
@@ -126,7 +169,7 @@ def build_loader(
         persistent_workers = num_workers > 0
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs["worker_init_fn"] = _worker_init
+        kwargs["worker_init_fn"] = functools.partial(_worker_init, owner_pid=os.getpid())
         kwargs["persistent_workers"] = bool(persistent_workers)
         if prefetch_factor is not None:
             kwargs["prefetch_factor"] = prefetch_factor

@@ -66,6 +66,17 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int = 
     return path
 
 
+def remove_partial_writes(folder: Path) -> int:
+    """Delete the temporary files of checkpoint and shard writes that a killed run left in ``folder`` (call it
+    before training resumes, when nothing writes there); returns how many there were."""
+    stale = list(Path(folder).glob(".step_*.tmp")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d partial checkpoint writes of a killed run from %s", len(stale), folder)
+    return len(stale)
+
+
 def save_shard(folder: Path, step: int, rank: int, world_size: int, state: dict[str, Any]) -> Path:
     """Write one rank's classifier shard atomically."""
     path = shard_path(folder, step, rank, world_size)

@@ -10,7 +10,8 @@ objectives train inside DDP with the backbone; a ``sharded`` objective (Partial 
 with its own optimiser and schedule, and each rank saves its share in shard files that a resume on
 any number of processes re-cuts. Data order and augmentation are pure functions of (seed, epoch,
 index), and the checkpoint stores every RNG state, so ``resume`` continues a killed run step for step.
-Checkpoints keep the backbone under ``model["backbone.*"]`` and the run config under ``config``.
+Checkpoints keep the backbone under ``model["backbone.*"]`` and the run config under ``config``; a resume
+must continue the same experiment (:mod:`facesphere.train.compat` says which settings may change).
 """
 
 from __future__ import annotations
@@ -33,17 +34,19 @@ from facesphere.backbones import Backbone, build_backbone
 from facesphere.objectives import Objective, ObjectiveContext, build_objective
 from facesphere.models.runs import latest_checkpoint, load_checkpoint
 from facesphere.train.checkpoint import (
+    remove_partial_writes,
     rng_state,
     save_checkpoint,
     save_shard,
     set_rng_state,
     shard_path,
 )
+from facesphere.train.compat import check_resume
 from facesphere.train.config import ExperimentConfig, dump_config
 from facesphere.train.data_setup import build_eval_set, build_train_set
 from facesphere.train.distributed import DistContext, all_reduce_mean, convert_batchnorm, init_distributed
 from facesphere.train.schedules import build_scheduler
-from facesphere.utils.files import atomic_write_text
+from facesphere.utils.files import atomic_path, atomic_write_text
 from facesphere.utils.machine import describe_machine
 
 logger = logging.getLogger(__name__)
@@ -163,10 +166,14 @@ class TrainResult:
     images_per_second: float
     evaluation: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
+    tensorboard_dir: Path | None = None  # set only when TensorBoard logs were written
 
 
 class MetricsLog:
-    """A CSV of metrics rows (rank 0), truncated to the resumed step so a resume never duplicates rows."""
+    """A CSV of metrics rows (rank 0), truncated to the resumed step so a resume never duplicates rows.
+
+    The truncation rewrites the file atomically, and a row cut short by a kill (fields missing) ends the rows
+    kept: rows up to the checkpoint's step were complete before the checkpoint was written."""
 
     TRAIN_FIELDS = ["step", "epoch", "loss", "lr", "images_per_second", "elapsed_seconds"]
     EVAL_FIELDS = ["step", "set", "accuracy_mean", "accuracy_std", "val_at_far"]
@@ -177,9 +184,11 @@ class MetricsLog:
         rows: list[dict[str, str]] = []
         if resume_step > 0 and path.exists():
             with open(path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as handle:
+                for row in csv.DictReader(handle):
+                    if None in row.values() or not row["step"].isdigit() or int(row["step"]) > resume_step:
+                        break
+                    rows.append(row)
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
@@ -227,6 +236,7 @@ class Trainer:
         self.amp_dtype = resolve_amp(cfg.train.amp, self.ctx.device)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
+        self.config_history: list[dict[str, Any]] = []  # earlier configs of this run (see facesphere.train.compat)
 
     def _check_targets(self) -> None:
         """Every objective's targets must be among the data set's ``target_names`` (when it declares them)."""
@@ -250,6 +260,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "config": self.cfg.model_dump(mode="json"),
+            "config_history": self.config_history,
             "num_classes": self.train_set.num_classes,
         }
         if self.sharded:
@@ -288,12 +299,22 @@ class Trainer:
             logger.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
             return False
         state = _upgrade_checkpoint(load_checkpoint(path, self.ctx.device))
+        stored, step = state.get("config"), int(state["step"])
+        if stored is None:
+            logger.warning("%s holds no config: the resume cannot check that it continues the same experiment", path)
+            changes = {}
+        else:
+            changes = check_resume(stored, self.cfg, step, str(path))
         shards = None
         if "sharded" in state:
             saved_world = int(state["sharded"]["world_size"])
-            shards = [_upgrade_shard(load_checkpoint(shard_path(path.parent, int(state["step"]), r, saved_world),
+            shards = [_upgrade_shard(load_checkpoint(shard_path(path.parent, step, r, saved_world),
                                                      self.ctx.device)) for r in range(saved_world)]
         self.load_state_dict(state, shards)
+        if self.ctx.is_main and source is True:  # only once the resume is accepted: a refused one changes nothing
+            remove_partial_writes(self.checkpoint_dir)
+        self.config_history = list(state.get("config_history", [])) + (
+            [{"until_step": step, "config": stored}] if changes else [])
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -427,7 +448,8 @@ class Trainer:
         wall = time.perf_counter() - start_time
         checkpoint = self.save()
         trained_images = (self.step - start_step) * cfg.data.batch_size
-        result = TrainResult(self.run_dir, self.step, loss_value, wall, trained_images / max(wall, 1e-9), checkpoint=checkpoint)
+        result = TrainResult(self.run_dir, self.step, loss_value, wall, trained_images / max(wall, 1e-9), checkpoint=checkpoint,
+                             tensorboard_dir=Path(writer.log_dir) if writer is not None else None)
         if cfg.eval.enabled:
             result.evaluation = self._evaluate(writer, plot=True)
         if writer is not None:
