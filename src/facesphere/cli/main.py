@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import typer
 
@@ -15,6 +16,7 @@ from facesphere.cli import models as model_commands
 from facesphere.cli import models_import
 from facesphere.cli import serve as serve_commands
 from facesphere.cli import train as train_commands
+from facesphere.cli.errors import run_app
 
 app = typer.Typer(name="facesphere", help="Face recognition on the hypersphere: train, evaluate and inspect models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -37,19 +39,25 @@ app.add_typer(gallery_commands.app, name="gallery")
 def setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
           default_malloc: bool = typer.Option(False, "--default-malloc",
                                               help="keep glibc's default malloc thresholds (slower eager training)")) -> None:
-    """Set up logging and tune glibc malloc (large mmap/trim thresholds) before any work starts."""
+    """Set up logging (rich on a terminal, plain lines otherwise) and tune glibc malloc (large mmap/trim
+    thresholds) before any work starts."""
     from rich.console import Console
     from rich.logging import RichHandler
 
     from facesphere.utils.allocator import tune_malloc
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+        fmt, datefmt = "%(message)s", "[%X]"
+    else:  # a log file or a pipe: one plain line per record, never wrapped at a console width
+        handler, fmt, datefmt = logging.StreamHandler(sys.stderr), "%(asctime)s %(levelname)s %(message)s", "%X"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, datefmt=datefmt, handlers=[handler],
                         force=True)  # stderr: stdout carries JSON results
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried is not news
     if not default_malloc:
         tune_malloc()
 
 
-def main() -> None:
-    app()
+def main(args: list[str] | None = None) -> None:
+    """The ``facesphere`` command: every refusal is one line on stderr with exit code 2 (``cli.errors.run_app``)."""
+    sys.exit(run_app(app, args))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facesphere.utils.files import check_text_size, not_text
+
 __all__ = ["read_pairs_csv"]
 
 _TRUE = {"1", "true", "t", "yes", "y", "same", "genuine", "match", "matched", "positive"}
@@ -30,6 +32,14 @@ def _label(token: str) -> bool | None:
     return True if t in _TRUE else False if t in _FALSE else None
 
 
+def _decoded(reader, path: Path):
+    """The CSV rows; a byte that is not UTF-8 is an error naming the file."""
+    try:
+        yield from reader
+    except UnicodeDecodeError as error:
+        raise not_text(path, error) from None
+
+
 def read_pairs_csv(path: str | os.PathLike, root: str | os.PathLike | None = None, check: bool = True
                    ) -> tuple[list[Path], list[Path], np.ndarray, np.ndarray | None]:
     """Parse ``path1,path2,same[,fold]`` rows: (paths1, paths2, same, folds or None).
@@ -48,9 +58,9 @@ def read_pairs_csv(path: str | os.PathLike, root: str | os.PathLike | None = Non
     folds: list[int] = []
     first = True
     has_fold: bool | None = None
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with check_text_size(path).open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
-        for row in reader:
+        for row in _decoded(reader, path):
             line = reader.line_num
             fields = [f.strip() for f in row]
             if not fields or all(not f for f in fields) or fields[0].startswith("#"):

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash never leaves a half-written checkpoint, results file or plot."""
+"""Atomic file writes (a crash never leaves a half-written checkpoint, results file or plot), and the size check
+that comes before reading a user's text file whole."""
 
 from __future__ import annotations
 
@@ -36,3 +37,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (``atomic_path``)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+MAX_TEXT_BYTES = 256 * 2**20  # a list, pairs or key file larger than this is not one
+
+
+def check_text_size(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> Path:
+    """``path`` when its size fits ``limit``; a ValueError naming it otherwise, before a byte is read (a huge or
+    sparse file would otherwise be read whole into memory)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > limit:
+        raise ValueError(f"{path}: {size:,} bytes is too large for a text file (at most {limit:,})")
+    return path
+
+
+def not_text(path: str | os.PathLike, error: UnicodeDecodeError) -> ValueError:
+    """The error for a text input that does not decode, naming the file (the codec's message does not)."""
+    return ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})")
