@@ -94,6 +94,8 @@ COMMANDS: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {
                     "--width", "16"], {"output": ("out_dir", "{out_dir}")}),
     "data pack": (["data", "pack", "{people}", "{out_dir}"], {
         "folder": ("folder", "{people}"), "out_dir": ("out_dir", "{out_dir}")}),
+    "data remap-list": (["data", "remap-list", "{list}", "{out}"], {
+        "list_file": ("list", "{list}"), "out": ("out_file", "{out}")}),
     "data inspect": (["data", "inspect", "{rec}", "--samples", "2"], {
         "path": ("records", "{rec}"), "sheet": ("out_file", "--sheet")}),
     "gallery enrol": (["gallery", "enrol", "{gallery}", "{people}", "--model", "{model}", *DETECTOR], {
@@ -125,6 +127,7 @@ CLASSES = {
     "new_gallery": ("empty", "truncated", "wrong_format", "huge_file", "directory"),  # a missing one is created
     "config": ("missing", "empty", "wrong_format", "huge_file", "directory"),
     "text": ("missing", "empty", "wrong_format", "huge_file", "directory"),
+    "list": ("missing", "empty", "wrong_format", "huge_file", "directory"),
     "threshold": ("missing", "empty", "wrong_format", "huge_file", "directory"),
     "pairs": ("missing", "empty", "wrong_format", "huge_file", "directory"),
     "folder": ("missing", "empty", "not_a_folder"),
@@ -133,7 +136,7 @@ CLASSES = {
 }
 SUFFIX = {"image": ".jpg", "batch_image": ".jpg", "detector_weights": ".pth", "landmarker": ".onnx", "model": ".pt",
           "checkpoint": ".ckpt", "bin": ".bin", "records": ".rec", "gallery": ".db", "new_gallery": ".db",
-          "config": ".yaml", "text": ".txt", "threshold": ".json", "pairs": ".csv", "folder": "", "out_file": ".json",
+          "config": ".yaml", "text": ".txt", "list": ".txt", "threshold": ".json", "pairs": ".csv", "folder": "", "out_file": ".json",
           "out_dir": ""}
 SUBPROCESS_CLASSES = {"huge_file", "huge_declared"}
 # A batch command over image inputs exits 1 when none could be read (the JSON lists why): the documented contract.
@@ -145,8 +148,6 @@ C_WHOLE = "C: data/images.py load_image reads the whole file before any size che
 C_FOLDER = "C: 'no images found in the inputs' does not name the folder given (cli/faces.py _sources)"
 B_WAL = "B: opening a corrupt database leaves -wal/-shm files next to it (a read must not write)"
 B_EMPTY = "B: a 0-byte file is taken as a new gallery (exit 0, the file becomes a gallery)"
-A2_EMPTY = "A2: an empty YAML file is accepted as the default config"
-A2_TEXT = "A2: a config that is not UTF-8 is refused with the codec's message, not naming the file"
 XFAIL: dict[tuple[str, str, str], str] = {
     ("detect", "inputs", "huge_file"): C_WHOLE,
     ("verify", "image1", "huge_file"): C_WHOLE,
@@ -162,13 +163,7 @@ XFAIL: dict[tuple[str, str, str], str] = {
     ("serve", "api_keys", "wrong_format"): "B: a key file that is not UTF-8 is refused with the codec's message, "
                                            "not naming the file",
     ("serve", "api_keys", "huge_file"): "B: service/settings.py read_api_keys reads the whole file (MemoryError)",
-    ("train", "config", "empty"): A2_EMPTY + ": it trains (minutes), so the row is not run",
-    ("config", "config", "empty"): A2_EMPTY + " (prints the defaults, exit 0)",
-    ("train", "config", "wrong_format"): A2_TEXT,
-    ("config", "config", "wrong_format"): A2_TEXT,
-    ("train", "config", "huge_file"): "A2: train/config.py _read_yaml reads the whole file (MemoryError)",
 }
-NOT_RUN = {("train", "config", "empty")}  # an xfail that would train for minutes; strict once A2's fix lands
 
 
 class Row(NamedTuple):
@@ -206,7 +201,7 @@ SUBPROCESS_PROOF = {next(r for r in ROWS if r.command == c).id
 def _params(rows: list[Row]):
     for row in rows:
         key = (row.command, row.param, row.bad)
-        marks = [pytest.mark.xfail(strict=True, run=key not in NOT_RUN, reason=XFAIL[key])] if key in XFAIL else []
+        marks = [pytest.mark.xfail(strict=True, reason=XFAIL[key])] if key in XFAIL else []
         yield pytest.param(row, id=row.id, marks=marks)
 
 
@@ -254,6 +249,8 @@ def valid(tmp_path_factory) -> dict[str, Path]:
     files["threshold"] = root / "threshold.json"
     (root / "keys.txt").write_text("k" * 40 + "\n")
     files["keys"] = root / "keys.txt"
+    (root / "list.txt").write_text("".join(f"people/{n}/{k}.png {7 * (n == 'bob')}\n" for n in ("alice", "bob") for k in range(2)))
+    files["list"] = root / "list.txt"
     other = require_data(OTHER_IMAGE)
     (root / "pairs.csv").write_text(f"{files['image']},{files['image']},1\n{files['image']},{other},0\n"
                                     f"{other},{files['image']},0\n")  # FAR 0.5 needs two impostor pairs
@@ -277,7 +274,7 @@ def _real(valid: dict[str, Path], kind: str) -> Path:
     return {"image": valid["image"], "batch_image": valid["image"], "detector_weights": valid["retinaface"],
             "landmarker": valid["pfld"], "model": valid["model"] / "model.safetensors", "checkpoint": valid["xiaoccer"],
             "bin": valid["bin"], "records": valid["rec"] / "train.rec", "gallery": valid["gallery"],
-            "new_gallery": valid["gallery"], "config": valid["config"], "text": valid["keys"],
+            "new_gallery": valid["gallery"], "config": valid["config"], "text": valid["keys"], "list": valid["list"],
             "threshold": valid["threshold"], "pairs": valid["pairs"]}[kind]
 
 

@@ -13,22 +13,24 @@ import numpy as np
 
 from facesphere.data.folders import ImageFilesDataset
 from facesphere.data.images import DEFAULT_MAX_PIXELS
-from facesphere.utils.files import atomic_write_text
+from facesphere.utils.files import atomic_write_text, check_text_size
 
 logger = logging.getLogger(__name__)
 
 _LABEL = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take "1_000" and other scripts' digits
 _MAX_LABEL = 2**63 - 1  # labels are int64
+MAX_LIST_BYTES = 2 << 30  # MS1M's 5.8M lines fit many times over; a larger file is not a list
 
 
 class ListFileError(ValueError):
-    """A list file line that cannot be parsed; the message names the file and the line number."""
+    """A list file (or one of its lines) that cannot be used; the message names the file and the line number
+    (``line`` 0: the whole file)."""
 
     def __init__(self, list_file: str | os.PathLike, line: int, reason: str) -> None:
         self.list_file = str(list_file)
         self.line = line
         self.reason = reason
-        super().__init__(f"{self.list_file}:{line}: {reason}")
+        super().__init__(f"{self.list_file}{f':{line}' if line else ''}: {reason}")
 
     def __reduce__(self):
         return (type(self), (self.list_file, self.line, self.reason))
@@ -47,6 +49,10 @@ def parse_list_file(list_file: str | os.PathLike) -> list[tuple[str, int]]:
 def _numbered_entries(list_file: str | os.PathLike) -> list[tuple[int, str, int]]:
     """``parse_list_file`` with each entry's line number first."""
     list_file = Path(list_file)
+    try:
+        check_text_size(list_file, MAX_LIST_BYTES)
+    except ValueError as error:
+        raise ListFileError(list_file, 0, str(error).removeprefix(f"{list_file}: ")) from None
     raw = list_file.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -96,6 +102,8 @@ def remap_list_file(source: str | os.PathLike, target: str | os.PathLike) -> int
     (each line keeps its old label as a ``# label <old>`` comment); returns N. For sparse label sets whose
     largest label would size the classifier far beyond the classes in use."""
     entries = parse_list_file(source)
+    if not entries:
+        raise ListFileError(source, 0, "no entries")
     new = {old: i for i, old in enumerate(sorted({label for _, label in entries}))}
     atomic_write_text(target, "".join(f"{path} {new[label]}  # label {label}\n" for path, label in entries))
     logger.info("%s: %d entries, labels up to %d renumbered 0..%d", target, len(entries), max(new, default=-1), len(new) - 1)

@@ -17,7 +17,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from facesphere.utils.files import check_text_size, not_text
 from facesphere.utils.overrides import apply_overrides, load_yaml
+
+MAX_CONFIG_BYTES = 4 << 20  # a config is a page of YAML; a larger file is a wrong path, not a config
 
 
 class Strict(BaseModel):
@@ -367,15 +370,17 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config {str(source)!r} is a directory, not a YAML file")
     elif path.exists():
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise ConfigError(f"{source}: not UTF-8 text (byte {error.start})") from None
+            text = check_text_size(path, MAX_CONFIG_BYTES).read_text(encoding="utf-8")
+        except ValueError as error:  # too large, or not UTF-8
+            raise ConfigError(str(not_text(path, error) if isinstance(error, UnicodeDecodeError) else error)) from None
     else:
         raise ConfigError(f"config {str(source)!r} is neither a file nor a built-in ({', '.join(builtin_config_names())})")
     try:
-        data = load_yaml(text) or {}
+        data = load_yaml(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: not valid YAML: {error}") from None
+    if data is None:  # an empty file, or only comments: surely not meant as "all defaults"
+        raise ConfigError(f"{source}: the config file holds no settings (a built-in name, e.g. quickstart, gives defaults)")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     return data
