@@ -149,10 +149,23 @@ def _read_checked(path: Path, max_bytes: int | None) -> bytes:
     return data
 
 
-def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int | None, data: bytes | None = None) -> np.ndarray:
-    """The checks and decoding both loaders share; "unrecognised format" is left to the caller to word.
+def declared_size(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) an encoded image declares, from its header only (no pixel decoded), refused exactly as
+    ``load_image_bytes`` refuses it before decoding; ``name`` labels errors."""
+    if not data:
+        raise ImageError(name, "empty image data")
+    try:
+        return _decode(io.BytesIO(data), Path(name), max_pixels, header_only=True)
+    except UnidentifiedImageError:
+        raise ImageError(name, "not a recognised image format") from None
 
-    ``data`` (the encoded bytes, when in memory) enables the OpenCV JPEG path after the header checks."""
+
+def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int | None, data: bytes | None = None,
+            header_only: bool = False) -> np.ndarray | tuple[int, int]:
+    """The checks and decoding all loaders share; "unrecognised format" is left to the caller to word.
+
+    ``data`` (the encoded bytes, when in memory) enables the OpenCV JPEG path after the header checks;
+    ``header_only`` returns the checked (height, width) without decoding a pixel."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its limit; treat that as a refusal too.
@@ -165,6 +178,8 @@ def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int | None, data:
                     raise ImageTooLarge(
                         path, f"declared size {width}x{height} exceeds the limit of {max_pixels} pixels (decompression bomb?)"
                     )
+                if header_only:
+                    return height, width
                 if data is not None and JPEG_DECODER == "opencv":
                     array = _decode_jpeg_opencv(image, data)
                     if array is not None:

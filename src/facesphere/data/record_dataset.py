@@ -17,20 +17,19 @@ import logging
 import os
 import statistics
 import time
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from facesphere.data.folders import (
     IMAGE_EXTENSIONS,
     EncodedImagesDataset,
     ImageFolderDataset,
 )
-from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, load_image_bytes
+from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, declared_size, load_image_bytes
 from facesphere.data.lists import too_sparse
 from facesphere.data.recordio import (
     IRHeader,
@@ -235,29 +234,6 @@ def image_format(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
     return "unknown"
-
-
-def declared_size(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(height, width) an encoded image declares, read from its header only (no pixel decoded), refused as
-    ``load_image_bytes`` refuses it before decoding: ``ImageTooLarge`` above ``max_pixels`` or Pillow's
-    decompression-bomb limit, ``ImageError`` for an unreadable or empty header. ``name`` labels errors."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as header:
-                width, height = header.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageTooLarge(name, f"refused as a decompression bomb: {error}") from None
-    except UnidentifiedImageError:
-        raise ImageError(name, "not a recognised image format" if data else "empty image data") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageError(name, f"cannot read the image header: {error or type(error).__name__}") from None
-    if width <= 0 or height <= 0:
-        raise ImageError(name, f"zero-size image ({width}x{height})")
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageTooLarge(name, f"declared size {width}x{height} exceeds the limit of {max_pixels} pixels "
-                                  "(decompression bomb?)")
-    return height, width
 
 
 def _encode(image: np.ndarray, fmt: str, quality: int) -> bytes:
