@@ -141,14 +141,11 @@ BATCH_EXIT_ONE = {"batch_image": {"missing", "empty", "truncated", "wrong_format
 
 # Rows that fail because of a defect in a file owned by another part of the work: strict, so the fix turns them red
 # and the mark is removed.
-C_FOLDER = "C: 'no images found in the inputs' does not name the folder given (cli/faces.py _sources)"
 B_WAL = "B: opening a corrupt database leaves -wal/-shm files next to it (a read must not write)"
 B_EMPTY = "B: a 0-byte file is taken as a new gallery (exit 0, the file becomes a gallery)"
 A2_EMPTY = "A2: an empty YAML file is accepted as the default config"
 A2_TEXT = "A2: a config that is not UTF-8 is refused with the codec's message, not naming the file"
 XFAIL: dict[tuple[str, str, str], str] = {
-    **{(command, "inputs", "directory"): C_FOLDER for command in ("detect", "align", "embed", "draw")},
-    ("align", "out", "unwritable"): "C: --out is checked after the crops are written (crops left in --out-dir)",
     ("serve", "gallery", "empty"): B_EMPTY,
     ("gallery enrol", "gallery", "empty"): B_EMPTY,
     **{(command, "gallery", "truncated"): B_WAL
