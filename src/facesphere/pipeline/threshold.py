@@ -8,7 +8,6 @@ scores of another model.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
