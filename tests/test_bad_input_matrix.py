@@ -144,17 +144,9 @@ BATCH_EXIT_ONE = {"batch_image": {"missing", "empty", "truncated", "wrong_format
 
 # Rows that fail because of a defect in a file owned by another part of the work: strict, so the fix turns them red
 # and the mark is removed.
-C_WHOLE = "C: data/images.py load_image reads the whole file before any size check (MemoryError traceback)"
-C_FOLDER = "C: 'no images found in the inputs' does not name the folder given (cli/faces.py _sources)"
 B_WAL = "B: opening a corrupt database leaves -wal/-shm files next to it (a read must not write)"
 B_EMPTY = "B: a 0-byte file is taken as a new gallery (exit 0, the file becomes a gallery)"
 XFAIL: dict[tuple[str, str, str], str] = {
-    ("detect", "inputs", "huge_file"): C_WHOLE,
-    ("verify", "image1", "huge_file"): C_WHOLE,
-    **{(command, "inputs", "directory"): C_FOLDER for command in ("detect", "align", "embed", "draw")},
-    ("align", "out", "unwritable"): "C: --out is checked after the crops are written (crops left in --out-dir)",
-    ("verify", "threshold", "huge_file"): "C: pipeline/threshold.py Threshold.load reads the whole file (MemoryError)",
-    ("eval", "data", "huge_file"): "C: evaluate/binsets.py read_bin reads the whole file (MemoryError)",
     ("serve", "gallery", "empty"): B_EMPTY,
     ("gallery enrol", "gallery", "empty"): B_EMPTY,
     **{(command, "gallery", "truncated"): B_WAL

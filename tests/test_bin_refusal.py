@@ -52,5 +52,19 @@ def test_cli_eval_refuses_a_bad_bin_in_one_line(tmp_path, model, kind):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     log = " ".join(done.stderr.split())  # the log handler wraps long lines
-    assert "Traceback" not in log and log.count("ERROR") == 1 and "evil.bin:" in log.split("ERROR")[1], log
+    assert "Traceback" not in log and log.count("error: ") == 1 and "evil.bin:" in log.split("error: ")[1], log
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_huge_or_overdeclared_bin_is_refused_before_it_is_read(tmp_path):
+    """A sparse file over the size cap is refused from its size; a BINBYTES8 item declaring more than the image
+    cap (or than the file holds) is refused by the streamed read, not allocated and read."""
+    path = tmp_path / "huge.bin"
+    with path.open("wb") as handle:
+        handle.truncate(2**20)
+    with pytest.raises(BinFormatError, match="too large for a .bin file"):
+        read_bin(path, max_bytes=2**20 - 1)
+    path.write_bytes(b"\x80\x04\x8e" + (2**27).to_bytes(8, "little") + b"abc")  # declares 128 MB, holds 3 bytes
+    with pytest.raises(BinFormatError, match="exceeds the .* limit of one image") as caught:
+        read_bin(path)
+    assert str(path) in str(caught.value)

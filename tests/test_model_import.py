@@ -564,7 +564,7 @@ def test_import_command(tmp_path, caplog):
     _, card = load_model(tmp_path / "y1", expected=InputSpec.facesphere())
     assert card.name == "mobilefacenet_insightface_y1"
     again = runner.invoke(app, ["import", str(folder), str(tmp_path / "y1")])
-    assert again.exit_code == 2 and "pass --overwrite to replace it" in caplog.text
+    assert again.exit_code == 2 and "pass --overwrite to replace it" in again.output + caplog.text
 
 
 def test_import_accepts_the_symbol_file_the_folder_or_the_params(y1):

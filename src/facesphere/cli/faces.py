@@ -9,8 +9,10 @@ Weights are given by path: nothing is downloaded.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -85,6 +87,22 @@ def _exit_unless_any_read(results) -> None:
         raise typer.Exit(code=1)
 
 
+def _check_writable(out: Path | None) -> None:
+    """Refuse an output file that cannot be written before any work is done, so a refusal leaves nothing behind
+    (an unnamed temporary file probes the folder: nothing appears in it)."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(out))
+    folder = out.absolute().parent
+    while not folder.exists():  # the write creates missing folders: probe the first one that exists
+        folder = folder.parent
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror, str(out)) from None
+
+
 def _sources(inputs: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
     """The image files of ``inputs`` and a JSON entry per folder entry left out (with the reason)."""
     from facesphere.pipeline import input_sources
@@ -93,7 +111,7 @@ def _sources(inputs: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
     sources = input_sources(inputs, skipped)
     if not sources:
         why = f" ({len(skipped)} entries skipped: {skipped[0].path}: {skipped[0].reason}, ...)" if skipped else ""
-        raise ValueError(f"no images found in the inputs{why}")
+        raise ValueError(f"no images found in {', '.join(map(str, inputs))}{why}")
     return sources, [item.to_dict() for item in skipped]
 
 
@@ -105,6 +123,7 @@ def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_we
            threads: Optional[int] = ThreadsOpt, out: Optional[Path] = OutOpt) -> None:
     """Faces in each image: box, score, 5 landmarks (and the landmarker's outputs, e.g. landmarks68), as JSON."""
     with user_errors():
+        _check_writable(out)
         analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68,
                                        detector_options=detector_option, landmarker=landmarker,
                                        landmarker_weights=landmarker_weights, score_threshold=score,
@@ -129,6 +148,7 @@ def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-
     from facesphere.pipeline.drawing import write_png
 
     with user_errors():
+        _check_writable(out)
         analyzer = analyzer_from_flags(detector, detector_weights, model,
                                        detector_options=detector_option, score_threshold=score, min_face_size=min_face,
                                        max_faces=max_faces, threads=threads, alignment=None if model else alignment)
@@ -157,6 +177,7 @@ def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model"
           out: Optional[Path] = OutOpt) -> None:
     """Unit-length embeddings of every face, with boxes and landmarks, as JSON."""
     with user_errors():
+        _check_writable(out)
         analyzer = analyzer_from_flags(detector, detector_weights, model,
                                        detector_options=detector_option, score_threshold=score, min_face_size=min_face,
                                        max_faces=max_faces, threads=threads, flip=flip)
@@ -180,6 +201,7 @@ def verify(image1: Path = typer.Argument(..., help="first photo"), image2: Path 
     from facesphere.pipeline import pick_face
 
     with user_errors():
+        _check_writable(out)
         analyzer = analyzer_from_flags(detector, detector_weights, model,
                                        detector_options=detector_option, threads=threads, flip=flip,
                                        threshold=threshold)
@@ -235,6 +257,7 @@ def calibrate(pairs: Path = typer.Argument(..., help="CSV of path1,path2,same (1
     from facesphere.pipeline import calibrate_threshold
 
     with user_errors():
+        _check_writable(out)
         paths1, paths2, labels, _ = read_pairs_csv(pairs)
         analyzer = analyzer_from_flags(detector, detector_weights, model,
                                        detector_options=detector_option, threads=threads, flip=flip)

@@ -17,7 +17,6 @@ object arrays, latin-1 text only) and never calls into numpy; every other global
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import pickle
@@ -25,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from facesphere.data.images import DEFAULT_MAX_PIXELS, load_image_bytes
+from facesphere.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_image_bytes
 from facesphere.data.transforms import resize_to
 
 logger = logging.getLogger(__name__)
+
+MAX_BIN_BYTES = 4 * 2**30  # the real sets (LFW, CFP, AgeDB) are 0.1-0.5 GB; larger is a wrong or hostile file
 
 __all__ = [
     "BinFormatError",
@@ -166,11 +167,41 @@ class BinUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"refusing persistent id {pid!r}")
 
 
-def _safe_loads(data: bytes, source: str):
+class _BoundedReader:
+    """The file as the unpickler reads it: one read may ask for at most ``max_item`` bytes and never more than the
+    file still holds, so a declared length (BINBYTES8, a huge array) is refused before it is allocated."""
+
+    def __init__(self, handle, size: int, max_item: int) -> None:
+        self._handle, self._left, self._max_item = handle, size, max_item
+
+    def _take(self, n: int) -> int:
+        if n > self._max_item:
+            raise BinFormatError(f"an item of {n:,} bytes exceeds the {self._max_item:,}-byte limit of one image")
+        if n > self._left:
+            raise BinFormatError(f"an item of {n:,} bytes runs past the end of the file")
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._handle.read(self._take(self._left if n is None or n < 0 else min(n, self._left)))
+        self._left -= len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        count = self._handle.readinto(memoryview(buffer)[: self._take(len(buffer))])
+        self._left -= count
+        return count
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._handle.readline(min(self._max_item, self._left) if limit is None or limit < 0 else limit)
+        self._left -= len(line)
+        return line
+
+
+def _safe_load(handle, size: int, source: str, max_item: int):
     try:
-        return BinUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except UnsafePickleError as error:
-        raise UnsafePickleError(f"{source}: {error}") from None
+        return BinUnpickler(_BoundedReader(handle, size, max_item), encoding="bytes").load()
+    except (UnsafePickleError, BinFormatError) as error:
+        raise type(error)(f"{source}: {error}") from None
     except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
             KeyError, OverflowError, MemoryError, RecursionError, UnicodeDecodeError) as error:
         raise BinFormatError(f"{source}: not a readable pickle ({type(error).__name__}: {error})") from None
@@ -187,16 +218,23 @@ def _as_bytes(item, index: int, source: str) -> bytes:
     raise BinFormatError(f"{source}: image {index} is a {type(item).__name__}, expected encoded image bytes")
 
 
-def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
-    """The encoded images (2·N byte strings) and ``issame`` (N bools) of a ``.bin``, safely unpickled."""
+def read_bin(path: str | os.PathLike, max_bytes: int | None = MAX_BIN_BYTES,
+             max_image_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[bytes], np.ndarray]:
+    """The encoded images (2·N byte strings) and ``issame`` (N bools) of a ``.bin``, safely unpickled.
+
+    The pickle is streamed from the file; a file over ``max_bytes`` (None: no limit) or an image declared over
+    ``max_image_bytes`` is refused before it is read."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise BinFormatError(f"{path}: {size:,} bytes is too large for a .bin file (at most {max_bytes:,})")
+            obj = _safe_load(handle, size, str(path), max_image_bytes)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such .bin file") from None
     except OSError as error:  # a folder, no permission, an I/O error
         raise BinFormatError(f"{path}: cannot read ({error.strerror or error})") from None
-    obj = _safe_loads(data, str(path))
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise BinFormatError(f"{path}: expected a (bins, issame) pair, got {type(obj).__name__}")
     bins, issame = obj

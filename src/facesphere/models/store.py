@@ -276,10 +276,13 @@ def _new_folder(folder: Path) -> Iterator[Path]:
     ``folder``'s place (:func:`_replace_folder`). On failure ``folder`` is left as it was."""
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} exists and is not a folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _recover(folder)
     tmp = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.new"
-    tmp.mkdir()  # the usual permissions (umask), unlike mkdtemp's 0700
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _recover(folder)
+        tmp.mkdir()  # the usual permissions (umask), unlike mkdtemp's 0700
+    except OSError as error:  # name the folder the user gave, not the temporary sibling
+        raise type(error)(error.errno, error.strerror, str(folder)) from None
     try:
         yield tmp
         for entry in tmp.iterdir():

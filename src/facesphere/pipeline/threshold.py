@@ -8,12 +8,11 @@ scores of another model.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from facesphere.utils.files import atomic_write_text
+from facesphere.utils.files import atomic_write_text, check_text_size, not_text
 from facesphere.utils.roc import decide, tar_at_far, threshold_at_far
 
 
@@ -53,8 +52,14 @@ class Threshold(BaseModel):
     @classmethod
     def load(cls, path: str | os.PathLike) -> Threshold:
         try:
-            return cls.model_validate_json(Path(path).read_text())
-        except (OSError, ValueError) as error:
+            text = check_text_size(path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise not_text(path, error) from None
+        except OSError as error:
+            raise ValueError(f"{path}: cannot read the threshold file ({error.strerror or error})") from None
+        try:
+            return cls.model_validate_json(text)
+        except ValueError as error:
             raise ValueError(f"{path}: not a facesphere threshold file ({error})") from None
 
 
