@@ -157,8 +157,8 @@ def _library_calls(path):
         finally:
             live.close()
 
-    def each(call):
-        with Gallery(path) as g:
+    def each(call, card=None):
+        with Gallery(path, card) as g:
             call(g)
 
     return {
@@ -166,7 +166,8 @@ def _library_calls(path):
         "get": lambda: each(lambda g: g.get("person03")),
         "templates": lambda: each(lambda g: g.identity_templates()),
         "add": lambda: each(lambda g: g.enrol("person03", _unit(np.random.default_rng(1), 1, 256))),
-        "enrol with card": lambda: Gallery(path, _card(dim=256)).enrol("new", _unit(np.random.default_rng(1), 1, 256)),
+        "enrol with card": lambda: each(lambda g: g.enrol("new", _unit(np.random.default_rng(1), 1, 256)),
+                                        _card(dim=256)),
         "remove": lambda: each(lambda g: g.remove("person03")),
         "update": lambda: each(lambda g: g.update("person03", {"a": 1})),
         "check": lambda: open_live_gallery(path).check(),
@@ -183,6 +184,7 @@ def test_a_damaged_gallery_is_a_typed_error_for_every_library_call_and_stays_unc
             call()
         assert str(path) in str(caught.value) and "\n" not in str(caught.value), (name, caught.value)
         assert _digest(path) == before, f"{name} changed the damaged file"
+        assert sorted(tmp_path.iterdir()) == [path], f"{name} left files next to the damaged one: {sorted(tmp_path.iterdir())}"
 
 
 @pytest.mark.parametrize("kind", DAMAGE)

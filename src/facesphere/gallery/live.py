@@ -28,8 +28,15 @@ def open_live_gallery(path: str | os.PathLike, card: ModelCard | None = None, ki
                       **index_options) -> LiveGallery:
     """The gallery database at ``path`` with its search index: created for ``card`` when missing; an
     existing one is checked against ``card`` (``GalleryError`` when its templates are of another model).
-    Without ``card`` the gallery must exist (:class:`~facesphere.gallery.store.GalleryNotFound`)."""
-    return LiveGallery(Gallery(path, card), kind=kind, storage=storage, **index_options)
+    Without ``card`` the gallery must exist (:class:`~facesphere.gallery.store.GalleryNotFound`). When the index
+    cannot be built (damaged template pages), the store is closed again: its connection would otherwise keep the
+    database's -wal/-shm files next to it."""
+    gallery = Gallery(path, card)
+    try:
+        return LiveGallery(gallery, kind=kind, storage=storage, **index_options)
+    except BaseException:
+        gallery.close()
+        raise
 
 
 class LiveGallery:

@@ -119,12 +119,51 @@ def _card_key(card: ModelCard) -> dict[str, Any]:
             "weights_sha256": card.weights_sha256}
 
 
+SQLITE_MAGIC = b"SQLite format 3\0"
+SIDECARS = ("-wal", "-shm")  # the files SQLite creates next to a WAL-mode database when it is opened
+
+
+def _check_header(path: Path) -> None:
+    """Raise ``GalleryUnusable`` when ``path`` (not empty) is not an SQLite database or is shorter than its header
+    declares, read as plain bytes: SQLite would refuse it only after creating the -wal/-shm files of a WAL-mode
+    database. The declared size is trusted only when valid (file format section 1.3.7, "in-header database size")
+    and when no -wal file exists (a crash mid-checkpoint may leave the file short until the WAL is replayed)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header = handle.read(100)
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        raise GalleryUnusable(f"{path} is not a facesphere gallery (not an SQLite database); nothing was changed")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    if header[24:28] == header[92:96] and pages and not Path(f"{path}-wal").exists() and size < page_size * pages:
+        raise GalleryUnusable(f"{path}: truncated gallery database ({size:,} bytes, its header declares "
+                              f"{page_size * pages:,}); nothing was changed")
+
+
+def _remove_new_sidecars(path: Path, existed: set[str]) -> None:
+    """Remove the -wal/-shm files of ``path`` that were not in ``existed`` before a failed open, while the -wal
+    holds nothing (an empty -wal and its -shm are what opening an unusable file leaves; nothing is lost)."""
+    wal, shm = (Path(f"{path}{suffix}") for suffix in SIDECARS)
+    if "-wal" not in existed and wal.exists() and wal.stat().st_size == 0:
+        wal.unlink(missing_ok=True)
+    if "-shm" not in existed and not wal.exists():
+        shm.unlink(missing_ok=True)
+
+
+def _existing_sidecars(path: Path) -> set[str]:
+    return {suffix for suffix in SIDECARS if Path(f"{path}{suffix}").exists()}
+
+
 def _require_gallery(path: Path, creating: bool) -> None:
     """Raise ``GalleryError`` unless ``path`` is an SQLite database holding a facesphere model card, checked through
-    a read-only connection, so another application's database (or an empty file) is refused unchanged.
+    its header and then a read-only connection, so another application's database (or an empty file) is refused
+    unchanged (a -wal/-shm the check created is removed again).
 
     ``creating``: an SQLite database without any table (a gallery another process is creating right now) is
     accepted too."""
+    _check_header(path)
+    existed = _existing_sidecars(path)
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
@@ -133,6 +172,7 @@ def _require_gallery(path: Path, creating: bool) -> None:
         finally:
             db.close()
     except sqlite3.DatabaseError as error:
+        _remove_new_sidecars(path, existed)
         raise GalleryError(f"{path} is not a facesphere gallery ({error})") from None
     if card is None and not (creating and not tables):
         raise GalleryError(f"{path} is not a facesphere gallery (no model card); nothing was changed")
@@ -156,11 +196,14 @@ class Gallery:
             # read-only: a file that is not ours is refused before anything is written
             _require_gallery(self.path, creating=card is not None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = _existing_sidecars(self.path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         try:
             self._open(card)
-        except BaseException:
+        except BaseException as error:
             self._db.close()
+            if isinstance(error, GalleryUnusable):  # a damaged file: leave nothing next to it
+                _remove_new_sidecars(self.path, existed)
             raise
 
     @_sqlite_errors

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
+from facesphere.utils.files import check_text_size, not_text
+
 KEYS_ENV = "FACESPHERE_API_KEYS"
+MAX_KEY_FILE_BYTES = 2**20  # a key file larger than this holds no list of keys
 
 
 class ServiceSettings(BaseModel):
@@ -32,10 +35,16 @@ class ServiceSettings(BaseModel):
 
 
 def read_api_keys(path: Path | None) -> list[str]:
-    """Keys from a file (one per line, # comments) or, without one, from $FACESPHERE_API_KEYS (comma-separated)."""
+    """Keys from a file (one per line, # comments; at most ``MAX_KEY_FILE_BYTES``) or, without one, from
+    $FACESPHERE_API_KEYS (comma-separated). Errors name the file, never a key."""
     if path is not None:
-        lines = Path(path).read_text().splitlines()
-        keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        try:
+            text = check_text_size(path, MAX_KEY_FILE_BYTES).read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise not_text(path, error) from None
+        keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        if not keys:
+            raise ValueError(f"{path}: no API keys in the file (one key per line, # for comments)")
     else:
         keys = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
     if not keys:
