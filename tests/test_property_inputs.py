@@ -8,6 +8,7 @@ import io
 import json
 import pickle
 import pickletools
+import re
 import uuid
 from pathlib import Path
 
@@ -146,7 +147,19 @@ def test_pts_reader_on_random_text(folder, text):
         return
     finally:
         path.unlink()
-    assert points.ndim == 2 and points.shape[1] == 2 and points.dtype == np.float64
+    assert points.ndim == 2 and points.shape[1] == 2 and points.dtype == np.float64 and np.isfinite(points).all()
+
+
+@given(count=st.just("2") | st.text(min_size=1, max_size=8).filter(
+           lambda t: t.strip() and ":" not in t and "\n" not in t and "\r" not in t and not t.strip().isdecimal()),
+       value=st.sampled_from(["nan", "inf", "-inf"]))
+def test_pts_bad_header_or_non_finite_point_is_a_value_error_naming_the_file(folder, count, value):
+    """A non-numeric n_points, or a nan/inf coordinate, is refused naming the file (was a bare int() error, or
+    accepted)."""
+    path = _write(folder, f"version: 1\nn_points: {count}\n{{\n1 2\n{value} 3\n}}\n".encode(), ".pts")
+    with pytest.raises(ValueError, match=re.escape(path.name)):
+        read_pts(path)
+    path.unlink()
 
 
 @given(points=st.lists(st.tuples(*[st.floats(-1e6, 1e6, allow_nan=False)] * 2), min_size=1, max_size=80),

@@ -43,8 +43,11 @@ from facesphere.align.similarity import align_similarity
 from facesphere.align.templates import template_for_size
 from facesphere.data.images import load_image
 from facesphere.data.transforms import resize_to
+from facesphere.utils.files import check_text_size
 
 logger = logging.getLogger(__name__)
+
+MAX_PTS_BYTES = 1 << 20  # a 68-point file is about 1 kB
 
 __all__ = [
     "CACD_FOLD_SIZE",
@@ -219,7 +222,7 @@ def parse_fgnet(root: str | os.PathLike, require_points: bool = True) -> list[FG
 
 def read_pts(path: str | os.PathLike) -> np.ndarray:
     """An iBUG ``.pts`` file (``version: 1``, ``n_points: N``, ``{`` x y lines ``}``) as (N, 2) float64."""
-    path = Path(path)
+    path = check_text_size(path, MAX_PTS_BYTES)
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
     try:
         header = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[: lines.index("{")] if ":" in ln)}
@@ -232,9 +235,11 @@ def read_pts(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: bad coordinate line ({error})") from None
     if pts.ndim != 2 or pts.shape[1] != 2:
         raise ValueError(f"{path}: expected 'x y' lines, got shape {pts.shape}")
+    if not np.isfinite(pts).all():
+        raise ValueError(f"{path}: coordinates must be finite numbers (found nan or inf)")
     expected = header.get("n_points")
-    if expected is not None and int(expected) != pts.shape[0]:
-        raise ValueError(f"{path}: header says {expected} points, found {pts.shape[0]}")
+    if expected is not None and (not expected.isdecimal() or int(expected) != pts.shape[0]):
+        raise ValueError(f"{path}: header says n_points {expected[:20]!r}, found {pts.shape[0]} points")
     return pts
 
 
