@@ -9,16 +9,15 @@ Weights are given by path: nothing is downloaded.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from facesphere.cli.errors import user_errors
+from facesphere.utils.files import atomic_write_text, check_writable
 
 logger = logging.getLogger("facesphere")
 
@@ -66,8 +65,6 @@ def emit(payload: Any, out: Path | None) -> None:
     if out is None:
         typer.echo(text)
         return
-    from facesphere.utils.files import atomic_write_text
-
     atomic_write_text(out, text + "\n")
     logger.info("wrote %s", out)
 
@@ -85,22 +82,6 @@ def _exit_unless_any_read(results) -> None:
     if results and all(r.error for r in results):
         logger.error("none of the %d inputs could be read", len(results))
         raise typer.Exit(code=1)
-
-
-def _check_writable(out: Path | None) -> None:
-    """Refuse an output file that cannot be written before any work is done, so a refusal leaves nothing behind
-    (an unnamed temporary file probes the folder: nothing appears in it)."""
-    if out is None:
-        return
-    if out.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(out))
-    folder = out.absolute().parent
-    while not folder.exists():  # the write creates missing folders: probe the first one that exists
-        folder = folder.parent
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as error:
-        raise type(error)(error.errno, error.strerror, str(out)) from None
 
 
 def _sources(inputs: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
@@ -123,7 +104,8 @@ def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_we
            threads: Optional[int] = ThreadsOpt, out: Optional[Path] = OutOpt) -> None:
     """Faces in each image: box, score, 5 landmarks (and the landmarker's outputs, e.g. landmarks68), as JSON."""
     with user_errors():
-        _check_writable(out)
+        if out is not None:
+            check_writable(out)
         analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68,
                                        detector_options=detector_option, landmarker=landmarker,
                                        landmarker_weights=landmarker_weights, score_threshold=score,
@@ -148,7 +130,8 @@ def align(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-
     from facesphere.pipeline.drawing import write_png
 
     with user_errors():
-        _check_writable(out)
+        if out is not None:
+            check_writable(out)
         analyzer = analyzer_from_flags(detector, detector_weights, model,
                                        detector_options=detector_option, score_threshold=score, min_face_size=min_face,
                                        max_faces=max_faces, threads=threads, alignment=None if model else alignment)
@@ -177,7 +160,8 @@ def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model"
           out: Optional[Path] = OutOpt) -> None:
     """Unit-length embeddings of every face, with boxes and landmarks, as JSON."""
     with user_errors():
-        _check_writable(out)
+        if out is not None:
+            check_writable(out)
         analyzer = analyzer_from_flags(detector, detector_weights, model,
                                        detector_options=detector_option, score_threshold=score, min_face_size=min_face,
                                        max_faces=max_faces, threads=threads, flip=flip)
@@ -201,7 +185,8 @@ def verify(image1: Path = typer.Argument(..., help="first photo"), image2: Path 
     from facesphere.pipeline import pick_face
 
     with user_errors():
-        _check_writable(out)
+        if out is not None:
+            check_writable(out)
         analyzer = analyzer_from_flags(detector, detector_weights, model,
                                        detector_options=detector_option, threads=threads, flip=flip,
                                        threshold=threshold)
@@ -257,7 +242,8 @@ def calibrate(pairs: Path = typer.Argument(..., help="CSV of path1,path2,same (1
     from facesphere.pipeline import calibrate_threshold
 
     with user_errors():
-        _check_writable(out)
+        if out is not None:
+            check_writable(out)
         paths1, paths2, labels, _ = read_pairs_csv(pairs)
         analyzer = analyzer_from_flags(detector, detector_weights, model,
                                        detector_options=detector_option, threads=threads, flip=flip)

@@ -46,7 +46,7 @@ from facesphere.train.config import ExperimentConfig, dump_config
 from facesphere.train.data_setup import build_eval_set, build_train_set
 from facesphere.train.distributed import DistContext, all_reduce_mean, convert_batchnorm, init_distributed
 from facesphere.train.schedules import build_scheduler
-from facesphere.utils.files import atomic_path, atomic_write_text
+from facesphere.utils.files import atomic_path, atomic_write_text, check_writable
 from facesphere.utils.machine import describe_machine
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class Trainer:
         if cfg.data.batch_size % self.ctx.world_size:
             raise ValueError(f"global batch {cfg.data.batch_size} is not divisible by {self.ctx.world_size} processes")
         torch.manual_seed(cfg.seed)
-        self.run_dir = cfg.run_dir
+        self.run_dir = check_writable(cfg.run_dir, folder=True)  # before minutes of data and model building
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.train_set, self.loader, self.sampler = build_train_set(cfg, self.ctx)
         self.model = build_model(cfg, self.train_set.num_classes, self.ctx)

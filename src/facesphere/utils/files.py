@@ -4,6 +4,7 @@ that comes before reading a user's text file whole."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -55,3 +56,21 @@ def check_text_size(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> Pat
 def not_text(path: str | os.PathLike, error: UnicodeDecodeError) -> ValueError:
     """The error for a text input that does not decode, naming the file (the codec's message does not)."""
     return ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})")
+
+
+def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
+    """``path`` when it can be written (as a file, or as a folder to create or fill when ``folder``); the OSError
+    naming it otherwise, before any work is done, so a refusal leaves nothing behind (an unnamed temporary file
+    probes the nearest existing folder: nothing appears in it)."""
+    path = Path(path)
+    if path.is_dir() != folder and path.exists():
+        code, reason = (errno.ENOTDIR, "Not a directory") if folder else (errno.EISDIR, "Is a directory")
+        raise (NotADirectoryError if folder else IsADirectoryError)(code, reason, str(path))
+    probe = path if folder and path.is_dir() else path.absolute().parent
+    while not probe.exists():  # the write creates missing folders: probe the first one that exists
+        probe = probe.parent
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror, str(path)) from None
+    return path
