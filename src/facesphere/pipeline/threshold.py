@@ -12,7 +12,7 @@ import os
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from facesphere.utils.files import atomic_write_text, check_text_size, not_text
+from facesphere.utils.files import atomic_write_text, read_text_checked
 from facesphere.utils.roc import decide, tar_at_far, threshold_at_far
 
 
@@ -52,9 +52,7 @@ class Threshold(BaseModel):
     @classmethod
     def load(cls, path: str | os.PathLike) -> Threshold:
         try:
-            text = check_text_size(path).read_bytes().decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise not_text(path, error) from None
+            text = read_text_checked(path)
         except OSError as error:
             raise ValueError(f"{path}: cannot read the threshold file ({error.strerror or error})") from None
         try:

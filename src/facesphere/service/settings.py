@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
-from facesphere.utils.files import check_text_size, not_text
+from facesphere.utils.files import read_text_checked
 
 KEYS_ENV = "FACESPHERE_API_KEYS"
 MAX_KEY_FILE_BYTES = 2**20  # a key file larger than this holds no list of keys
@@ -38,10 +38,7 @@ def read_api_keys(path: Path | None) -> list[str]:
     """Keys from a file (one per line, # comments; at most ``MAX_KEY_FILE_BYTES``) or, without one, from
     $FACESPHERE_API_KEYS (comma-separated). Errors name the file, never a key."""
     if path is not None:
-        try:
-            text = check_text_size(path, MAX_KEY_FILE_BYTES).read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise not_text(path, error) from None
+        text = read_text_checked(path, MAX_KEY_FILE_BYTES)
         keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
         if not keys:
             raise ValueError(f"{path}: no API keys in the file (one key per line, # for comments)")

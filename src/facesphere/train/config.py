@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from facesphere.utils.files import check_text_size, not_text
+from facesphere.utils.files import read_text_checked
 from facesphere.utils.overrides import apply_overrides, load_yaml
 
 MAX_CONFIG_BYTES = 4 << 20  # a config is a page of YAML; a larger file is a wrong path, not a config
@@ -370,9 +370,9 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config {str(source)!r} is a directory, not a YAML file")
     elif path.exists():
         try:
-            text = check_text_size(path, MAX_CONFIG_BYTES).read_text(encoding="utf-8")
+            text = read_text_checked(path, MAX_CONFIG_BYTES)
         except ValueError as error:  # too large, or not UTF-8
-            raise ConfigError(str(not_text(path, error) if isinstance(error, UnicodeDecodeError) else error)) from None
+            raise ConfigError(str(error)) from None
     else:
         raise ConfigError(f"config {str(source)!r} is neither a file nor a built-in ({', '.join(builtin_config_names())})")
     try:

@@ -58,6 +58,15 @@ def not_text(path: str | os.PathLike, error: UnicodeDecodeError) -> ValueError:
     return ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})")
 
 
+def read_text_checked(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of ``path``, its size checked first (``check_text_size``); a byte that does not decode is a
+    ValueError naming the file (``not_text``)."""
+    try:
+        return check_text_size(path, limit).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise not_text(path, error) from None
+
+
 def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
     """``path`` when it can be written (as a file, or as a folder to create or fill when ``folder``); the OSError
     naming it otherwise, before any work is done, so a refusal leaves nothing behind (an unnamed temporary file
