@@ -12,6 +12,10 @@ to a sample of that class (``counts``, a (C, K) buffer); at ``drop_step`` :meth:
 class's most-won sub-centre (``dominant``), and from then on the head runs with that one centre per
 class and ``screen`` leaves out every sample farther than ``drop_angle`` from its class's centre
 (counted per class in ``dropped``). Counts, choice and drops are checkpointed with the head.
+
+With Partial FC every rank counts and screens the global batch for its own classes, and a row left out
+is left out on every rank. A replicated head under DDP has its buffers broadcast from rank 0 each
+step, so there counts and drops follow rank 0's share of the batch.
 """
 
 from __future__ import annotations
@@ -66,15 +70,13 @@ class SubCenterArcFaceHead(ArcFaceHead):
         count_steps: int | None = None,
     ) -> None:
         super().__init__(embedding_size, num_classes, scale, margin, easy_margin)
-        if isinstance(sub_centres, bool) or not isinstance(sub_centres, int) or sub_centres < 1:
-            raise ValueError(f"sub_centres must be an integer ≥ 1, got {sub_centres!r}")
-        if drop_step is not None and (isinstance(drop_step, bool) or not isinstance(drop_step, int) or drop_step < 0):
-            raise ValueError(f"drop_step must be an integer ≥ 0 or None, got {drop_step!r}")
+        _check_count("sub_centres", sub_centres, 1)
+        if drop_step is not None:
+            _check_count("drop_step", drop_step, 0)
+        if count_steps is not None:
+            _check_count("count_steps", count_steps, 1)
         if not 0 < drop_angle <= 180:
             raise ValueError(f"drop_angle must lie in (0, 180] degrees, got {drop_angle}")
-        if count_steps is not None and (isinstance(count_steps, bool) or not isinstance(count_steps, int)
-                                        or count_steps < 1):
-            raise ValueError(f"count_steps must be an integer ≥ 1 or None, got {count_steps!r}")
         self.sub_centres = sub_centres
         self.drop_step, self.count_steps = drop_step, count_steps
         self.drop_angle = float(drop_angle)
@@ -155,6 +157,11 @@ class SubCenterArcFaceHead(ArcFaceHead):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, sub_centres={self.sub_centres}, drop_step={self.drop_step}, "
                 f"drop_angle={self.drop_angle}, count_steps={self.count_steps}")
+
+
+def _check_count(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
 
 
 def _sync_collapsed(module: SubCenterArcFaceHead, incompatible_keys) -> None:
