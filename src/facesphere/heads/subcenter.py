@@ -96,7 +96,7 @@ class SubCenterArcFaceHead(ArcFaceHead):
         return self._collapsed
 
     def centres(self) -> Tensor:
-        """(C, K·D) before the drop; (C, D), each class's dominant sub-centre, after it (gradient flows to that slot)."""
+        """(C, K·D) before the drop; after it (C, D), each class's dominant sub-centre (its slot gets the gradient)."""
         if not self._collapsed:
             return self.weight
         slots = self.weight.view(self.num_classes, self.sub_centres, self.embedding_size)
@@ -104,7 +104,7 @@ class SubCenterArcFaceHead(ArcFaceHead):
         return slots.gather(1, index).squeeze(1)
 
     def class_cosine(self, embeddings: Tensor, weight: Tensor) -> Tensor:
-        """cos θ_j = max_k cos(x, W_{j,k}) over the sub-centres in each row of ``weight`` (Sub-center ArcFace, ECCV 2020)."""
+        """cos θ_j = max_k cos(x, W_{j,k}) over the sub-centres in each row of ``weight`` (Sub-center ArcFace)."""
         width, dim = weight.shape[1], self.embedding_size
         if width % dim:
             raise ValueError(f"centre rows must hold whole sub-centres of size {dim}, got width {width}")
