@@ -23,7 +23,7 @@ EVERY_HEAD = [name for name in HEADS.names(aliases=False)]
 
 def _full_reference(name: str, weight: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor, step: int = 0):
     """Loss and gradients of the ordinary full classifier with the same centres."""
-    head = build_head(name, weight.shape[1], weight.shape[0], **HEAD_ARGS.get(name, {})).double()
+    head = build_head(name, embeddings.shape[1], weight.shape[0], **HEAD_ARGS.get(name, {})).double()
     with torch.no_grad():
         head.weight.copy_(weight)
     head.update(step)

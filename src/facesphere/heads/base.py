@@ -1,8 +1,10 @@
 """The margin-head contract: (embeddings, labels) -> logits for a plain cross-entropy.
 
-A head owns its class centres (``weight``, shape (C, D)). The maths lives in
-``logits(embeddings, weight, labels)``, a function of an explicit centre matrix, so a sharded
-classifier (Partial FC) can call it on a subset of centres without knowing which head it runs.
+A head owns its class centres (``weight``, one row per class: (C, D), or (C, K·D) for K sub-centres).
+The maths lives in ``logits(embeddings, weight, labels)``, a function of an explicit centre matrix
+(rows of :meth:`MarginHead.centres`), so a sharded classifier (Partial FC) can call it on a subset of
+classes without knowing which head it runs. Before the loss, :meth:`MarginHead.screen` may name
+samples the head treats as label noise; the loss leaves them out entirely.
 Labels equal to ``IGNORE_LABEL`` (-1) mean "this sample's class is not among these centres":
 no margin is applied to that row.
 
@@ -26,7 +28,11 @@ EPS = 1e-12
 
 
 class MarginHead(nn.Module):
-    """Base class: owns ``weight`` (C, D); subclasses implement :meth:`logits`."""
+    """Base class: owns ``weight`` (C, ·), one row per class; subclasses implement :meth:`logits`."""
+
+    class_state: tuple[str, ...] = ("weight",)
+    """Names of the state_dict entries with one row per class: resharding a Partial FC checkpoint cuts these
+    by class range and takes every other entry from the first shard (they are replicated)."""
 
     def __init__(self, embedding_size: int, num_classes: int) -> None:
         super().__init__()
@@ -46,7 +52,20 @@ class MarginHead(nn.Module):
         if labels is None:
             labels = torch.full((embeddings.shape[0],), IGNORE_LABEL, dtype=torch.long, device=embeddings.device)
         check_inputs(embeddings, labels, self.embedding_size, IGNORE_LABEL, self.num_classes)
-        return self.exact_logits(embeddings, self.weight, labels)
+        return self.exact_logits(embeddings, self.centres(), labels)
+
+    def centres(self) -> Tensor:
+        """The centre matrix :meth:`logits` runs on, one row per class (default ``weight``); differentiable."""
+        return self.weight
+
+    def screen(self, embeddings: Tensor, labels: Tensor) -> Tensor | None:
+        """Look at a training batch before its loss; returns a bool (N,) mask of samples to leave out, or None.
+
+        ``labels`` index rows of ``weight`` (this rank's classes) or are IGNORE_LABEL (never left out).
+        A left-out sample adds nothing to the loss, not even as a row of negatives. Heads may update
+        per-class statistics here (sub-centre ArcFace counts its sub-centres' wins). Default: None.
+        """
+        return None
 
     def exact_logits(self, embeddings: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
         """:meth:`logits` in float32 (float64 if either input is) with autocast off, whatever the caller's precision."""
@@ -141,8 +160,12 @@ class CosineMarginHead(MarginHead):
         """Margin-penalised target cosine; identity (no margin) by default."""
         return cos_theta
 
+    def class_cosine(self, embeddings: Tensor, weight: Tensor) -> Tensor:
+        """cos θ (N, C') between the embeddings and each class of ``weight`` (one centre per row here)."""
+        return cosine(embeddings, weight)
+
     def logits(self, embeddings: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-        cos = replace_target(cosine(embeddings, weight), labels, self.target_cosine)
+        cos = replace_target(self.class_cosine(embeddings, weight), labels, self.target_cosine)
         return cos * self.effective_scale(cos)
 
     def extra_repr(self) -> str:

@@ -4,7 +4,8 @@ Each of the R processes owns a contiguous block of the C class centres. Every st
 embeddings and labels of the whole global batch, keeps the centres of the positive classes that fall
 in its block plus a random sample of its other centres (rate r, §3.2 of the paper), computes that
 block's logits with the *unchanged* margin head (``MarginHead.logits`` on a centre subset; labels
-outside the subset are ``IGNORE_LABEL``), and the softmax cross-entropy is normalised across ranks
+outside the subset are ``IGNORE_LABEL``; rows the head screens out as label noise are left out on every
+rank), and the softmax cross-entropy is normalised across ranks
 by all-reducing the row maxima, the exponential sums and the target logits. No head-specific code:
 any head whose logits depend only on (embedding, centre) pairs runs unchanged; a per-class bias
 cannot follow a sampled subset and is refused.
@@ -109,11 +110,13 @@ def gather_labels(labels: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def sharded_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+def sharded_cross_entropy(logits: Tensor, targets: Tensor, keep: Tensor | None = None) -> Tensor:
     """Mean cross-entropy when each rank holds some columns of the logits (identical value on every rank).
 
     ``targets`` index this rank's columns, or are IGNORE_LABEL where the target column lives on
-    another rank; every row's target must live on exactly one rank.
+    another rank; every row's target must live on exactly one rank. ``keep`` (bool (N,), the same
+    on every rank) leaves rows out: they add neither loss nor gradient, and the mean runs over the
+    kept rows (0 when none is kept).
     """
     row_max = logits.detach().amax(dim=1)
     if _distributed():
@@ -125,7 +128,11 @@ def sharded_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     if _distributed():
         exp_sum = _ReplicatedSum.apply(exp_sum)
         target_logit = _ReplicatedSum.apply(target_logit)
-    return (torch.log(exp_sum) + row_max - target_logit).mean()
+    per_row = torch.log(exp_sum) + row_max - target_logit
+    if keep is None:
+        return per_row.mean()
+    return torch.where(keep, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device)).sum() \
+        / keep.sum().clamp(min=1)
 
 
 def init_centres(num_classes: int, shard: Shard, embedding_size: int, seed: int, std: float = 0.01) -> Tensor:
@@ -212,10 +219,22 @@ class PartialFC(nn.Module):
         all_labels = gather_labels(labels)
         in_shard = (all_labels >= self.shard.start) & (all_labels < self.shard.end)
         local = torch.where(in_shard, all_labels - self.shard.start, torch.full_like(all_labels, IGNORE_LABEL))
+        keep = self.screen(all_embeddings, local)
         index, targets = self.sample(local)
-        weight = self.head.weight if index is None else self.head.weight[index]
-        logits = self.head.exact_logits(all_embeddings, weight, targets)
-        return sharded_cross_entropy(logits, targets)
+        centres = self.head.centres()
+        logits = self.head.exact_logits(all_embeddings, centres if index is None else centres[index], targets)
+        return sharded_cross_entropy(logits, targets, keep)
+
+    def screen(self, embeddings: Tensor, local_labels: Tensor) -> Tensor | None:
+        """The rows every rank keeps: each rank's head screens the rows of its own classes, and a row left out
+        by the rank owning its class is left out everywhere (None: the head leaves none out)."""
+        drop = self.head.screen(embeddings.detach(), local_labels)
+        if drop is None:
+            return None
+        if _distributed():
+            drop = drop.to(torch.int32)
+            dist.all_reduce(drop, op=dist.ReduceOp.MAX)
+        return ~drop.bool()
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, shard=[{self.shard.start}, {self.shard.end}) of rank "
@@ -243,8 +262,8 @@ def build_partial_fc(head_name: str, embedding_size: int, num_classes: int, samp
         raise ValueError(f"{num_classes} classes over {shard.world_size} ranks leaves rank {shard.rank} with "
                          f"{shard.size}; Partial FC needs at least 2 classes per rank")
     head = build_head(head_name, embedding_size, shard.size, **head_args)
-    with torch.no_grad():
-        head.weight.copy_(init_centres(num_classes, shard, embedding_size, seed))
+    with torch.no_grad():  # a row may hold several sub-centres: draw the whole row width
+        head.weight.copy_(init_centres(num_classes, shard, head.weight.shape[1], seed))
     return PartialFC(head, num_classes, sample_rate, seed, shard)
 
 

@@ -23,6 +23,9 @@ from facesphere.objectives.resharding import reshard_classifier
 class Recognition(Objective):
     """``F.cross_entropy(head(embedding, label), label)``, or Partial FC's sharded cross-entropy.
 
+    Samples the head's ``screen`` names as label noise (sub-center ArcFace after its drop) are left out of
+    the loss entirely, on either path.
+
     Args:
         head, head_args: the registered margin head and its arguments (config: ``model.head``, ``model.head_args``).
         partial_fc, sample_rate: shard the centres across ranks and sample negatives at this rate.
@@ -57,7 +60,13 @@ class Recognition(Objective):
             labels = torch.where(mask, labels, torch.full_like(labels, IGNORE_LABEL))
         if self.sharded:
             return {self.key: self.head(embeddings, labels)}
-        return {self.key: F.cross_entropy(self.head(embeddings, labels), labels, ignore_index=IGNORE_LABEL)}
+        drop = self.head.screen(embeddings.detach(), labels)
+        if drop is None:
+            return {self.key: F.cross_entropy(self.head(embeddings, labels), labels, ignore_index=IGNORE_LABEL)}
+        # Samples the head calls label noise are ignored like unlabelled ones; a batch with none left gives 0, not nan.
+        labels = torch.where(drop, torch.full_like(labels, IGNORE_LABEL), labels)
+        total = F.cross_entropy(self.head(embeddings, labels), labels, ignore_index=IGNORE_LABEL, reduction="sum")
+        return {self.key: total / (labels != IGNORE_LABEL).sum().clamp(min=1)}
 
     def shard_state(self) -> dict[str, Any]:
         shard = self.head.shard

@@ -14,8 +14,8 @@ def reshard_classifier(shards: list[dict[str, Any]], start: int, end: int, head:
     """The head and optimiser state of classes [start, end), cut from shards saved by any number of ranks.
 
     ``shards`` are the saved shard files (class_start, class_end, num_classes, head, optimizer).
-    Per-class tensors (the centres and every optimiser buffer with one row per centre) are sliced
-    and concatenated; everything else (a learned scale, step counters) is replicated and taken from
+    Per-class tensors (the head's ``class_state`` entries, the centres and any per-class statistics,
+    and every optimiser buffer with one row per centre) are sliced and concatenated; everything else (a learned scale, step counters) is replicated and taken from
     the first shard. Raises ``ValueError`` when the shards do not tile the classes.
     """
     if not shards:
@@ -35,7 +35,8 @@ def reshard_classifier(shards: list[dict[str, Any]], start: int, end: int, head:
         return torch.cat([get(s)[lo:hi] for s, lo, hi in pieces])
 
     head_state = dict(shards[0]["head"])
-    head_state["weight"] = cut(lambda s: s["head"]["weight"])
+    for name in getattr(head, "class_state", ("weight",)):
+        head_state[name] = cut(lambda s, name=name: s["head"][name])
 
     optimizer_state = copy.deepcopy(shards[0]["optimizer"])
     weight_index = _parameter_index(optimizer, head.weight)
