@@ -27,17 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
-from facesphere.cleaning.lists import FLAGGED_FILES, KEPT, TYPICAL, UNREADABLE, typical_images
+from facesphere.cleaning.lists import FLAGGED_FILES, KEPT, TYPICAL, UNREADABLE, typical_images, write_cleaned_lists
 from facesphere.cleaning.noise import Status
 from facesphere.cleaning.review import load_source
 from facesphere.evaluate.contact_sheet import write_image_grid
 from facesphere.evaluate.plots import _save_atomic
-from facesphere.utils.files import atomic_write_text
+from facesphere.utils.files import atomic_write_text, check_writable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["noise_figures", "write_report"]
+__all__ = ["PROFILE", "check_new_output", "noise_figures", "rewrite_report", "write_cleaning", "write_report"]
 
+PROFILE = "profile"  # the saved NoiseProfile inside a cleaning output folder
 REPORT_JSON, REPORT_HTML, HISTOGRAMS = "report.json", "report.html", "histograms.png"
 SHEETS = {"flip": "flips.png", "outlier": "outliers.png", "duplicate": "duplicates.png"}
 STATUS_NAMES = {Status.CLEAN: "clean", Status.FLIP: "flip", Status.OUTLIER: "outlier", Status.DUPLICATE: "duplicate",
@@ -56,12 +57,13 @@ def _rate(count: int, total: int) -> float | None:
 
 
 def noise_figures(profile) -> dict:
-    """The report's figures: overall counts and rates, problems, and one record per identity (see the module doc)."""
+    """The report's figures: ``summary`` (``NoiseProfile.summary`` with the label-noise rate added), ``problems``,
+    and ``identities``, one record per identity (see the module doc)."""
     status = np.asarray(profile.status)
     labels = np.asarray(profile.labels, dtype=np.int64)
     classes = len(profile.identity_names)
-    counts = {name: int(np.count_nonzero(status == code)) for code, name in STATUS_NAMES.items()}
-    readable = len(status) - counts["unreadable"]
+    summary = {key: _number(value) if isinstance(value, float) else value for key, value in profile.summary().items()}
+    summary["noise_rate"] = _rate(summary["flip"] + summary["outlier"], summary["readable"])
     per = {name: np.bincount(labels[status == code], minlength=classes)[:classes]
            for code, name in STATUS_NAMES.items() if code != Status.CLEAN}
     size = np.asarray(profile.identity_size, dtype=np.int64)
@@ -71,13 +73,7 @@ def noise_figures(profile) -> dict:
                    "duplicates": int(per["duplicate"][c]), "unreadable": int(per["unreadable"][c]),
                    "noise_fraction": _rate(int(per["flip"][c] + per["outlier"][c]), int(size[c]))}
                   for c in range(classes)]
-    return {"model": profile.model, "threshold": float(profile.threshold), "far": float(profile.far),
-            "duplicate_cosine": float(profile.duplicate_cosine), "images": int(len(status)), "readable": readable,
-            "identities": classes, "counts": counts,
-            "flip_rate": _rate(counts["flip"], readable), "outlier_rate": _rate(counts["outlier"], readable),
-            "noise_rate": _rate(counts["flip"] + counts["outlier"], readable),
-            "duplicate_rate": _rate(counts["duplicate"], readable),
-            "problems": list(profile.problems), "per_identity": identities}
+    return {"summary": summary, "problems": list(profile.problems), "identities": identities}
 
 
 def _histograms(profile, figures: dict, path: Path) -> Path:
@@ -100,7 +96,7 @@ def _histograms(profile, figures: dict, path: Path) -> Path:
         ax.set_yscale("symlog")
         ax.set(xlabel="cosine", ylabel="images", title=title)
         ax.legend(fontsize=8)
-    fractions = [r["noise_fraction"] for r in figures["per_identity"] if r["noise_fraction"] is not None]
+    fractions = [r["noise_fraction"] for r in figures["identities"] if r["noise_fraction"] is not None]
     axes[2].hist(fractions, bins=np.linspace(0.0, 1.0, 21), color="tab:red")
     axes[2].set_yscale("symlog")
     axes[2].set(xlabel="(flips + outliers) / images", ylabel="identities",
@@ -181,20 +177,19 @@ def _percent(value: float | None) -> str:
 
 def _html(profile, figures: dict, sheets: dict[str, tuple[Path, int, int]], max_rows: int) -> str:
     e = html.escape
-    counts = figures["counts"]
+    s = figures["summary"]
     summary = _table(["", ""], [
-        ["model", figures["model"]], ["threshold (cosine)", f"{figures['threshold']:.4f} at FAR {figures['far']:g}"],
-        ["images (readable)", f"{figures['images']} ({figures['readable']})"], ["identities", figures["identities"]],
-        *[[name, n] for name, n in counts.items()],
-        ["estimated flip rate", _percent(figures["flip_rate"])],
-        ["estimated outlier rate", _percent(figures["outlier_rate"])],
-        ["estimated label-noise rate (flips + outliers)", _percent(figures["noise_rate"])],
-        ["duplicate rate", _percent(figures["duplicate_rate"])]])
+        ["model", s["model"]], ["threshold (cosine)", f"{s['threshold']:.4f} at FAR {s['far']:g}"],
+        ["images (readable)", f"{s['images']} ({s['readable']})"], ["identities", s["identities"]],
+        *[[name, s[name]] for name in STATUS_NAMES.values()],
+        ["estimated flip rate", _percent(s["flip_rate"])], ["estimated outlier rate", _percent(s["outlier_rate"])],
+        ["estimated label-noise rate (flips + outliers)", _percent(s["noise_rate"])],
+        ["duplicate rate", _percent(s["duplicate_rate"])]])
     problems = ("<ul>" + "".join(f"<li><code>{e(str(p.get('source', '')))}</code>: {e(str(p.get('reason', '')))}</li>"
                                  for p in figures["problems"][:max_rows]) + "</ul>"
                 + (f"<p>{len(figures['problems']) - max_rows} more in {REPORT_JSON}</p>"
                    if len(figures["problems"]) > max_rows else "")) if figures["problems"] else "<p>none</p>"
-    noisy = sorted((r for r in figures["per_identity"] if r["flips"] + r["outliers"] + r["duplicates"]),
+    noisy = sorted((r for r in figures["identities"] if r["flips"] + r["outliers"] + r["duplicates"]),
                    key=lambda r: (-(r["noise_fraction"] or 0), -r["size"], r["label"]))
     identity_table = _table(["label", "identity", "images", "centres", "spread", "flips", "outliers", "duplicates",
                              "noise fraction"],
@@ -218,7 +213,7 @@ def _html(profile, figures: dict, sheets: dict[str, tuple[Path, int, int]], max_
 <style>body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1400px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}img{{max-width:100%}}code{{word-break:break-all}}</style>
 </head><body>
-<h1>Noise report: {e(figures['model'])}</h1>
+<h1>Noise report: {e(s['model'])}</h1>
 <p>Lists: {files}</p>
 <h2>Summary</h2>{summary}
 <h2>Problems</h2>{problems}
@@ -245,6 +240,43 @@ def write_report(profile, out_dir: str | os.PathLike, load_image: Callable[[str]
                         "html": REPORT_HTML}
     atomic_write_text(out_dir / REPORT_JSON, json.dumps(figures, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     atomic_write_text(out_dir / REPORT_HTML, _html(profile, figures, sheets, max_rows))
-    logger.info("%s: report of %d images (flip rate %s, outlier rate %s)", out_dir, figures["images"],
-                _percent(figures["flip_rate"]), _percent(figures["outlier_rate"]))
+    s = figures["summary"]
+    logger.info("%s: report of %d images (flip rate %s, outlier rate %s)", out_dir, s["images"],
+                _percent(s["flip_rate"]), _percent(s["outlier_rate"]))
     return figures
+
+
+def check_new_output(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` when a cleaning can be written there: a writable folder that holds no earlier cleaning (its
+    review decisions would be lost); a FileExistsError naming it otherwise, before any work is done."""
+    out_dir = check_writable(out_dir, folder=True)
+    if (out_dir / KEPT).exists() or (out_dir / PROFILE).exists():
+        raise FileExistsError(f"{out_dir}: holds an earlier cleaning (its review decisions would be lost); give a new "
+                              "folder, or `facesphere clean report` to render its report again")
+    return out_dir
+
+
+def write_cleaning(profile, out_dir: str | os.PathLike, load_image: Callable[[str], np.ndarray] = load_source) -> dict:
+    """Save ``profile`` (``out_dir/profile``), its list files and its report; return a short summary."""
+    out_dir = Path(out_dir)
+    profile.save(out_dir / PROFILE)
+    written = write_cleaned_lists(profile, out_dir)
+    return _summary(write_report(profile, out_dir, load_image), out_dir, written)
+
+
+def rewrite_report(out_dir: str | os.PathLike, load_image: Callable[[str], np.ndarray] = load_source) -> dict:
+    """Render the report of a cleaning output folder again from its saved profile (the lists are left alone)."""
+    from facesphere.cleaning.profile import NoiseProfile
+
+    out_dir = Path(out_dir)
+    if not (out_dir / PROFILE).is_dir():
+        raise FileNotFoundError(f"{out_dir / PROFILE}: no saved profile; not the output folder of facesphere clean profile")
+    return _summary(write_report(NoiseProfile.load(out_dir / PROFILE), out_dir, load_image), out_dir)
+
+
+def _summary(figures: dict, out_dir: Path, written: dict | None = None) -> dict:
+    summary = dict(figures["summary"])
+    if written is not None:
+        summary["lists"] = written
+    summary["report"] = str(out_dir / REPORT_HTML)
+    return summary
