@@ -1,0 +1,193 @@
+"""Review of flagged images (facesphere.cleaning.review, `facesphere clean review`, the /v1/review API): each decision
+rewrites the list files as the decision says, atomically (kill -9 at random moments), without losing another
+reviewer's decisions, and never touches a source image."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from _faults import kill_loop
+from _noisy_set import LAYOUT, hashes, make_noisy_set
+from _training import cli, env
+
+from facesphere.cleaning.lists import DECISIONS, FLAGGED_COLUMNS, FLAGGED_FILES, read_table, write_cleaned_lists
+from facesphere.cleaning.noise import Status
+from facesphere.cleaning.review import ReviewError, ReviewFolder
+from facesphere.data.lists import parse_list_file
+
+FLAGGED = {3: "flip", 10: "flip", 6: "outlier", 7: "duplicate"}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    profile, images = make_noisy_set(tmp_path)
+    write_cleaned_lists(profile, tmp_path / "out")
+    return tmp_path / "out", profile, images, hashes(images)
+
+
+def expected_kept(profile, decisions: dict[int, str]) -> list[tuple[str, int]]:
+    """kept.txt as the rules say, written out here: clean images, then the decided ones in index order."""
+    kept = [(profile.sources[i], label) for i, (label, status, _, _) in enumerate(LAYOUT) if status == Status.CLEAN]
+    for index in sorted(decisions):
+        label, _, other, _ = LAYOUT[index]
+        if decisions[index] == "rejected":
+            kept.append((profile.sources[index], label))
+        elif decisions[index] == "confirmed" and FLAGGED[index] == "flip":
+            kept.append((profile.sources[index], other))
+    return kept
+
+
+def decisions_on_disk(out: Path) -> dict[int, str]:
+    return {int(r["index"]): r["decision"] for name in FLAGGED_FILES.values()
+            for r in read_table(out / name, FLAGGED_COLUMNS)}
+
+
+def test_decisions_rewrite_the_lists_as_they_say_and_can_change(folder):
+    out, profile, images, before = folder
+    review = ReviewFolder(out)
+    assert [(i.kind, i.index) for i in review.items(pending_only=True)] == [
+        ("flip", 3), ("flip", 10), ("outlier", 6), ("duplicate", 7)]
+    steps = [(3, "confirm"), (6, "reject"), (7, "confirm"), (10, "reject"), (3, "reject"), (7, "reject"),
+             (6, "confirm"), (10, "pending")]
+    decisions = {}
+    for index, action in steps:
+        item = review.decide(index, action)
+        decisions[index] = {"confirm": "confirmed", "reject": "rejected", "pending": "pending"}[action]
+        assert item.decision == decisions[index]
+        assert decisions_on_disk(out) == {**{i: "pending" for i in FLAGGED}, **decisions}
+        assert parse_list_file(out / "kept.txt") == expected_kept(profile, decisions), (index, action)
+    snapshot = {name: (out / name).read_bytes() for name in ("kept.txt", *FLAGGED_FILES.values())}
+    review.decide(3, "reject")  # idempotent: the same decision again changes nothing
+    assert {name: (out / name).read_bytes() for name in snapshot} == snapshot
+    assert [i.index for i in review.items(pending_only=True)] == [10]
+    assert hashes(images) == before
+
+
+def test_a_confirmed_flip_trains_under_the_suggested_identity(folder):
+    from facesphere.data.lists import ImageListDataset
+
+    out, profile, _, _ = folder
+    ReviewFolder(out).decide(3, "confirm")
+    dataset = ImageListDataset(out / "kept.txt", image_size=(24, 20))
+    assert dataset.labels.tolist()[-1] == 1 and dataset.load_uint8(len(dataset) - 1).shape == (24, 20, 3)
+
+
+def test_refusals_name_the_problem_and_change_nothing(folder, tmp_path):
+    out, _, _, _ = folder
+    review = ReviewFolder(out)
+    before = hashes(out)
+    with pytest.raises(ReviewError, match="not flagged"):
+        review.decide(0, "confirm")  # a clean image
+    with pytest.raises(ReviewError, match="decision 'maybe'"):
+        review.decide(3, "maybe")
+    with pytest.raises(ReviewError, match="not named in the review lists"):
+        review.thumbnail(11)  # the unreadable image is in no list a reviewer sees
+    with pytest.raises(ReviewError, match="not named"):
+        review.image_path(999)
+    assert review.image_path(4) and len(review.thumbnail(4)) > 100  # the image a duplicate repeats may be shown
+    assert hashes(out) == before
+    with pytest.raises(FileNotFoundError, match="kept.txt"):
+        ReviewFolder(tmp_path / "images")
+    with pytest.raises(NotADirectoryError):
+        ReviewFolder(out / "kept.txt")
+
+
+def test_two_reviewers_never_lose_each_others_decisions(folder):
+    out, profile, _, _ = folder
+    actions = {3: ["confirm", "reject"] * 5 + ["confirm"], 6: ["reject", "confirm"] * 5 + ["reject"],
+               7: ["confirm", "reject"] * 5 + ["confirm"], 10: ["reject", "pending"] * 5 + ["reject"]}
+    errors = []
+
+    def reviewer(indices):
+        try:
+            session = ReviewFolder(out)  # each its own session, opened before the other's decisions
+            for k in range(11):
+                for index in indices:
+                    session.decide(index, actions[index][k])
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=reviewer, args=(ids,)) for ids in ([3, 6], [7, 10])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    final = {3: "confirmed", 6: "rejected", 7: "confirmed", 10: "rejected"}
+    assert decisions_on_disk(out) == final
+    assert parse_list_file(out / "kept.txt") == expected_kept(profile, final)
+
+
+WRITER = """
+import random
+from facesphere.cleaning.review import ReviewFolder
+review = ReviewFolder({out!r})
+rng = random.Random()
+print("ready", flush=True)
+while True:
+    review.decide(rng.choice([3, 6, 7, 10]), rng.choice(["confirm", "reject", "pending"]))
+    print("decided", flush=True)
+"""
+
+
+@pytest.mark.slow  # six writer processes, each importing the toolkit
+def test_a_kill_at_any_moment_leaves_whole_lists_and_the_next_session_repairs_kept(folder):
+    out, profile, images, before = folder
+
+    def check(run: int) -> None:
+        decisions = decisions_on_disk(out)  # every .tsv reads whole, with a valid decision per row
+        assert set(decisions) == set(FLAGGED) and set(decisions.values()) <= set(DECISIONS)
+        kept = parse_list_file(out / "kept.txt")  # whole, with the review marker
+        assert (out / "kept.txt").read_text().count("# reviewed:") == 1
+        decided = {i: d for i, d in decisions.items() if d != "pending"}
+        # the kill may fall between a decision's two writes: kept.txt is then one decision behind
+        behind = [expected_kept(profile, {**decided, index: other} if other != "pending" else
+                                {i: d for i, d in decided.items() if i != index})
+                  for index in FLAGGED for other in DECISIONS]
+        assert kept == expected_kept(profile, decided) or kept in behind, run
+        ReviewFolder(out).sync()
+        assert parse_list_file(out / "kept.txt") == expected_kept(profile, decided)
+
+    result = kill_loop(WRITER.format(out=str(out)), check, runs=6, max_delay_s=1.0)
+    assert result.mid_write >= 3 and result.writes > 20, result
+    assert hashes(images) == before
+
+
+def _in_process(argv: list[str], stdin: str, capfd, monkeypatch) -> tuple[int, str, str]:
+    """``run_app`` as ``python -m facesphere`` calls it, reading ``stdin``."""
+    import io
+    import logging
+
+    from facesphere.cli.errors import run_app
+    from facesphere.cli.main import app
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    capfd.readouterr()
+    try:
+        code = run_app(app, ["--default-malloc", *argv])
+    finally:
+        for handler in logging.getLogger().handlers[:]:
+            logging.getLogger().removeHandler(handler)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_cli_review_takes_answers_from_piped_input(folder, capfd, monkeypatch):
+    out, profile, images, before = folder
+    done = subprocess.run(cli("clean", "review", str(out)), input="c\nmaybe\nr\ns\nq\n", env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"confirmed": 1, "rejected": 1, "skipped": 1, "pending": 2}
+    assert "flip #3:" in done.stderr and "answer c, r, s or q" in done.stderr
+    assert decisions_on_disk(out) == {3: "confirmed", 10: "rejected", 6: "pending", 7: "pending"}
+    assert parse_list_file(out / "kept.txt") == expected_kept(profile, {3: "confirmed", 10: "rejected"})
+    code, stdout, _ = _in_process(["clean", "review", str(out)], "", capfd, monkeypatch)  # the end of input quits
+    assert code == 0 and json.loads(stdout)["pending"] == 2
+    code, _, stderr = _in_process(["clean", "review", str(out / "nowhere")], "", capfd, monkeypatch)
+    assert code == 2 and stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "nowhere" in stderr and "Traceback" not in stderr
+    assert hashes(images) == before
