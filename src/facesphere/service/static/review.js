@@ -6,8 +6,11 @@ const keyInput = $("api-key");
 const thumbnails = new Map();  // image index -> object URL (fetched once, with the key)
 
 keyInput.value = localStorage.getItem("facesphere-api-key") || "";
+let listedWith = null;  // the key the list was fetched with: a change event without a new key keeps the page as it is
 keyInput.addEventListener("change", () => {
+  if (keyInput.value === listedWith) return;
   localStorage.setItem("facesphere-api-key", keyInput.value);
+  thumbnails.clear();
   refresh();
 });
 $("pending-only").addEventListener("change", () => refresh());
@@ -101,6 +104,7 @@ async function decide(element, item, decision) {
 
 async function refresh() {
   if (!keyInput.value) return setStatus("enter an API key");
+  listedWith = keyInput.value;
   try {
     const review = await call(`/v1/review/items?pending=${$("pending-only").checked}`);
     $("folder").textContent = review.folder;
