@@ -68,6 +68,8 @@ def test_review_page_confirms_a_flip_and_rejects_an_outlier_by_clicking(review_s
     _wait_for(browser, lambda d: len(d.find_elements("css selector", "#items li.review-item")) == 2, "2 pending items")
 
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as api:
+        assert {"/v1/review/items", "/v1/review/items/{index}", "/v1/review/images/{index}"} <= set(
+            api.get("/openapi.json").json()["paths"])
         assert api.get("/v1/review/images/4").headers["content-type"] == "image/jpeg"
         for index in (11, 12, 999):  # unreadable, missing, beyond the set: named by no review list
             answer = api.get(f"/v1/review/images/{index}")

@@ -75,7 +75,8 @@ def load_source(source: str, max_pixels: int | None = DEFAULT_MAX_PIXELS):
 
 @dataclass(frozen=True)
 class ReviewItem:
-    """One flagged image: its kind (flip, outlier, duplicate), what the lists say about it, and its decision."""
+    """One flagged image: its kind (flip, outlier, duplicate), what the lists say about it, its decision, and the
+    indices of the most typical images of its identity and (for a flip) of the suggested identity, to show beside it."""
 
     kind: str
     index: int
@@ -89,17 +90,21 @@ class ReviewItem:
     duplicate_of: int | None
     duplicate_path: str
     decision: str
+    typical: list[int]
+    suggested_typical: list[int]
 
     @classmethod
-    def from_row(cls, kind: str, row: dict[str, str]) -> ReviewItem:
+    def from_row(cls, kind: str, row: dict[str, str], typical: dict[int, list[int]]) -> ReviewItem:
         def number(text: str, kind=int):
             return kind(text) if text != "" else None
 
-        return cls(kind=kind, index=int(row["index"]), path=row["path"], label=int(row["label"]),
-                   identity=row["identity"], suggested_label=number(row["suggested_label"]),
-                   suggested_identity=row["suggested_identity"], own_cosine=number(row["own_cosine"], float),
-                   other_cosine=number(row["other_cosine"], float), duplicate_of=number(row["duplicate_of"]),
-                   duplicate_path=row["duplicate_path"], decision=row["decision"])
+        label, suggested = int(row["label"]), number(row["suggested_label"])
+        return cls(kind=kind, index=int(row["index"]), path=row["path"], label=label, identity=row["identity"],
+                   suggested_label=suggested, suggested_identity=row["suggested_identity"],
+                   own_cosine=number(row["own_cosine"], float), other_cosine=number(row["other_cosine"], float),
+                   duplicate_of=number(row["duplicate_of"]), duplicate_path=row["duplicate_path"],
+                   decision=row["decision"], typical=list(typical.get(label, [])),
+                   suggested_typical=list(typical.get(suggested, [])) if kind == "flip" else [])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,7 +140,7 @@ class ReviewFolder:
 
     def items(self, pending_only: bool = False) -> list[ReviewItem]:
         """Every flagged item (or the undecided ones) as the lists say now, flips first, then outliers, duplicates."""
-        found = [ReviewItem.from_row(kind, row) for kind, table in self._read_all().items() for row in table]
+        found = [ReviewItem.from_row(kind, row, self.typical) for kind, table in self._read_all().items() for row in table]
         return [item for item in found if item.decision == PENDING or not pending_only]
 
     def image_path(self, index: int) -> str:
@@ -179,7 +184,7 @@ class ReviewFolder:
                 atomic_write_text(self.folder / FLAGGED_FILES[kind], table_text(FLAGGED_COLUMNS, rows[kind]))
                 logger.info("%s: image %s (%s, %s) %s", self.folder, index, kind, row["path"], decision)
             self._write_kept(rows)
-        return ReviewItem.from_row(kind, row)
+        return ReviewItem.from_row(kind, row, self.typical)
 
     def sync(self) -> bool:
         """Bring ``kept.txt`` level with the decisions (after a kill between a decision's two writes); True when it

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import facesphere
-from facesphere.cleaning.review import ReviewError, ReviewFolder
+from facesphere.cleaning.review import ReviewError, ReviewFolder, ReviewItem
 from facesphere.data.images import ImageError, ImageTooLarge, load_image_bytes
 from facesphere.gallery import (
     GalleryError,
@@ -157,39 +157,16 @@ class InfoOut(BaseModel):
     limits: dict[str, int]
 
 
-class ReviewItemOut(BaseModel):
-    """A flagged image of the review folder (``facesphere.cleaning.review.ReviewItem``) and the images to show."""
-
-    kind: str = Field(description="flip, outlier or duplicate")
-    index: int = Field(description="the image's index in the profiled set (its thumbnail: /v1/review/images/{index})")
-    path: str
-    label: int
-    identity: str
-    suggested_label: int | None
-    suggested_identity: str
-    own_cosine: float | None
-    other_cosine: float | None
-    duplicate_of: int | None
-    duplicate_path: str
-    decision: str = Field(description="pending, confirmed or rejected")
-    typical: list[int] = Field(description="indices of the most typical images of its identity")
-    suggested_typical: list[int] = Field(description="... of the suggested identity (flips)")
-
-
 class ReviewOut(BaseModel):
     folder: str
-    items: list[ReviewItemOut]
+    items: list[ReviewItem] = Field(description="flagged images (kind, index, path, identity, suggestion, cosines, "
+                                                "decision; the typical images to show beside each, by index)")
 
 
 class DecisionIn(BaseModel):
     decision: Literal["confirm", "reject", "pending"] = Field(
         description="confirm: relabel a flip to the suggested identity, drop an outlier or duplicate; reject: keep the "
                     "image under its label; pending: undecided again")
-
-
-def _review_item(review: ReviewFolder, item) -> ReviewItemOut:
-    suggested = review.typical.get(item.suggested_label, []) if item.kind == "flip" else []
-    return ReviewItemOut(**item.to_dict(), typical=review.typical.get(item.label, []), suggested_typical=suggested)
 
 
 def _identity(identity: Identity) -> IdentityOut:
@@ -391,8 +368,7 @@ def _add_review_routes(app: FastAPI, review: ReviewFolder, keyed: list, static) 
     @app.get("/v1/review/items", dependencies=keyed, tags=["review"])
     def review_items(pending: bool = Query(False, description="only the undecided items")) -> ReviewOut:
         """The flagged images of the review folder with their decisions."""
-        return ReviewOut(folder=str(review.folder),
-                         items=[_review_item(review, item) for item in review.items(pending_only=pending)])
+        return ReviewOut(folder=str(review.folder), items=review.items(pending_only=pending))
 
     @app.get("/v1/review/images/{index}", dependencies=keyed, tags=["review"],
              responses={200: {"content": {"image/jpeg": {}}}})
@@ -402,9 +378,9 @@ def _add_review_routes(app: FastAPI, review: ReviewFolder, keyed: list, static) 
                         headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post("/v1/review/items/{index}", dependencies=keyed, tags=["review"])
-    def review_decide(index: int, body: DecisionIn) -> ReviewItemOut:
+    def review_decide(index: int, body: DecisionIn) -> ReviewItem:
         """Decide a flagged image: the list files are rewritten atomically before the reply."""
-        return _review_item(review, review.decide(index, body.decision))
+        return review.decide(index, body.decision)
 
 
 def build_app(analyzer: AnalyzerSpec, gallery: str | os.PathLike, settings: ServiceSettings,
