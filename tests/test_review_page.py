@@ -4,6 +4,9 @@ clicking, and the list files on disk say so; the API serves only images the revi
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from _noisy_set import HOSTILE, hashes, make_noisy_set
 from _training import env
@@ -63,6 +66,11 @@ def test_review_page_confirms_a_flip_and_rejects_an_outlier_by_clicking(review_s
     _wait_for(browser, lambda d: _item(d, 6).get_attribute("data-decision") == "rejected", "the rejected outlier")
     assert decisions_on_disk(out) == {3: "confirmed", 6: "rejected", 7: "pending", 10: "pending"}
     assert parse_list_file(out / "kept.txt") == expected_kept(profile, {3: "confirmed", 6: "rejected"})
+
+    if os.environ.get("FACESPHERE_SCREENSHOTS"):
+        target = Path(os.environ["FACESPHERE_SCREENSHOTS"])
+        target.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(target / "review_page.png"))
 
     browser.refresh()  # pending only: the decided items are gone
     _wait_for(browser, lambda d: len(d.find_elements("css selector", "#items li.review-item")) == 2, "2 pending items")
