@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+from unittest import mock
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from _faults import kill_loop
 from _noisy_set import LAYOUT, hashes, make_noisy_set
 from _training import cli, env
@@ -191,3 +194,76 @@ def test_cli_review_takes_answers_from_piped_input(folder, capfd, monkeypatch):
     assert code == 2 and stderr.strip().splitlines()[-1].startswith("error: ")
     assert "nowhere" in stderr and "Traceback" not in stderr
     assert hashes(images) == before
+
+
+PATH_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1, max_size=12)
+
+
+@st.composite
+def profiles(draw):
+    """A profile of up to 12 images with any status, any names (tabs, quotes, newlines, ' #', markup) and paths."""
+    from facesphere.cleaning.profile import NoiseProfile
+
+    n = draw(st.integers(1, 12))
+    classes = draw(st.integers(1, 4))
+    labels = draw(st.lists(st.integers(0, classes - 1), min_size=n, max_size=n))
+    status = draw(st.lists(st.sampled_from(list(Status)), min_size=n, max_size=n))
+    other = [draw(st.sampled_from([c for c in range(classes) if c != label] or [-1])) for label in labels]
+    status = [Status.CLEAN if s == Status.FLIP and o < 0 else s for s, o in zip(status, other)]
+    duplicate_of = [draw(st.integers(0, i - 1)) if s == Status.DUPLICATE and i else -1 for i, s in enumerate(status)]
+    status = [Status.CLEAN if s == Status.DUPLICATE and d < 0 else s for s, d in zip(status, duplicate_of)]
+    names = draw(st.lists(PATH_TEXT, min_size=n, max_size=n, unique=True))
+    cosines = st.floats(-1, 1, width=32)
+    return NoiseProfile(
+        sources=[f"/data/{name}" for name in names], labels=labels, status=status,
+        identity_names=draw(st.lists(st.text(max_size=8), min_size=classes, max_size=classes)),
+        own_cosine=draw(st.lists(cosines, min_size=n, max_size=n)),
+        other_cosine=draw(st.lists(cosines, min_size=n, max_size=n)), other_label=other, duplicate_of=duplicate_of,
+        identity_size=[labels.count(c) for c in range(classes)], identity_centres=[1] * classes,
+        identity_spread=[0.5] * classes, threshold=0.3, far=1e-3, model="m", duplicate_cosine=0.95)
+
+
+@given(profile=profiles(), steps=st.lists(st.tuples(st.integers(0, 11), st.sampled_from(["confirm", "reject", "pending"])),
+                                         max_size=4))
+def test_any_profile_and_decisions_round_trip_through_the_list_readers(tmp_path_factory, profile, steps):
+    from facesphere.cleaning.lists import list_path
+
+    out = tmp_path_factory.mktemp("prop")
+    with mock.patch("os.fsync"):  # durability is the kill test's; here ~15 fsyncs per example would take seconds
+        _round_trip(profile, steps, out, list_path)
+
+
+def _round_trip(profile, steps, out, list_path):
+    write_cleaned_lists(profile, out)
+    listable = []
+    for source in profile.sources:
+        try:
+            listable.append(list_path(source) == source)
+        except ValueError:
+            listable.append(False)
+    kinds = {Status.FLIP: "flip", Status.OUTLIER: "outlier", Status.DUPLICATE: "duplicate"}
+    flagged = {i: kinds[Status(s)] for i, s in enumerate(profile.status) if s in kinds and listable[i]}
+    review = ReviewFolder(out)
+    assert {item.index: item.kind for item in review.items()} == flagged
+    for item in review.items():
+        assert (item.path, item.label, item.identity) == (profile.sources[item.index], profile.labels[item.index],
+                                                         profile.identity_names[profile.labels[item.index]])
+    decisions = {}
+    for index, action in steps:
+        if index not in flagged:
+            with pytest.raises(ReviewError):
+                review.decide(index, action)
+            continue
+        review.decide(index, action)
+        decisions[index] = {"confirm": "confirmed", "reject": "rejected", "pending": "pending"}[action]
+    kept = [(profile.sources[i], int(profile.labels[i])) for i, s in enumerate(profile.status)
+            if s == Status.CLEAN and listable[i]]
+    for index in sorted(decisions):
+        if decisions[index] == "rejected":
+            kept.append((profile.sources[index], int(profile.labels[index])))
+        elif decisions[index] == "confirmed" and flagged[index] == "flip":
+            kept.append((profile.sources[index], int(profile.other_label[index])))
+    assert parse_list_file(out / "kept.txt") == kept
+    unreadable = read_table(out / "unreadable.tsv", ("index", "path", "label", "identity", "reason"))
+    assert [int(r["index"]) for r in unreadable] == [i for i, s in enumerate(profile.status)
+                                                     if s == Status.UNREADABLE or not listable[i]]

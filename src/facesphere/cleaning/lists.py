@@ -78,20 +78,28 @@ def _cosine(value: float) -> str:
     return "" if not np.isfinite(value) else f"{value:.6f}"
 
 
+class _Tsv(csv.excel_tab):
+    lineterminator = "\r\n"  # so that the writer quotes a field holding '\r' as well as '\n' (see table_text)
+
+
 def table_text(columns: Iterable[str], rows: Iterable[Mapping[str, object]]) -> str:
-    """A header line and one tab-separated row per mapping (``csv`` quoting)."""
-    out = io.StringIO()
-    writer = csv.writer(out, delimiter="\t", lineterminator="\n")
+    """A header line and one tab-separated row per mapping (``csv`` quoting), lines ending in ``\\n``."""
     columns = tuple(columns)
-    writer.writerow(columns)
-    writer.writerows([row[c] for c in columns] for row in rows)
-    return out.getvalue()
+    out = io.StringIO()
+    writer = csv.writer(out, dialect=_Tsv)
+    lines = []
+    for fields in [columns, *([row[c] for c in columns] for row in rows)]:
+        out.seek(0)
+        out.truncate()
+        writer.writerow(fields)
+        lines.append(out.getvalue()[:-2] + "\n")  # the row's own terminator: never inside a quoted field
+    return "".join(lines)
 
 
 def read_table(path: str | os.PathLike, columns: Iterable[str]) -> list[dict[str, str]]:
     """The rows of a list written by ``table_text``; a ValueError naming the file when its header differs."""
     path = Path(path)
-    text = check_text_size(path, MAX_TABLE_BYTES).read_text(encoding="utf-8")
+    text = check_text_size(path, MAX_TABLE_BYTES).read_bytes().decode("utf-8")  # bytes: a quoted '\r' stays one
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
     header = next(reader, None)
     if header is None or tuple(header) != tuple(columns):

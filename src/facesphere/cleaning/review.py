@@ -194,7 +194,7 @@ class ReviewFolder:
 
     def _write_kept(self, rows: dict[str, list[dict[str, str]]]) -> bool:
         path = self.folder / KEPT
-        text = check_text_size(path, 2 << 30).read_text(encoding="utf-8")
+        text = check_text_size(path, 2 << 30).read_bytes().decode("utf-8")
         head, marker, _ = text.partition(REVIEWED_MARKER + "\n")
         if not marker:
             raise ValueError(f"{path}: the line {REVIEWED_MARKER!r} is missing; not written by facesphere clean")
