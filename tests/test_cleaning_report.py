@@ -129,16 +129,19 @@ def test_report_figures_equal_counts_from_the_profile_and_html_escapes_names(noi
 def test_report_renders_again_from_the_saved_profile_and_a_cleaned_folder_is_not_overwritten(noisy, tmp_path):
     profile, folder, before = noisy
     out = tmp_path / "out"
+    profile.save(out / "profile")
     write_cleaning(profile, out)
     kept = (out / "kept.txt").read_bytes()
     (out / "report.html").unlink()
     again = rewrite_report(out)
     assert (out / "report.html").is_file() and again["flip"] == 2
     assert (out / "kept.txt").read_bytes() == kept  # the report never rewrites the lists (review decisions)
-    with pytest.raises(FileExistsError, match="earlier cleaning"):
+    with pytest.raises(FileExistsError, match="finished cleaning"):
         check_new_output(out)
     check_new_output(tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
+    (tmp_path / "interrupted" / "profile" / "embeddings").mkdir(parents=True)
+    check_new_output(tmp_path / "interrupted")  # an interrupted profiling resumes there
     assert hashes(folder) == before
 
 

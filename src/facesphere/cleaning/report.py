@@ -247,19 +247,20 @@ def write_report(profile, out_dir: str | os.PathLike, load_image: Callable[[str]
 
 
 def check_new_output(out_dir: str | os.PathLike) -> Path:
-    """``out_dir`` when a cleaning can be written there: a writable folder that holds no earlier cleaning (its
-    review decisions would be lost); a FileExistsError naming it otherwise, before any work is done."""
+    """``out_dir`` when a cleaning can be written there: a writable folder without a finished cleaning (``kept.txt``:
+    its review decisions would be lost; an interrupted profiling may resume); a FileExistsError naming it otherwise,
+    before any work is done."""
     out_dir = check_writable(out_dir, folder=True)
-    if (out_dir / KEPT).exists() or (out_dir / PROFILE).exists():
-        raise FileExistsError(f"{out_dir}: holds an earlier cleaning (its review decisions would be lost); give a new "
+    if (out_dir / KEPT).exists():
+        raise FileExistsError(f"{out_dir}: holds a finished cleaning (its review decisions would be lost); give a new "
                               "folder, or `facesphere clean report` to render its report again")
     return out_dir
 
 
 def write_cleaning(profile, out_dir: str | os.PathLike, load_image: Callable[[str], np.ndarray] = load_source) -> dict:
-    """Save ``profile`` (``out_dir/profile``), its list files and its report; return a short summary."""
+    """The list files and the report of ``profile`` in ``out_dir`` (the profile itself belongs in
+    ``out_dir/profile``, where ``rewrite_report`` finds it); returns a short summary."""
     out_dir = Path(out_dir)
-    profile.save(out_dir / PROFILE)
     written = write_cleaned_lists(profile, out_dir)
     return _summary(write_report(profile, out_dir, load_image), out_dir, written)
 
