@@ -166,9 +166,10 @@ def _sheet(profile, kind: str, load_image: Callable, path: Path, max_rows: int, 
 
 def _table(columns: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    head = f"<thead><tr>{head}</tr></thead>" if columns else ""
     body = "".join("<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in row) + "</tr>"
                    for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def _percent(value: float | None) -> str:
@@ -178,7 +179,7 @@ def _percent(value: float | None) -> str:
 def _html(profile, figures: dict, sheets: dict[str, tuple[Path, int, int]], max_rows: int) -> str:
     e = html.escape
     s = figures["summary"]
-    summary = _table(["", ""], [
+    summary = _table([], [
         ["model", s["model"]], ["threshold (cosine)", f"{s['threshold']:.4f} at FAR {s['far']:g}"],
         ["images (readable)", f"{s['images']} ({s['readable']})"], ["identities", s["identities"]],
         *[[name, s[name]] for name in STATUS_NAMES.values()],
