@@ -267,3 +267,25 @@ def _round_trip(profile, steps, out, list_path):
     unreadable = read_table(out / "unreadable.tsv", ("index", "path", "label", "identity", "reason"))
     assert [int(r["index"]) for r in unreadable] == [i for i, s in enumerate(profile.status)
                                                      if s == Status.UNREADABLE or not listable[i]]
+
+
+def test_records_of_a_pack_are_shown_from_the_pack_by_key(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from facesphere.cleaning.review import load_source
+    from facesphere.data.images import ImageError
+    from facesphere.data.record_dataset import RecordDataset, pack_folder
+
+    for name in ("a", "b"):
+        (tmp_path / "people" / name).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((20, 16, 3), 60 * k + 100 * (name == "b"), np.uint8)).save(
+                tmp_path / "people" / name / f"{k}.png")
+    pack_folder(tmp_path / "people", tmp_path / "packed")
+    dataset = RecordDataset(tmp_path / "packed")
+    for index in range(len(dataset)):
+        assert "#" in dataset.source(index)
+        assert np.array_equal(load_source(dataset.source(index)), dataset.decode(index))
+    with pytest.raises(ImageError, match="cannot read the record"):
+        load_source(f"{dataset.rec_path}#99999")

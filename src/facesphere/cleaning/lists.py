@@ -6,8 +6,8 @@
   ``ImageListDataset`` trains on it directly). Paths are absolute. The clean images come first; below the
   ``REVIEWED_MARKER`` comment line follow the flagged images a reviewer decided to keep (a rejected flag keeps the
   image under its label, a confirmed flip keeps it under the suggested identity). Images of RecordIO packs are named
-  ``file.rec#key`` (the record's key in the pack), as profiling named them: such lines identify records, they are not
-  paths a list-file reader can open.
+  ``/abs/file.rec#key`` (the record's key in the pack), as profiling named them: such lines identify records, they
+  are not paths a list-file reader can open.
 - ``flips.tsv``, ``outliers.tsv``, ``duplicates.tsv``: the flagged images, one per row under a header
   (``FLAGGED_COLUMNS``), with the suggested identity (the nearest other identity), both cosines, the image a
   duplicate repeats, and the review ``decision`` (``pending`` until a person decides, see ``cleaning.review``).
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CONFIRMED", "DECISIONS", "FLAGGED_COLUMNS", "FLAGGED_FILES", "KEPT", "PENDING", "REJECTED",
            "REVIEWED_MARKER", "TYPICAL", "TYPICAL_COLUMNS", "UNREADABLE", "UNREADABLE_COLUMNS", "kept_label",
-           "kept_text", "list_path", "read_table", "table_text", "typical_images", "write_cleaned_lists"]
+           "kept_text", "list_path", "read_table", "record_source", "table_text", "typical_images", "write_cleaned_lists"]
 
 KEPT, UNREADABLE, TYPICAL = "kept.txt", "unreadable.tsv", "typical.tsv"
 FLAGGED_FILES = {"flip": "flips.tsv", "outlier": "outliers.tsv", "duplicate": "duplicates.tsv"}
@@ -54,10 +54,18 @@ REVIEWED_MARKER = "# reviewed: flagged images a reviewer kept (rewritten by each
 MAX_TABLE_BYTES = 2 << 30  # like MAX_LIST_BYTES: millions of rows fit
 
 
+def record_source(source: str) -> tuple[str, int] | None:
+    """(pack, key) of a RecordIO record named ``file.rec#key``; None for any other source (a file path)."""
+    rec, hash_, key = source.rpartition("#")
+    return (rec, int(key)) if hash_ and rec.endswith(".rec") and key.isdigit() else None
+
+
 def list_path(source: str) -> str:
-    """``source`` as a ``kept.txt`` path: absolute (a relative one is taken from the working folder); a ValueError
-    when the list-file format cannot hold it (a newline, surrounding spaces, or ``' #'`` starting a comment)."""
-    text = source if ".rec#" in source else os.path.abspath(source)
+    """``source`` as a ``kept.txt`` path: absolute (a relative one is taken from the working folder; a RecordIO
+    record ``file.rec#key`` keeps its key); a ValueError when the list-file format cannot hold it (a newline,
+    surrounding spaces, or ``' #'`` starting a comment)."""
+    record = record_source(source)
+    text = f"{os.path.abspath(record[0])}#{record[1]}" if record else os.path.abspath(source)
     if "\n" in text or "\r" in text or text != text.strip() or " #" in text or "\t#" in text:
         raise ValueError(f"{source!r}: a list file cannot name this path (newline, surrounding space or ' #')")
     return text

@@ -41,6 +41,7 @@ from facesphere.cleaning.lists import (
     TYPICAL_COLUMNS,
     kept_label,
     read_table,
+    record_source,
     table_text,
 )
 from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, load_image_bytes
@@ -63,10 +64,10 @@ class ReviewError(ValueError):
 def load_source(source: str, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """Image ``source`` of a profile (a path, or ``file.rec#key`` for a RecordIO record) as HxWx3 uint8 RGB;
     ``ImageError`` naming it when it cannot be read."""
-    if ".rec#" in source:
-        rec, _, key = source.rpartition("#")
+    record = record_source(source)
+    if record is not None:
         try:
-            payload = RecordIOReader(rec).read_header(int(key))[1]
+            payload = RecordIOReader(record[0]).read_header(record[1])[1]
         except (OSError, ValueError, KeyError) as error:
             raise ImageError(source, f"cannot read the record: {error}") from None
         return load_image_bytes(payload, source, max_pixels)
