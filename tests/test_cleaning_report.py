@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,7 @@ def test_list_paths_are_absolute_records_kept_and_unwritable_paths_refused(tmp_p
     monkeypatch.chdir(tmp_path)
     assert list_path("a/b c.jpg") == str(tmp_path / "a" / "b c.jpg")
     assert list_path("/data/train.rec#17") == "/data/train.rec#17"  # RecordIO sources name records by key
+    assert list_path("packs/train.rec#3") == f"{tmp_path}/packs/train.rec#3"
     for bad in ("/x/a #1.jpg", "/x/a\nb.jpg", "/x/a.jpg "):
         with pytest.raises(ValueError, match="list file cannot name"):
             list_path(bad)
@@ -155,3 +157,36 @@ def test_unloadable_images_are_grey_tiles_not_a_crash(noisy, tmp_path):
     with Image.open(tmp_path / "out" / "flips.png") as image:
         assert image.size[0] > 100
     assert os.path.getsize(tmp_path / "out" / "report.html") > 1000
+
+
+@pytest.mark.slow  # embeds a small set with a real model through `python -m facesphere`
+def test_clean_profile_command_writes_lists_and_report_and_refuses_a_finished_folder(tmp_path):
+    from _training import cli, env
+    from conftest import require_data
+
+    from facesphere.data import SyntheticFaces, write_image_folder
+    from facesphere.models import import_weights
+    from facesphere.models.store import save_model
+    from facesphere.pipeline.threshold import calibrate_threshold
+
+    write_image_folder(SyntheticFaces(3, 4, image_size=(112, 112), seed=1), tmp_path / "set")
+    backbone, card = import_weights(require_data("weights/mobilefacenet_insightface_y1"))
+    save_model(tmp_path / "y1", backbone, card)
+    calibrate_threshold(np.linspace(0.0, 0.6, 20), np.arange(20) >= 10, 0.1, card.name, card.embedding_size,
+                        card.weights_sha256).save(tmp_path / "threshold.json")  # a threshold near 0.3
+    before = hashes(tmp_path / "set")
+    argv = cli("clean", "profile", str(tmp_path / "set"), "--model", str(tmp_path / "y1"), "--threshold",
+               str(tmp_path / "threshold.json"), "--out", str(tmp_path / "out"), "--batch-size", "8")
+    done = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["images"] == 12 and summary["identities"] == 3
+    assert sum(summary[k] for k in ("clean", "flip", "outlier", "duplicate", "unreadable")) == 12
+    assert summary["lists"]["kept.txt"] == summary["clean"]
+    images = {str(p) for p in (tmp_path / "set").rglob("*") if p.is_file()}
+    assert {path for path, _ in parse_list_file(tmp_path / "out" / "kept.txt")} <= images
+    for name in ("report.html", "report.json", "histograms.png", "flips.tsv", "profile/profile.json"):
+        assert (tmp_path / "out" / name).is_file(), name
+    again = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "finished cleaning" in again.stderr.strip().splitlines()[-1]
+    assert hashes(tmp_path / "set") == before
