@@ -34,14 +34,17 @@ def profile(data: Path = typer.Argument(..., help="the labelled set: an image fo
                                            help="the model's calibrated threshold file (`facesphere calibrate`)"),
             out: Path = typer.Option(..., "--out", help="new output folder for the lists, the report and the profile"),
             batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per embedding batch"),
-            device: str = typer.Option("cpu", "--device", help="torch device of the model (cpu, cuda, cuda:1)")) -> None:
+            device: str = typer.Option("cpu", "--device", help="torch device of the model (cpu, cuda, cuda:1)"),
+            workers: int = typer.Option(2, "--workers", min=0, help="image decoding processes"),
+            flip: bool = typer.Option(True, "--flip/--no-flip", help="flip-sum test-time augmentation")) -> None:
     """Profile SET with --model at --threshold: write kept.txt, the flagged lists and report.html into --out."""
     from facesphere.cleaning.profile import profile_set
     from facesphere.cleaning.report import PROFILE, check_new_output, write_cleaning
 
     with user_errors():
         check_new_output(out)
-        result = profile_set(data, model, threshold, out / PROFILE, batch_size=batch_size, device=device)
+        result = profile_set(data, model, threshold, out / PROFILE, batch_size=batch_size, device=device,
+                             workers=workers, flip=flip)
         summary = write_cleaning(result, out)
     typer.echo(json.dumps(summary, indent=2))
 
