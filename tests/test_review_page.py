@@ -78,6 +78,9 @@ def test_review_page_confirms_a_flip_and_rejects_an_outlier_by_clicking(review_s
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as api:
         assert {"/v1/review/items", "/v1/review/items/{index}", "/v1/review/images/{index}"} <= set(
             api.get("/openapi.json").json()["paths"])
+        page = api.get("/v1/review/items", params={"offset": 1, "limit": 2}).json()
+        assert (page["total"], [i["index"] for i in page["items"]]) == (4, [10, 6])
+        assert api.get("/v1/review/items", params={"limit": 501}).status_code == 422
         assert api.get("/v1/review/images/4").headers["content-type"] == "image/jpeg"
         for index in (11, 12, 999):  # unreadable, missing, beyond the set: named by no review list
             answer = api.get(f"/v1/review/images/{index}")

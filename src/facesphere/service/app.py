@@ -159,6 +159,8 @@ class InfoOut(BaseModel):
 
 class ReviewOut(BaseModel):
     folder: str
+    total: int = Field(description="items matching the request before paging")
+    offset: int
     items: list[ReviewItem] = Field(description="flagged images (kind, index, path, identity, suggestion, cosines, "
                                                 "decision; the typical images to show beside each, by index)")
 
@@ -366,9 +368,11 @@ def _add_review_routes(app: FastAPI, review: ReviewFolder, keyed: list, static) 
         return HTMLResponse((static / "review.html").read_text(encoding="utf-8"))
 
     @app.get("/v1/review/items", dependencies=keyed, tags=["review"])
-    def review_items(pending: bool = Query(False, description="only the undecided items")) -> ReviewOut:
-        """The flagged images of the review folder with their decisions."""
-        return ReviewOut(folder=str(review.folder), items=review.items(pending_only=pending))
+    def review_items(pending: bool = Query(False, description="only the undecided items"),
+                     offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> ReviewOut:
+        """The flagged images of the review folder with their decisions, ``limit`` from ``offset`` on."""
+        items = review.items(pending_only=pending)
+        return ReviewOut(folder=str(review.folder), total=len(items), offset=offset, items=items[offset:offset + limit])
 
     @app.get("/v1/review/images/{index}", dependencies=keyed, tags=["review"],
              responses={200: {"content": {"image/jpeg": {}}}})

@@ -4,6 +4,8 @@
 const $ = (id) => document.getElementById(id);
 const keyInput = $("api-key");
 const thumbnails = new Map();  // image index -> object URL (fetched once, with the key)
+const PAGE = 50;  // items per page
+let offset = 0;
 
 keyInput.value = localStorage.getItem("facesphere-api-key") || "";
 let listedWith = null;  // the key the list was fetched with: a change event without a new key keeps the page as it is
@@ -13,7 +15,9 @@ keyInput.addEventListener("change", () => {
   thumbnails.clear();
   refresh();
 });
-$("pending-only").addEventListener("change", () => refresh());
+$("pending-only").addEventListener("change", () => { offset = 0; refresh(); });
+$("previous").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
+$("next").addEventListener("click", () => { offset += PAGE; refresh(); });
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -64,6 +68,7 @@ function showDecision(element, item) {
 function render(items) {
   const list = $("items");
   list.replaceChildren();
+  list.start = offset + 1;
   for (const item of items) {
     const element = $("item-template").content.firstElementChild.cloneNode(true);
     element.dataset.index = String(item.index);
@@ -106,11 +111,18 @@ async function refresh() {
   if (!keyInput.value) return setStatus("enter an API key");
   listedWith = keyInput.value;
   try {
-    const review = await call(`/v1/review/items?pending=${$("pending-only").checked}`);
+    let review = await call(`/v1/review/items?pending=${$("pending-only").checked}&offset=${offset}&limit=${PAGE}`);
+    if (!review.items.length && offset > 0) {  // decided past the end: back to the last page
+      offset = Math.max(0, Math.floor((review.total - 1) / PAGE) * PAGE);
+      review = await call(`/v1/review/items?pending=${$("pending-only").checked}&offset=${offset}&limit=${PAGE}`);
+    }
     $("folder").textContent = review.folder;
-    $("counts").textContent = `${review.items.length} item(s)`;
+    const shown = review.items.length ? `${offset + 1}–${offset + review.items.length}` : "0";
+    $("counts").textContent = `${shown} of ${review.total}`;
+    $("previous").disabled = offset === 0;
+    $("next").disabled = offset + review.items.length >= review.total;
     render(review.items);
-    setStatus(`${review.items.length} flagged image(s) listed`);
+    setStatus(`${review.total} flagged image(s)`);
   } catch (error) {
     setStatus(error.message, true);
   }
