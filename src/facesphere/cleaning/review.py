@@ -121,6 +121,7 @@ class ReviewFolder:
         for name in (KEPT, TYPICAL, *FLAGGED_FILES.values()):
             if not (self.folder / name).is_file():
                 raise FileNotFoundError(f"{self.folder / name}: missing; not the output folder of facesphere clean profile")
+        self._cache: dict[str, tuple[tuple[int, int, int], list[dict[str, str]]]] = {}
         rows = self._read_all()
         self._kinds = {int(r["index"]): kind for kind, table in rows.items() for r in table}
         self._paths = {int(r["index"]): r["path"] for table in rows.values() for r in table}
@@ -130,14 +131,26 @@ class ReviewFolder:
             self.typical.setdefault(int(row["label"]), []).append(int(row["index"]))
             self._paths[int(row["index"])] = row["path"]
 
-    def _read_all(self) -> dict[str, list[dict[str, str]]]:
-        rows = {kind: read_table(self.folder / name, FLAGGED_COLUMNS) for kind, name in FLAGGED_FILES.items()}
-        for kind, table in rows.items():
-            for row in table:
-                if row["decision"] not in DECISIONS:
-                    raise ValueError(f"{self.folder / FLAGGED_FILES[kind]}: image {row['index']} has decision "
-                                     f"{row['decision']!r} (expected one of {', '.join(DECISIONS)})")
-        return rows
+    def _read_all(self, fresh: bool = False) -> dict[str, list[dict[str, str]]]:
+        """Every flagged list as it is on disk. For listing, a list is read again only when its file looks replaced
+        (inode, time, size); ``fresh`` (a decision) always reads: an inode reused within one clock tick at the same
+        size would look unchanged. Rows are shared with the cache, never to be changed in place."""
+        return {kind: self._read(kind, fresh) for kind in FLAGGED_FILES}
+
+    def _read(self, kind: str, fresh: bool) -> list[dict[str, str]]:
+        path = self.folder / FLAGGED_FILES[kind]
+        stat = path.stat()
+        signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # taken before the read: never newer than it
+        cached = self._cache.get(kind)
+        if cached is not None and cached[0] == signature and not fresh:
+            return cached[1]
+        table = read_table(path, FLAGGED_COLUMNS)
+        for row in table:
+            if row["decision"] not in DECISIONS:
+                raise ValueError(f"{path}: image {row['index']} has decision {row['decision']!r} (expected one of "
+                                 f"{', '.join(DECISIONS)})")
+        self._cache[kind] = (signature, table)
+        return table
 
     def items(self, pending_only: bool = False) -> list[ReviewItem]:
         """Every flagged item (or the undecided ones) as the lists say now, flips first, then outliers, duplicates."""
@@ -178,10 +191,12 @@ class ReviewFolder:
             raise ReviewError(f"image {index} is not flagged in {self.folder}")
         decision = ACTIONS[action]
         with self._locked():
-            rows = self._read_all()  # under the lock: another reviewer's decisions are kept
-            row = next(r for r in rows[kind] if int(r["index"]) == int(index))
+            rows = self._read_all(fresh=True)  # under the lock: another reviewer's decisions are kept
+            position = next(i for i, r in enumerate(rows[kind]) if int(r["index"]) == int(index))
+            row = rows[kind][position]
             if row["decision"] != decision:
-                row["decision"] = decision
+                row = {**row, "decision": decision}
+                rows[kind] = [*rows[kind][:position], row, *rows[kind][position + 1:]]
                 atomic_write_text(self.folder / FLAGGED_FILES[kind], table_text(FLAGGED_COLUMNS, rows[kind]))
                 logger.info("%s: image %s (%s, %s) %s", self.folder, index, kind, row["path"], decision)
             self._write_kept(rows)
@@ -191,7 +206,7 @@ class ReviewFolder:
         """Bring ``kept.txt`` level with the decisions (after a kill between a decision's two writes); True when it
         had to be rewritten."""
         with self._locked():
-            return self._write_kept(self._read_all())
+            return self._write_kept(self._read_all(fresh=True))
 
     def _write_kept(self, rows: dict[str, list[dict[str, str]]]) -> bool:
         path = self.folder / KEPT
