@@ -79,7 +79,7 @@ COMMANDS: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {
     "serve": (["serve", "--gallery", "{gallery}", "--model", "{model}", "--api-keys", "{keys}", *DETECTOR], {
         "gallery": ("new_gallery", "{gallery}"), "model": ("model", "{model}"),
         "detector_weights": ("detector_weights", "{scrfd}"), "api_keys": ("text", "{keys}"),
-        "threshold": ("threshold", "--threshold")}),
+        "threshold": ("threshold", "--threshold"), "review": ("folder", "--review")}),
     "import": (["import", "{xiaoccer}", "{out_dir}"], {
         "source": ("checkpoint", "{xiaoccer}"), "output": ("out_dir", "{out_dir}")}),
     "export": (["export", "{model}", "{out_dir}", "--no-check"], {
@@ -104,6 +104,12 @@ COMMANDS: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {
     "gallery list": (["gallery", "list", "{gallery}"], {"gallery": ("gallery", "{gallery}"), "out": ("out_file", "--out")}),
     "gallery remove": (["gallery", "remove", "{gallery}", "alice"], {"gallery": ("gallery", "{gallery}")}),
     "gallery check": (["gallery", "check", "{gallery}"], {"gallery": ("gallery", "{gallery}")}),
+    "clean profile": (["clean", "profile", "{people}", "--model", "{model}", "--threshold", "{threshold}", "--out",
+                       "{out_dir}"], {
+        "data": ("folder", "{people}"), "model": ("model", "{model}"), "threshold": ("threshold", "{threshold}"),
+        "out": ("out_dir", "{out_dir}")}),
+    "clean report": (["clean", "report", "{people}"], {"folder": ("folder", "{people}")}),
+    "clean review": (["clean", "review", "{people}"], {"folder": ("folder", "{people}")}),
 }
 # Path-like parameters typed as str (a file or a built-in name) that the introspection cannot see.
 STR_PATHS = {("train", "config"), ("config", "config"), ("train", "resume")}

@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from facesphere.cli import clean as clean_commands
 from facesphere.cli import data as data_commands
 from facesphere.cli import evaluate as eval_commands
 from facesphere.cli import export as export_commands
@@ -33,6 +34,7 @@ for _name in ("detect", "align", "embed", "verify", "draw", "calibrate"):
 app.command("serve")(serve_commands.serve)
 app.add_typer(data_commands.app, name="data")
 app.add_typer(gallery_commands.app, name="gallery")
+app.add_typer(clean_commands.app, name="clean")
 
 
 @app.callback()

@@ -30,8 +30,11 @@ def serve(gallery: Path = typer.Option(..., "--gallery", help="gallery database 
           max_pixels: int = typer.Option(25_000_000, "--max-pixels", min=1, help="largest image, width x height"),
           max_faces: int = typer.Option(20, "--max-faces", min=1, help="faces analysed per photo"),
           flip: bool = typer.Option(True, "--flip/--no-flip", help="flip-sum test-time augmentation"),
-          threads: Optional[int] = ThreadsOpt) -> None:
-    """Serve detect / embed / verify / identify and gallery enrolment over HTTP, with a web page at /."""
+          threads: Optional[int] = ThreadsOpt,
+          review: Optional[Path] = typer.Option(None, "--review", help="output folder of `facesphere clean profile`: "
+                                                "review its flagged images on the page /review")) -> None:
+    """Serve detect / embed / verify / identify and gallery enrolment over HTTP, with a web page at / (and the
+    review of a cleaning at /review with --review)."""
     import uvicorn
 
     from facesphere.pipeline import AnalyzerSpec
@@ -42,7 +45,7 @@ def serve(gallery: Path = typer.Option(..., "--gallery", help="gallery database 
                                    max_image_pixels=max_pixels, max_faces=max_faces, match_threshold=match_threshold)
         spec = AnalyzerSpec(detector=detector, detector_weights=detector_weights, model=model, threads=threads,
                             flip=flip)
-        app = build_app(spec, gallery, settings, threshold=threshold, index=index, storage=storage)
+        app = build_app(spec, gallery, settings, threshold=threshold, index=index, storage=storage, review=review)
         service = app.state.service
         logger.info("serving %s (%d identities) on http://%s:%d  (page /, API /docs, spec /openapi.json)",
                     service.analyzer.embedder.card.name, len(service.gallery), host, port)

@@ -10,6 +10,11 @@ landmarks. The OpenAPI spec is at ``/openapi.json``; its pages ``/docs`` (Swagge
 scripts from the app itself (the assets bundled by fastapi-offline), so they work without internet. A gallery file
 SQLite cannot use answers 500 with a JSON error naming it.
 
+Started with a review folder (``facesphere serve --review DIR``, the output of ``facesphere clean profile``), the app
+also serves the review page ``/review`` and ``/v1/review/...``: the flagged images with their identities' typical
+images (thumbnails of images the folder's lists name, nothing else), and a decision per image, written through
+``facesphere.cleaning.review``.
+
 The networks and the index run on one dedicated thread (``ModelThread``), one request at a time (each
 call already uses every CPU thread); gallery writes are committed to the SQLite store before the search
 index changes (``LiveGallery``).
@@ -23,7 +28,7 @@ import logging
 import os
 from hashlib import sha256
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Security, UploadFile
@@ -36,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import facesphere
+from facesphere.cleaning.review import ReviewError, ReviewFolder, ReviewItem
 from facesphere.data.images import ImageError, ImageTooLarge, load_image_bytes
 from facesphere.gallery import (
     GalleryError,
@@ -70,6 +76,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     NoFaceFound: 422,
     BadMetadata: 422,
     UnknownIdentity: 404,
+    ReviewError: 404,
     GalleryUnusable: 500,
     GalleryError: 422,
 }
@@ -150,6 +157,20 @@ class InfoOut(BaseModel):
     limits: dict[str, int]
 
 
+class ReviewOut(BaseModel):
+    folder: str
+    total: int = Field(description="items matching the request before paging")
+    offset: int
+    items: list[ReviewItem] = Field(description="flagged images (kind, index, path, identity, suggestion, cosines, "
+                                                "decision; the typical images to show beside each, by index)")
+
+
+class DecisionIn(BaseModel):
+    decision: Literal["confirm", "reject", "pending"] = Field(
+        description="confirm: relabel a flip to the suggested identity, drop an outlier or duplicate; reject: keep the "
+                    "image under its label; pending: undecided again")
+
+
 def _identity(identity: Identity) -> IdentityOut:
     return IdentityOut(name=identity.name, metadata=identity.metadata, templates=identity.templates)
 
@@ -195,10 +216,11 @@ def _face_out(face) -> FaceOut:
 
 
 def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
-               model_thread: ModelThread | None = None) -> FastAPI:
+               model_thread: ModelThread | None = None, review: ReviewFolder | None = None) -> FastAPI:
     """The FastAPI application serving ``analyzer`` and ``gallery`` within ``settings``' limits.
 
-    ``model_thread``: the thread that loaded the analyser's models (a new one if None)."""
+    ``model_thread``: the thread that loaded the analyser's models (a new one if None); ``review``: a review folder
+    whose page and routes to serve (none if None)."""
     service = FaceService(analyzer, gallery, settings, model_thread)
     on_model_thread = service.model_thread.run
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the app itself (no CDN), so they work offline
@@ -330,17 +352,50 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
     def page() -> HTMLResponse:
         return HTMLResponse((static / "index.html").read_text(encoding="utf-8"))
 
+    if review is not None:
+        _add_review_routes(app, review, keyed, static)
+
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app
 
 
+def _add_review_routes(app: FastAPI, review: ReviewFolder, keyed: list, static) -> None:
+    """The review page and its API (see the module doc)."""
+
+    @app.get("/review", include_in_schema=False)
+    def review_page() -> HTMLResponse:
+        return HTMLResponse((static / "review.html").read_text(encoding="utf-8"))
+
+    @app.get("/v1/review/items", dependencies=keyed, tags=["review"])
+    def review_items(pending: bool = Query(False, description="only the undecided items"),
+                     offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> ReviewOut:
+        """The flagged images of the review folder with their decisions, ``limit`` from ``offset`` on."""
+        items = review.items(pending_only=pending)
+        return ReviewOut(folder=str(review.folder), total=len(items), offset=offset, items=items[offset:offset + limit])
+
+    @app.get("/v1/review/images/{index}", dependencies=keyed, tags=["review"],
+             responses={200: {"content": {"image/jpeg": {}}}})
+    def review_image(index: int, size: int = Query(256, ge=16, le=1024)) -> Response:
+        """A JPEG thumbnail of an image the review lists name (404 for any other index)."""
+        return Response(review.thumbnail(index, size), media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.post("/v1/review/items/{index}", dependencies=keyed, tags=["review"])
+    def review_decide(index: int, body: DecisionIn) -> ReviewItem:
+        """Decide a flagged image: the list files are rewritten atomically before the reply."""
+        return review.decide(index, body.decision)
+
+
 def build_app(analyzer: AnalyzerSpec, gallery: str | os.PathLike, settings: ServiceSettings,
-              threshold: str | os.PathLike | None = None, index: str = "auto", storage: str = "fp32") -> FastAPI:
+              threshold: str | os.PathLike | None = None, index: str = "auto", storage: str = "fp32",
+              review: str | os.PathLike | None = None) -> FastAPI:
     """The service ``facesphere serve`` runs: the analyser of ``analyzer`` (its ``model`` may be a model folder,
     an .onnx, a training run folder or a checkpoint) loaded on its own model thread, the gallery database
     (created for the model when missing) and the open-set threshold: a calibrated ``threshold`` file checked
-    against the model, else ``settings.match_threshold``."""
+    against the model, else ``settings.match_threshold``; ``review``: a cleaning output folder to review on
+    ``/review``."""
+    folder = ReviewFolder(review) if review is not None else None  # refused before any model loads
     if analyzer.model is None:
         raise ValueError("the service needs an embedding model (AnalyzerSpec.model)")
     model_thread = ModelThread()  # loads and runs every network (see facesphere.service.model_thread)
@@ -350,7 +405,7 @@ def build_app(analyzer: AnalyzerSpec, gallery: str | os.PathLike, settings: Serv
     if value is None:
         logger.warning("no threshold: every match is reported as known (closed-set)")
     live = model_thread.run(open_live_gallery, gallery, card, kind=index, storage=storage)
-    return create_app(built, live, settings.model_copy(update={"match_threshold": value}), model_thread)
+    return create_app(built, live, settings.model_copy(update={"match_threshold": value}), model_thread, folder)
 
 
 __all__ = ["ERROR_STATUS", "BadMetadata", "FaceService", "TooManyFiles", "build_app", "create_app", "status_of"]
