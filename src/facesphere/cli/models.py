@@ -32,6 +32,8 @@ def heads() -> None:
     """List the margin heads and their first docstring line."""
     from facesphere.heads import HEADS
 
-    for key in HEADS.names():
+    names = HEADS.names()
+    width = max(map(len, names))
+    for key in names:
         doc = (HEADS.get(key).__doc__ or "").strip().splitlines()
-        typer.echo(f"{key:12s} {doc[0] if doc else ''}")
+        typer.echo(f"{key:{width}s} {doc[0] if doc else ''}")
