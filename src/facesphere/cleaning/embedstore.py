@@ -27,11 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from torch.utils.data import Dataset
+
+from facesphere.cleaning.sources import READ_ERRORS, read_image
 from facesphere.utils.files import atomic_path, atomic_write_text, read_text_checked
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ArrayEmbeddings", "EmbeddingStore", "EmbeddingStoreError", "as_embeddings", "normalised"]
+__all__ = ["ArrayEmbeddings", "EmbeddingStore", "EmbeddingStoreError", "as_embeddings", "embed_to_store", "normalised"]
 
 STORE_FILE = "store.json"
 STORE_FORMAT = "facesphere-embedding-store"
@@ -52,7 +55,7 @@ def normalised(rows: np.ndarray) -> np.ndarray:
 class ArrayEmbeddings:
     """An in-memory (N, D) array read like a store: ``chunks()`` of ``chunk_size`` rows, ``rows(indices)``."""
 
-    def __init__(self, embeddings: np.ndarray, chunk_size: int = 65536) -> None:
+    def __init__(self, embeddings: np.ndarray, chunk_size: int = 16384) -> None:
         array = np.asarray(embeddings)
         if array.ndim != 2 or not array.shape[1]:
             raise ValueError(f"embeddings must be an (N, D) array, got shape {array.shape}")
@@ -200,10 +203,75 @@ class EmbeddingStore:
         return np.concatenate(parts) if parts else np.zeros(0, HASH_DTYPE)
 
 
-def as_embeddings(embeddings: Any, chunk_size: int = 65536) -> ArrayEmbeddings | EmbeddingStore:
+def as_embeddings(embeddings: Any, chunk_size: int = 16384) -> ArrayEmbeddings | EmbeddingStore:
     """A store as it is, a store folder opened, anything else taken as an (N, D) array."""
     if isinstance(embeddings, (EmbeddingStore, ArrayEmbeddings)):
         return embeddings
     if isinstance(embeddings, (str, os.PathLike)):
         return EmbeddingStore.open(embeddings)
     return ArrayEmbeddings(embeddings, chunk_size)
+
+
+class _Readable(Dataset):
+    """Items (crop, read?, reason, digest) of a labelled set: an unreadable image becomes a blank crop and its
+    reason instead of an exception, so one bad file never stops a DataLoader."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            image, digest = read_image(self.dataset, index)
+            return image, True, "", digest
+        except READ_ERRORS as error:
+            h, w = self.dataset.image_size
+            reason = getattr(error, "reason", None) or (error.strerror if isinstance(error, OSError) else None) or str(error)
+            return np.zeros((h, w, 3), np.uint8), False, str(reason), bytes(16)
+
+
+def _collate(items):
+    images, read, reasons, digests = zip(*items)
+    return np.stack(images), np.array(read, bool), list(reasons), np.array(digests, HASH_DTYPE)
+
+
+def embed_to_store(dataset, embedder, folder: str | os.PathLike, *, key: dict[str, Any], batch_size: int = 64,
+                   chunk_size: int = 16384, workers: int = 0, flip: bool = True, progress: bool = True) -> EmbeddingStore:
+    """Embed every image of ``dataset`` (an ``EncodedImagesDataset``) with ``embedder`` into a store in ``folder``.
+
+    Images are read and decoded by ``workers`` DataLoader processes (``facesphere.data.build_loader``) while the
+    model runs; each unreadable image is kept as a zero row with ``valid`` False and a ``{"source", "reason"}``
+    problem. A store of the same ``key`` left by an interrupted run is resumed at its first missing chunk.
+    """
+    from facesphere.data import build_loader
+    from facesphere.data.record_dataset import _progress
+
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be positive, got {batch_size} and {chunk_size}")
+    chunk_size = max(batch_size, chunk_size // batch_size * batch_size)  # whole batches per chunk
+    store = EmbeddingStore.create(folder, embedder.embedding_size, {**key, "chunk_size": chunk_size, "flip": flip})
+    done, total = len(store), len(dataset)
+    if done >= total:
+        return store.finish()
+    batches = [list(range(start, min(start + batch_size, total))) for start in range(done, total, batch_size)]
+    loader = build_loader(_Readable(dataset), batches, num_workers=workers)
+    loader.collate_fn = _collate
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    problems: list[dict[str, str]] = []
+    pending = 0
+    with _progress(progress, len(batches), f"embedding {total - done} images") as advance:
+        for batch, (images, read, reasons, digests) in zip(batches, loader):
+            rows = np.zeros((len(batch), embedder.embedding_size), np.float32)
+            if read.any():
+                rows[read] = embedder.embed(list(images[read]), flip=flip, batch_size=batch_size)
+            problems += [{"source": dataset.source(i), "reason": r} for i, r, ok in zip(batch, reasons, read) if not ok]
+            parts.append((rows, read, digests))
+            pending += len(batch)
+            if pending >= chunk_size or batch[-1] == total - 1:
+                store.append(*(np.concatenate(column) for column in zip(*parts)), problems=problems)
+                parts, problems, pending = [], [], 0
+            advance()
+    logger.info("%s: %d images embedded, %d unreadable", folder, total, len(store.problems))
+    return store.finish()

@@ -5,17 +5,19 @@
 
 1. **Duplicates** first (the same photo filed twice, within or across identities): byte-identical files by
    content digest, then near copies: the nearest earlier image at cosine >= ``duplicate_cosine`` (faiss: exact
-   inner products up to ``exact_search_limit`` images, an IVF-PQ index beyond, its candidates re-scored
-   exactly). The later copy becomes DUPLICATE with ``duplicate_of`` = the earliest copy, and is left out of the
+   inner products up to ``exact_search_limit`` images; beyond, an IVF index over a 64-d random projection, its
+   candidates re-scored exactly). The later copy becomes DUPLICATE with ``duplicate_of`` = the earliest copy, and is left out of the
    identity statistics so no photo counts twice.
 2. **Identity centres**: the sum of each identity's unit embeddings, then a spherical k-means (k =
    ``max_centres``, farthest-point start, a few Lloyd passes) inside every identity large enough. The split is
    kept only when every mode holds at least ``MIN_MODE_SHARE`` of the identity and ``MIN_MODE_IMAGES`` images,
-   *and* the mode centres pass the verification threshold against each other. Why: a person photographed in two
-   sessions (young/old, with/without glasses) forms two modes that are still the same person, and one centre
-   would put the smaller session far from it; a handful of mislabelled photos is never a quarter of an
-   identity, and a large block of another person's photos fails the same-person test between the centres, so
-   neither is promoted to a mode and both stay flagged.
+   and the mode centres are distinct at the verification threshold (their cosine is below T). Why: a person
+   photographed in two sessions (young/old, glasses, lighting) can form two modes far apart, and one centre
+   would sit between them, closer to the larger, so the smaller session would look like noise; a handful of
+   mislabelled photos is never a quarter of an identity, so it is never promoted to a mode and stays flagged.
+   Modes closer than T are one mode (a random halving of a one-mode identity gives halves far above T), so an
+   ordinary identity keeps its single centre. A block of another person's photos as large as a quarter of
+   the identity does become a mode; its images are still flagged when that person's own identity is nearer.
 3. **Scores** per image: ``own_cosine`` to the nearest centre of its own identity with the image itself removed
    from its centre's sum (leave-one-out: with e and S unit image and centre sum, (e·S − 1) / √(|S|² − 2 e·S + 1);
    without it a 3-image identity looks far cleaner than it is), and ``other_cosine`` / ``other_label``: the
@@ -51,13 +53,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from facesphere.cleaning.embedstore import ArrayEmbeddings, EmbeddingStore, HASH_DTYPE, as_embeddings, normalised
+from facesphere.cleaning.embedstore import (
+    HASH_DTYPE,
+    ArrayEmbeddings,
+    EmbeddingStore,
+    as_embeddings,
+    embed_to_store,
+    normalised,
+)
+from facesphere.cleaning.sources import open_labelled_set, set_root
 from facesphere.cleaning.noise import Status
 from facesphere.utils.files import atomic_path, atomic_write_text, read_text_checked
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DUPLICATE_COSINE", "MIN_MODE_IMAGES", "MIN_MODE_SHARE", "NoiseProfile", "profile_embeddings"]
+__all__ = ["DUPLICATE_COSINE", "MIN_MODE_IMAGES", "MIN_MODE_SHARE", "NoiseProfile", "profile_embeddings", "profile_set"]
 
 DUPLICATE_COSINE = 0.95
 """Cosine at or above which two images count as the same photo (see ``benchmarks/noise_profile_scale.py``)."""
@@ -71,8 +81,10 @@ MIN_MODE_IMAGES = 3
 PROFILE_FORMAT = "facesphere-noise-profile"
 ARRAYS_FILE, META_FILE = "profile.npz", "profile.json"
 _BATCH = 8192  # rows per vectorised step: bounds the (rows, centres, D) gathers to a few tens of MB
-_IVF_NPROBE = 16
-_PQ_MARGIN = 0.15  # IVF-PQ inner products are approximate: candidates within this of the cut are re-scored exactly
+_IVF_NPROBE = 16  # inverted lists searched per query
+_DUP_DIM = 64  # dimensions of the projection the approximate duplicate search runs on
+_DUP_MARGIN = 0.15  # projected neighbours within this of the duplicate cut are re-scored exactly
+_TRAIN_SAMPLE = 32768  # vectors an IVF index is trained on (a strided sample): bounds memory and training time
 
 _PER_IMAGE = {"labels": np.int64, "status": np.uint8, "own_cosine": np.float32, "other_cosine": np.float32,
               "other_label": np.int64, "duplicate_of": np.int64}
@@ -209,8 +221,14 @@ class _Centres:
 
 def _identity_centres(source, labels: np.ndarray, member: np.ndarray, num_classes: int, threshold: float,
                       max_centres: int, iterations: int) -> _Centres:
-    """Sums per identity, then per identity large enough a spherical k-means whose split is kept by the rule
-    of the module docstring. Memory: O(C · k · D), never O(N · D)."""
+    """Sums per identity, then, per identity that could hold two modes, a spherical k-means kept by the rule of the
+    module docstring.
+
+    The k-means runs with one cluster more than ``max_centres``, so a small group of misfiled photos takes the spare
+    cluster instead of capturing a mode, and on a 64-d random projection of the embeddings (cosines are kept
+    to about ±0.1, enough to steer assignments): its state is C · (k + 1) · 64 floats, whatever D. One last pass
+    assigns each image of an identity that kept several modes to the nearest kept mode and sums those modes in
+    full dimension; only these exact sums decide (distinct at T) and score. Memory: O(C · D), never O(N · D)."""
     dim = source.dim
     k = max(1, int(max_centres))
     sums = torch.zeros((num_classes, dim), dtype=torch.float32)
@@ -218,62 +236,24 @@ def _identity_centres(source, labels: np.ndarray, member: np.ndarray, num_classe
         sums.index_add_(0, torch.from_numpy(labels[index]), torch.from_numpy(rows))
     sizes = np.bincount(labels[member], minlength=num_classes)
     mode = np.zeros(len(labels), dtype=np.int8)
-    candidates = np.flatnonzero(sizes >= k * MIN_MODE_IMAGES) if k > 1 else np.zeros(0, np.int64)
-    slot = np.full(num_classes, -1, dtype=np.int64)
-    slot[candidates] = np.arange(len(candidates))
-    accepted = np.zeros(len(candidates), dtype=bool)
+    need = np.maximum(MIN_MODE_IMAGES, np.ceil(MIN_MODE_SHARE * sizes - 1e-9)).astype(np.int64)
+    candidates = np.flatnonzero(sizes >= 2 * need) if k > 1 else np.zeros(0, np.int64)
+    kept, kept_sums, kept_counts = np.zeros(0, np.int64), None, None
     if len(candidates):
-        split = member & (slot[labels] >= 0)
-        # start: the identity's mean, then repeatedly the image farthest from the starts so far (float16: the
-        # starts only steer assignments)
-        starts = torch.zeros((len(candidates), k, dim), dtype=torch.float16)
-        starts[:, 0] = torch.nn.functional.normalize(sums[candidates], dim=1).half()
-        for j in range(1, k):
-            best = np.full(len(candidates), np.inf)
-            for index, rows in _batches(source, split):
-                ids = slot[labels[index]]
-                score = torch.einsum("bd,bjd->bj", torch.from_numpy(rows), starts[ids, :j].float()).amax(1).numpy()
-                groups, at = _first_per_group(ids, score)
-                better = score[at] < best[groups]
-                best[groups[better]] = score[at[better]]
-                starts[groups[better], j] = torch.from_numpy(rows[at[better]]).half()
-        for iteration in range(max(1, iterations)):
-            acc = torch.zeros((len(candidates) * k, dim), dtype=torch.float32)
-            changed = 0
-            for index, rows in _batches(source, split):
-                ids = slot[labels[index]]
-                assign = torch.einsum("bd,bjd->bj", torch.from_numpy(rows), starts[ids].float()).argmax(1).numpy()
-                changed += int((mode[index] != assign).sum())
-                mode[index] = assign
-                acc.index_add_(0, torch.from_numpy(ids * k + assign), torch.from_numpy(rows))
-            acc = acc.view(len(candidates), k, dim)
-            filled = acc.norm(dim=2) > 0
-            starts = torch.where(filled[..., None], torch.nn.functional.normalize(acc, dim=2), starts.float()).half()
-            if not changed and iteration:
-                break
-        counts = np.zeros((len(candidates), k), dtype=np.int64)
-        np.add.at(counts, (slot[labels[split]], mode[split]), 1)
-        need = np.maximum(MIN_MODE_IMAGES, np.ceil(MIN_MODE_SHARE * sizes[candidates] - 1e-9))
-        accepted = (counts >= need[:, None]).all(1)
-        unit = torch.nn.functional.normalize(acc, dim=2)
-        between = torch.einsum("cid,cjd->cij", unit, unit).numpy()  # cosines between the modes of each identity
-        accepted &= (between >= threshold).all(axis=(1, 2))
-        rejected = candidates[~accepted]
-        mode[split & np.isin(labels, rejected)] = 0
-        logger.info("%d of %d identities large enough keep %d centres", int(accepted.sum()), len(candidates), k)
-    # the centres: k per accepted identity, the whole sum for every other identity with images
+        kept, kept_sums, kept_counts = _modes(source, labels, member, candidates, sums, need, k, threshold,
+                                              iterations, mode)
+    # the centres: the modes of identities that kept several, the whole sum for every other identity with images
     row_of = np.full((num_classes, k), -1, dtype=np.int64)
-    single = np.flatnonzero((sizes > 0) & ~np.isin(np.arange(num_classes), candidates[accepted]))
-    kept = candidates[accepted]
-    parts_sum = [sums[single].numpy()]
-    parts_count, parts_label = [sizes[single]], [single]
+    single = np.flatnonzero((sizes > 0) & ~np.isin(np.arange(num_classes), kept))
     row_of[single, 0] = np.arange(len(single))
+    parts_sum, parts_count, parts_label = [sums[single].numpy()], [sizes[single]], [single]
     if len(kept):
-        kept_acc = acc[slot[kept]].reshape(-1, dim).numpy()
-        parts_sum.append(kept_acc)
-        parts_count.append(counts[slot[kept]].reshape(-1))
-        parts_label.append(np.repeat(kept, k))
-        row_of[kept] = len(single) + np.arange(len(kept) * k).reshape(-1, k)
+        present = kept_counts > 0
+        rows_at = len(single) + np.cumsum(present.reshape(-1)).reshape(present.shape) - 1
+        row_of[kept] = np.where(present, rows_at, -1)
+        parts_sum.append(kept_sums[present])
+        parts_count.append(kept_counts[present])
+        parts_label.append(np.repeat(kept, present.sum(1)))
     del sums
     total = np.concatenate(parts_sum)
     norm = np.linalg.norm(total.astype(np.float64), axis=1)
@@ -281,32 +261,101 @@ def _identity_centres(source, labels: np.ndarray, member: np.ndarray, num_classe
                     label=np.concatenate(parts_label).astype(np.int64), row_of=row_of, mode=mode)
 
 
-def _search_index(vectors: np.ndarray | None, dim: int, count: int, exact_limit: int, compress: bool = False):
-    """A faiss inner-product index: exact up to ``exact_limit`` vectors, else IVF (flat lists, or PQ codes of
-    D/8 bytes with ``compress``) trained on ``vectors`` (all of them, or a sample)."""
+def _modes(source, labels, member, candidates, sums, need, k, threshold, iterations, mode):
+    """(identities that keep several modes, their (n, k, D) mode sums, (n, k) counts); sets ``mode`` of their images."""
+    num_classes = len(sums)
+    project = _projection(source.dim) if source.dim > _DUP_DIM else normalised
+    slots = k + 1
+    slot = np.full(num_classes, -1, dtype=np.int64)
+    slot[candidates] = np.arange(len(candidates))
+    split = member & (slot[labels] >= 0)
+    starts = torch.zeros((len(candidates), slots, min(source.dim, _DUP_DIM)), dtype=torch.float32)
+    starts[:, 0] = torch.from_numpy(project(sums[candidates].numpy()))
+    for j in range(1, slots):  # farthest-point start: the image least like every start so far
+        best = np.full(len(candidates), np.inf)
+        for index, rows in _batches(source, split):
+            ids, rows = slot[labels[index]], project(rows)
+            score = torch.einsum("bd,bjd->bj", torch.from_numpy(rows), starts[ids, :j]).amax(1).numpy()
+            groups, at = _first_per_group(ids, score)
+            better = score[at] < best[groups]
+            best[groups[better]] = score[at[better]]
+            starts[groups[better], j] = torch.from_numpy(rows[at[better]])
+    cluster = np.zeros(len(labels), dtype=np.int8)
+    for iteration in range(max(1, iterations)):
+        acc = torch.zeros((len(candidates) * slots, starts.shape[2]), dtype=torch.float32)
+        changed = 0
+        for index, rows in _batches(source, split):
+            ids, rows = slot[labels[index]], project(rows)
+            assign = torch.einsum("bd,bjd->bj", torch.from_numpy(rows), starts[ids]).argmax(1).numpy()
+            changed += int((cluster[index] != assign).sum())
+            cluster[index] = assign
+            acc.index_add_(0, torch.from_numpy(ids * slots + assign), torch.from_numpy(rows))
+        acc = acc.view(len(candidates), slots, -1)
+        starts = torch.where(acc.norm(dim=2, keepdim=True) > 0, torch.nn.functional.normalize(acc, dim=2), starts)
+        if not changed and iteration:
+            break
+    counts = np.zeros((len(candidates), slots), dtype=np.int64)
+    np.add.at(counts, (slot[labels[split]], cluster[split]), 1)
+    rank = np.argsort(np.argsort(-counts, axis=1, kind="stable"), axis=1)
+    big = (counts >= need[candidates][:, None]) & (rank < k)
+    several = big.sum(1) >= 2
+    if not several.any():
+        return np.zeros(0, np.int64), None, None
+    # last pass, full dimension: every image of an identity with several big clusters to the nearest of them
+    kept = candidates[several]
+    position = np.full(num_classes, -1, dtype=np.int64)
+    position[kept] = np.arange(len(kept))
+    mode_of = np.where(big[several], np.cumsum(big[several], axis=1) - 1, -1)  # cluster -> mode number
+    allowed = torch.from_numpy(big)
+    mode_sums = torch.zeros((len(kept) * k, source.dim), dtype=torch.float32)
+    chosen = member & (position[labels] >= 0)
+    for index, rows in _batches(source, chosen):
+        ids = slot[labels[index]]
+        score = torch.einsum("bd,bjd->bj", torch.from_numpy(project(rows)), starts[ids])
+        nearest = score.masked_fill(~allowed[ids], -np.inf).argmax(1).numpy()
+        mode[index] = mode_of[position[labels[index]], nearest]
+        mode_sums.index_add_(0, torch.from_numpy(position[labels[index]] * k + mode[index]), torch.from_numpy(rows))
+    mode_sums = mode_sums.view(len(kept), k, -1)
+    mode_counts = np.zeros((len(kept), k), dtype=np.int64)
+    np.add.at(mode_counts, (position[labels[chosen]], mode[chosen].astype(np.int64)), 1)
+    unit = torch.nn.functional.normalize(mode_sums, dim=2)
+    between = torch.einsum("cid,cjd->cij", unit, unit).numpy()  # cosines between the modes of each identity
+    present = mode_counts > 0
+    between[~(present[:, :, None] & present[:, None, :])] = -1.0
+    between[:, np.arange(k), np.arange(k)] = -1.0
+    accepted = ((between < threshold).all(axis=(1, 2)) & (present.sum(1) >= 2)
+                & ((mode_counts >= need[kept][:, None]) | ~present).all(1))
+    mode[chosen & np.isin(labels, kept[~accepted])] = 0
+    logger.info("%d of %d identities large enough keep several centres", int(accepted.sum()), len(candidates))
+    return kept[accepted], mode_sums[accepted].numpy(), mode_counts[accepted]
+
+
+def _search_index(count: int, dim: int, exact_limit: int, sample: np.ndarray | None, lists: int):
+    """An empty faiss inner-product index: exact (``IndexFlatIP``) up to ``exact_limit`` vectors, else inverted
+    lists over ``lists`` coarse centroids holding 8-bit scalar-quantised vectors (D bytes each), trained on
+    ``sample``. Not the gallery's builder: that one trains IVF-PQ on up to 256k vectors, sized for a one-off
+    build; here the training sample must stay small for memory to stay bounded, and PQ training and adding
+    took 10x longer than scalar quantisation on 100k x 512 vectors. Quantised scores are approximate: callers
+    re-score what it finds exactly."""
     import faiss
 
     if count <= exact_limit:
         return faiss.IndexFlatIP(dim)
-    lists = int(np.clip(round(math.sqrt(count) * (1 if compress else 4)), 16, 65536))
-    lists = max(1, min(lists, len(vectors) // 39))  # faiss wants >= 39 training points per list
-    quantizer = faiss.IndexFlatIP(dim)
-    if compress and dim % 8 == 0:
-        index = faiss.IndexIVFPQ(quantizer, dim, lists, dim // 8, 8, faiss.METRIC_INNER_PRODUCT)
-    elif compress:
-        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, lists, faiss.ScalarQuantizer.QT_8bit,
-                                              faiss.METRIC_INNER_PRODUCT)
-    else:
-        index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-    index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    lists = int(np.clip(lists, 1, max(1, len(sample) // 32)))
+    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, lists, faiss.ScalarQuantizer.QT_8bit,
+                                          faiss.METRIC_INNER_PRODUCT)
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
     index.nprobe = min(_IVF_NPROBE, lists)
-    index.keep_quantizer = quantizer  # the index does not own its quantizer: keep it alive with it
     return index
 
 
 def _find_duplicates(source, valid: np.ndarray, duplicate_cosine: float, hashes: np.ndarray | None,
                      exact_limit: int) -> np.ndarray:
-    """(N,) index of the earliest copy of each image (-1 when it is the first or only one)."""
+    """(N,) index of the earliest copy of each image (-1 when it is the first or only one).
+
+    Above ``exact_limit`` images the search runs on a random orthogonal projection to ``_DUP_DIM`` dimensions
+    (near copies stay near copies under any projection, Johnson–Lindenstrauss), so the index holds ``_DUP_DIM``
+    bytes per image; every neighbour it scores within ``_DUP_MARGIN`` of the cut is re-scored exactly."""
     n = len(valid)
     duplicate_of = np.full(n, -1, dtype=np.int64)
     if hashes is not None:
@@ -318,27 +367,26 @@ def _find_duplicates(source, valid: np.ndarray, duplicate_cosine: float, hashes:
     count = int(valid.sum())
     if count < 2:
         return duplicate_of
-    exact = count <= exact_limit
+    exact = count <= exact_limit or source.dim <= _DUP_DIM
+    project = (lambda rows: rows) if exact else _projection(source.dim)
     sample = None
-    if not exact:  # a strided sample over the whole set (sets are stored identity by identity)
-        stride = max(1, count // 65536)
+    if count > exact_limit:  # a strided sample over the whole set (sets are stored identity by identity)
+        stride = -(-count // _TRAIN_SAMPLE)
         position = np.cumsum(valid) - 1
-        sample = np.concatenate([rows[position[index] % stride == 0] for index, rows in _batches(source, valid)])
-    index = _search_index(sample, source.dim, count, exact_limit, compress=True)
+        sample = np.concatenate([project(rows[position[index] % stride == 0]) for index, rows in _batches(source, valid)])
+    index = _search_index(count, sample.shape[1] if sample is not None else source.dim, exact_limit, sample,
+                          lists=round(math.sqrt(count)))
     del sample
     ids = np.flatnonzero(valid)
-    for chunk_ids, rows in _batches(source, valid):
-        index.add(rows)
+    for _, rows in _batches(source, valid):
+        index.add(project(rows))
     neighbours = min(count, 4)
-    cut = duplicate_cosine - (0 if exact else _PQ_MARGIN)
+    cut = duplicate_cosine - (0 if exact and count <= exact_limit else _DUP_MARGIN)
     for query_ids, rows in _batches(source, valid):
-        scores, found = index.search(rows, neighbours)
-        hit = (found >= 0) & (scores >= cut)
+        scores, found = index.search(project(rows), neighbours)
         found = np.where(found >= 0, ids[np.clip(found, 0, None)], -1)
-        hit &= found != query_ids[:, None]
-        if not hit.any():
-            continue
-        if not exact:  # re-score the candidates exactly
+        hit = (found >= 0) & (scores >= cut) & (found != query_ids[:, None])
+        if cut < duplicate_cosine and hit.any():  # re-score the candidates exactly
             rq, cq = np.nonzero(hit)
             exact_scores = np.einsum("ij,ij->i", rows[rq], normalised(source.rows(found[rq, cq])))
             hit[rq, cq] = exact_scores >= duplicate_cosine
@@ -352,6 +400,12 @@ def _find_duplicates(source, valid: np.ndarray, duplicate_cosine: float, hashes:
         duplicate_of[chained] = duplicate_of[duplicate_of[chained]]
 
 
+def _projection(dim: int):
+    """Rows -> their unit-length random orthogonal projection onto ``_DUP_DIM`` dimensions (seeded: reproducible)."""
+    basis = np.linalg.qr(np.random.default_rng(0).standard_normal((dim, _DUP_DIM)))[0].astype(np.float32)
+    return lambda rows: normalised(rows @ basis)
+
+
 def _score(source, labels: np.ndarray, valid: np.ndarray, member: np.ndarray, centres: _Centres,
            exact_limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """own_cosine (leave-one-out), other_cosine, other_label of every valid image."""
@@ -359,7 +413,9 @@ def _score(source, labels: np.ndarray, valid: np.ndarray, member: np.ndarray, ce
     own = np.full(n, np.nan, dtype=np.float32)
     other = np.full(n, np.nan, dtype=np.float32)
     other_label = np.full(n, -1, dtype=np.int64)
-    index = _search_index(centres.unit, centres.unit.shape[1], len(centres.unit), exact_limit)
+    rows = len(centres.unit)
+    sample = centres.unit[::-(-rows // _TRAIN_SAMPLE)]
+    index = _search_index(rows, centres.unit.shape[1], exact_limit, sample, lists=4 * round(math.sqrt(rows)))
     index.add(centres.unit)
     neighbours = min(len(centres.unit), k + 2)
     unit = torch.from_numpy(centres.unit)
@@ -377,7 +433,8 @@ def _score(source, labels: np.ndarray, valid: np.ndarray, member: np.ndarray, ce
         cos = np.where(present, cos, np.nan)
         defined = ~np.isnan(cos).all(1)
         own[query[defined]] = np.nanmax(cos[defined], axis=1)
-        scores, found = index.search(rows, neighbours)
+        found = index.search(rows, neighbours)[1]
+        scores = torch.einsum("bd,bjd->bj", torch.from_numpy(rows), unit[torch.from_numpy(np.clip(found, 0, None))]).numpy()
         found_label = np.where(found >= 0, centres.label[np.clip(found, 0, None)], -1)
         usable = (found >= 0) & (found_label != labels[query][:, None])
         best = np.where(usable, scores, -np.inf).argmax(1)
@@ -392,7 +449,7 @@ def profile_embeddings(embeddings, labels, threshold: float, *, far: float, mode
                        identity_names: list[str] | None = None, sources: list[str] | None = None,
                        valid: np.ndarray | None = None, content_hashes: np.ndarray | None = None,
                        problems: list[dict] = (), set_name: str = "embeddings", kmeans_iterations: int = 5,
-                       chunk_size: int = 65536, exact_search_limit: int = 50_000) -> NoiseProfile:
+                       chunk_size: int = 16384, exact_search_limit: int = 20_000) -> NoiseProfile:
     """Profile a labelled set from its embeddings (module docstring: centres, scores, rules).
 
     Args:
@@ -430,6 +487,8 @@ def profile_embeddings(embeddings, labels, threshold: float, *, far: float, mode
     member = valid & (duplicate_of < 0)
     logger.info("%s: %d duplicates found in %.1f s", set_name, int((duplicate_of >= 0).sum()), time.perf_counter() - started)
     centres = _identity_centres(source, labels, member, num_classes, threshold, max_centres, kmeans_iterations)
+    logger.info("%s: %d centres of %d identities after %.1f s", set_name, len(centres.unit), num_classes,
+                time.perf_counter() - started)
     own, other, other_label = _score(source, labels, valid, member, centres, exact_search_limit)
 
     status = np.full(n, Status.CLEAN, dtype=np.uint8)
@@ -460,6 +519,12 @@ def profile_embeddings(embeddings, labels, threshold: float, *, far: float, mode
     empty = int(((members_per_identity == 0) & (np.bincount(labels, minlength=num_classes) > 0)).sum())
     if empty:
         notes.append({"source": set_name, "reason": f"{empty} identities have no readable image"})
+    compared = int((members_per_identity > 0).sum())
+    if compared * far > 0.01:
+        notes.append({"source": set_name, "reason": f"each image is compared with {compared} identities at FAR {far:g}: "
+                                                    f"up to {min(1.0, compared * far):.0%} of the outliers may pass the "
+                                                    "threshold against some identity by chance and be called flips; "
+                                                    f"a threshold at FAR <= {0.01 / compared:.1g} keeps that under 1%"})
 
     profile = NoiseProfile(
         sources=sources if sources is not None else [f"#{i}" for i in range(n)], labels=labels,
@@ -472,4 +537,42 @@ def profile_embeddings(embeddings, labels, threshold: float, *, far: float, mode
     logger.info("%s: %d images profiled in %.1f s: %d flips, %d outliers, %d duplicates, %d unreadable", set_name, n,
                 time.perf_counter() - started, summary["flip"], summary["outlier"], summary["duplicate"],
                 summary["unreadable"])
+    return profile
+
+
+def profile_set(path: str | os.PathLike, model: str | os.PathLike, threshold, out_dir: str | os.PathLike, *,
+                batch_size: int = 64, device: str = "cpu", chunk_size: int = 16384, progress: bool = True,
+                workers: int = 2, flip: bool = True, duplicate_cosine: float = DUPLICATE_COSINE,
+                max_centres: int = 2) -> NoiseProfile:
+    """Profile a labelled set on disk with a stored model and save the profile into ``out_dir``.
+
+    ``path``: an image folder, list file or RecordIO pack (``cleaning.sources``); ``model``: anything
+    ``models.runs.load_embedder`` reads; ``threshold``: a :class:`~facesphere.pipeline.threshold.Threshold` or its
+    file, calibrated for this model (checked). Embeddings go to ``out_dir/embeddings`` in chunks (resumed after
+    an interruption), the profile to ``out_dir`` (``NoiseProfile.save``). Nothing is written inside the set's
+    folder: an ``out_dir`` there is refused before any work.
+    """
+    from facesphere.models.runs import load_embedder
+    from facesphere.pipeline.threshold import Threshold
+
+    threshold = threshold if isinstance(threshold, Threshold) else Threshold.load(threshold)
+    embedder = load_embedder(model, device=device)
+    card = embedder.card
+    threshold.check_model(card.name, card.embedding_size, card.weights_sha256)
+    dataset, names = open_labelled_set(path, tuple(card.input_size))
+    root, out_dir = set_root(dataset).resolve(), Path(out_dir).resolve()
+    if out_dir == root or root in out_dir.parents:
+        raise ValueError(f"{out_dir}: the output folder lies inside the set's folder {root}; profiling never writes there")
+    sources = [dataset.source(i) for i in range(len(dataset))]
+    key = {"set": str(Path(path).resolve()), "images": len(dataset),
+           "sources": hashlib.sha256("\n".join(f"{s}\t{l}" for s, l in zip(sources, dataset.labels.tolist())).encode()).hexdigest(),
+           "model": card.name, "weights_sha256": card.weights_sha256, "embedding_size": card.embedding_size}
+    store = embed_to_store(dataset, embedder, out_dir / "embeddings", key=key, batch_size=batch_size,
+                           chunk_size=chunk_size, workers=workers, flip=flip, progress=progress)
+    profile = profile_embeddings(store, dataset.labels, threshold.value, far=threshold.target_far, model=card.name,
+                                 duplicate_cosine=duplicate_cosine, max_centres=max_centres, identity_names=names,
+                                 sources=sources, valid=store.valid(), content_hashes=store.hashes(),
+                                 problems=store.problems, set_name=str(path), chunk_size=chunk_size)
+    profile.save(out_dir)
+    logger.info("profile of %s saved to %s", path, out_dir)
     return profile

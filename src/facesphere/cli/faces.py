@@ -232,10 +232,15 @@ def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-d
 def calibrate(pairs: Path = typer.Argument(..., help="CSV of path1,path2,same (1/0) lines, paths relative to it"),
               model: Path = typer.Option(..., "--model", help=MODEL_HELP), out: Path = typer.Option(..., "--out"),
               far: float = typer.Option(1e-3, "--far", help="target false accept rate"),
-              detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+              aligned: bool = typer.Option(False, "--aligned", help="the photos are aligned crops at the model's "
+                                           "input size (e.g. LFW 112x112): embed them directly, no detector"),
+              detector: str = DetectorOpt,
+              detector_weights: Optional[Path] = typer.Option(None, "--detector-weights", exists=True, dir_okay=False,
+                                                              help=f"{WEIGHTS_HELP} (required without --aligned)"),
               detector_option: list[str] = DetectorOptionsOpt,
               flip: bool = typer.Option(True, "--flip/--no-flip"), threads: Optional[int] = ThreadsOpt) -> None:
-    """A decision threshold for --far from labelled pairs of photos, through the whole pipeline."""
+    """A decision threshold for --far from labelled pairs of photos, through the whole pipeline (or, with
+    --aligned, from pairs of aligned crops embedded directly)."""
     import numpy as np
 
     from facesphere.evaluate.pairsets import read_pairs_csv
@@ -244,6 +249,15 @@ def calibrate(pairs: Path = typer.Argument(..., help="CSV of path1,path2,same (1
     with user_errors():
         if out is not None:
             check_writable(out)
+        if aligned:
+            from facesphere.cleaning.calibration import calibrate_aligned
+
+            threshold = calibrate_aligned(pairs, model, far, flip=flip, threads=threads)
+            threshold.save(out)
+            logger.info("threshold %.4f at FAR %.3g -> %s", threshold.value, far, out)
+            return
+        if detector_weights is None:
+            raise ValueError("--detector-weights is required (or pass --aligned for pairs of aligned crops)")
         paths1, paths2, labels, _ = read_pairs_csv(pairs)
         analyzer = analyzer_from_flags(detector, detector_weights, model,
                                        detector_options=detector_option, threads=threads, flip=flip)
