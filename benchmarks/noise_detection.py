@@ -164,7 +164,7 @@ def run_detectors(embeddings: np.ndarray, noisy_labels: np.ndarray, threshold, n
     t_cleanlab = time.perf_counter() - started
     centre, _ = centre_distance_flags(embeddings, noisy_labels, threshold.value)
     suggested = np.where(profile.status == Status.FLIP, profile.other_label, -1)
-    return {"facesphere": (profile.status != Status.CLEAN, suggested, {"seconds": t_profile}),
+    return {"facesphere": (profile.status != Status.CLEAN, suggested, {"seconds": t_profile, "status": profile.status}),
             "cleanlab_knn": (cl.flagged, cl.suggested, {"seconds": t_cleanlab, "quality": cl.quality}),
             "centre_distance": (centre, None, {})}, profile
 
@@ -176,6 +176,7 @@ def what_if(profile, kind: np.ndarray, threshold: float) -> list[dict]:
     own, other = profile.own_cosine, profile.other_cosine
     cuts = [(threshold, threshold + d) for d in (-0.10, -0.05, 0.0, 0.05, 0.10, 0.15, 0.20)]
     cuts += [(threshold + d, threshold + d) for d in (-0.10, -0.05, 0.05, 0.10)]
+    cuts += [(threshold + d, threshold) for d in (0.05, 0.10, 0.15, 0.20, 0.25)]  # the flip cut raised alone
     rows = []
     for flip_cut, outlier_cut in cuts:
         with np.errstate(invalid="ignore"):
@@ -183,8 +184,19 @@ def what_if(profile, kind: np.ndarray, threshold: float) -> list[dict]:
             outlier = (own < outlier_cut) & ~(other >= flip_cut)
         flagged = flip | outlier | (profile.status == Status.DUPLICATE)
         rows.append({"flip_cut": round(flip_cut, 4), "outlier_cut": round(outlier_cut, 4),
-                     **score(flagged, kind, None, kind)})
+                     **score(flagged, kind, None, kind),
+                     "outliers_called_flip": int((flip & (kind == Status.OUTLIER)).sum()),
+                     "flips_called_outlier": int((outlier & ~flip & (kind == Status.FLIP)).sum())})
     return rows
+
+
+def two_centre_check(profile, kind: np.ndarray) -> dict:
+    """In identities kept with two centres: the injected share, and how much of it is still flagged (a second
+    'mode' made of noise would hide it)."""
+    inside = np.isin(profile.labels, np.flatnonzero(profile.identity_centres > 1))
+    noisy = inside & (kind != Status.CLEAN)
+    return {"two_centre_images": int(inside.sum()), "two_centre_injected": int(noisy.sum()),
+            "two_centre_injected_flagged": int((noisy & (profile.status != Status.CLEAN)).sum())}
 
 
 def cosine_quantiles(profile, kind: np.ndarray) -> dict:
@@ -286,6 +298,11 @@ def main() -> None:
             embeddings = np.concatenate([clean, outlier_pool[noise.outliers]])
             detectors, profile = run_detectors(embeddings, noise.labels, threshold, names, args.k)
             for method, (flagged, suggested, extra) in detectors.items():
+                if "status" in extra:  # the kind it names: an outlier called a flip gets a wrong identity suggested
+                    status = extra.pop("status")
+                    for truth, called in ((Status.OUTLIER, Status.FLIP), (Status.FLIP, Status.OUTLIER)):
+                        extra[f"{truth.name.lower()}s_called_{called.name.lower()}"] = float(
+                            ((noise.kind == truth) & (status == called)).sum() / max(1, (noise.kind == truth).sum()))
                 if "quality" in extra:  # cleanlab's ranking alone: are the |injected| lowest-quality images the noise?
                     quality = extra.pop("quality")
                     worst = np.argsort(quality, kind="stable")[:int((noise.kind != Status.CLEAN).sum())]
@@ -302,7 +319,8 @@ def main() -> None:
                     "flips_called_outlier": int(((noise.kind == Status.FLIP) & (profile.status == Status.OUTLIER)).sum()),
                     "outliers_called_flip": int(((noise.kind == Status.OUTLIER) & (profile.status == Status.FLIP)).sum()),
                     "duplicates_flagged": int((profile.status == Status.DUPLICATE).sum()),
-                    "identities_with_two_centres": int((profile.identity_centres > 1).sum())}
+                    "identities_with_two_centres": int((profile.identity_centres > 1).sum()),
+                    **two_centre_check(profile, noise.kind)}
 
     glint_profile = profile_embeddings(cache.get(glint_paths), glint_labels, threshold.value, far=args.far,
                                        model=threshold.model, identity_names=glint_names,
@@ -341,6 +359,8 @@ def render(setup: dict, runs: list[dict], diagnostics: dict, glint: dict, before
             kinds.append([f"{rate:.0%}", method, mean_std([r["flip_recall"] for r in sel]),
                           mean_std([r["outlier_recall"] for r in sel]),
                           mean_std([r["flip_identity_correct"] for r in sel]) if "flip_identity_correct" in sel[0]
+                          else "n/a",
+                          mean_std([r["outliers_called_flip"] for r in sel]) if "outliers_called_flip" in sel[0]
                           else "n/a"])
     text += [f"Before injection the profiler already flags {len(before)} images of the clean set (real LFW label "
              "errors and repeated photos, listed below); flagging them counts against precision here.\n",
@@ -348,7 +368,7 @@ def render(setup: dict, runs: list[dict], diagnostics: dict, glint: dict, before
              markdown_table(["noise", "method", "precision", "recall", "flagged", "injected",
                              "false positives (of them flagged before injection)"], rows),
              "\n## Recall per kind", markdown_table(["noise", "method", "flip recall", "outlier recall",
-                                                     "flip -> true identity"], kinds),
+                                                     "flip -> true identity", "outliers called flip"], kinds),
              "\ncleanlab's label quality as a ranking alone (given the true noise count): precision of the "
              "|injected| lowest-quality images: " + ", ".join(
                  f"{rate:.0%} {mean_std([r['precision_of_lowest_quality'] for r in runs if r['rate'] == rate and 'precision_of_lowest_quality' in r])}"
@@ -357,10 +377,13 @@ def render(setup: dict, runs: list[dict], diagnostics: dict, glint: dict, before
         text += [f"\n## facesphere's rules with the cut moved (noise {float(rate):.0%}, seed 0)",
                  f"flips called outlier {d['flips_called_outlier']}, outliers called flip {d['outliers_called_flip']}, "
                  f"duplicates {d['duplicates_flagged']}, identities with two centres "
-                 f"{d['identities_with_two_centres']}",
-                 markdown_table(["flip cut", "outlier cut", "precision", "recall", "flip recall", "outlier recall"],
+                 f"{d['identities_with_two_centres']} ({d['two_centre_images']} images, {d['two_centre_injected']} "
+                 f"injected, {d['two_centre_injected_flagged']} of them flagged)",
+                 markdown_table(["flip cut", "outlier cut", "precision", "recall", "flip recall", "outlier recall",
+                                 "outliers called flip", "flips called outlier"],
                                 [[r["flip_cut"], r["outlier_cut"], f"{r['precision']:.3f}",
-                                  f"{r['recall']:.3f}", f"{r['flip_recall']:.3f}", f"{r['outlier_recall']:.3f}"]
+                                  f"{r['recall']:.3f}", f"{r['flip_recall']:.3f}", f"{r['outlier_recall']:.3f}",
+                                  r["outliers_called_flip"], r["flips_called_outlier"]]
                                  for r in d["what_if"]])]
     q = next(iter(diagnostics.values()))["cosine_quantiles"] if diagnostics else {}
     if q:
