@@ -177,6 +177,10 @@ def what_if(profile, kind: np.ndarray, threshold: float) -> list[dict]:
     cuts = [(threshold, threshold + d) for d in (-0.10, -0.05, 0.0, 0.05, 0.10, 0.15, 0.20)]
     cuts += [(threshold + d, threshold + d) for d in (-0.10, -0.05, 0.05, 0.10)]
     cuts += [(threshold + d, threshold) for d in (0.05, 0.10, 0.15, 0.20, 0.25)]  # the flip cut raised alone
+    # the flip cut from the set itself: the (1 - FAR) quantile of the nearest-other-centre cosine of the images
+    # the profiler calls clean (impostor image-to-centre scores, maximised over the other identities as the rule is)
+    clean_other = other[(profile.status == Status.CLEAN) & np.isfinite(other)]
+    cuts += [(float(np.quantile(clean_other, 1 - far)), threshold) for far in (1e-2, 1e-3)]
     rows = []
     for flip_cut, outlier_cut in cuts:
         with np.errstate(invalid="ignore"):
