@@ -120,7 +120,7 @@ def cleanlab_knn_flags(embeddings, labels, k: int = 10, graph=None, max_dense_by
     classes = len(present)
     if classes < 2:
         raise ValueError("cleanlab needs at least two identities")
-    need = 4 * (len(x) * classes + 2 * classes * classes)
+    need = 8 * (len(x) * classes + 2 * classes * classes)  # float64 probabilities, confident joint and its copy
     if need > max_dense_bytes:
         raise MemoryError(f"cleanlab needs dense {len(x)} x {classes} probabilities and a {classes} x {classes} "
                           f"joint (~{need / 2**30:.1f} GiB > max_dense_bytes); profile a subset of identities")
