@@ -8,7 +8,7 @@
 2. The duplicate cut: cosines of an image and its near copies (JPEG re-encoded at quality 75 and 95, shifted by
    one pixel, downscaled to 100x100 and back) against the highest cosines of distinct photos of one person.
 
-    python benchmarks/noise_profile_thresholds.py [--identities 200] [--per-identity 10] [--copies 300]
+    python benchmarks/noise_profile_thresholds.py [--identities 120] [--per-identity 6] [--copies 120] [--threads 1]
 """
 
 from __future__ import annotations
@@ -49,12 +49,16 @@ COPIES = {"jpeg q75": lambda x: _jpeg(x, 75), "jpeg q95": lambda x: _jpeg(x, 95)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--identities", type=int, default=200)
-    parser.add_argument("--per-identity", type=int, default=10)
+    parser.add_argument("--identities", type=int, default=120)
+    parser.add_argument("--per-identity", type=int, default=6)
     parser.add_argument("--min-images", type=int, default=6)
-    parser.add_argument("--copies", type=int, default=300)
+    parser.add_argument("--copies", type=int, default=120)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the figures are cosines, not speed)")
     args = parser.parse_args()
     setup_logging()
+    import torch
+
+    torch.set_num_threads(args.threads)
     from facesphere.cleaning.sources import open_labelled_set
     from facesphere.models import import_weights
     from facesphere.models.runs import load_embedder
