@@ -7,8 +7,9 @@ threshold is calibrated at ``--far`` with facesphere's own calibration on the pa
 both outside the clean set. For each noise rate (half flips, half outliers, injected by
 ``facesphere.cleaning.noise.inject_noise``) and seed, every detector sees the same embeddings and labels; precision
 and recall are over flagged vs injected images, plus recall per kind and, for flips, whether the suggested identity
-is the true one. Then the Glint360K celebrity subset is profiled and a contact sheet of its flagged images written
-outside the repository (research-derived images are never committed).
+is the true one. Then the Glint360K celebrity subset is profiled from its folder (``profile_set``, no flip as
+calibrated) and a contact sheet of its flagged images written outside the repository (research-derived images are
+never committed).
 
 Embeddings are cached outside the repository (``--cache``, keyed by the model's weights hash); the imported model
 lives there too.
@@ -28,7 +29,7 @@ import numpy as np
 from _common import DATA, markdown_table, setup_logging, write_results
 from facesphere.cleaning.baselines import centre_distance_flags, cleanlab_knn_flags
 from facesphere.cleaning.noise import Status, inject_noise
-from facesphere.cleaning.profile import profile_embeddings
+from facesphere.cleaning.profile import profile_embeddings, profile_set
 from facesphere.data.images import load_image
 from facesphere.evaluate.contact_sheet import write_image_grid
 from facesphere.evaluate.lfw import lfw_image_path, parse_lfw_pairs
@@ -110,17 +111,6 @@ def lfw_sets(min_images: int, cap: int):
     p2 = [lfw_image_path(LFW, p.name2, p.num2) for p in calibration]
     same = np.array([p.same for p in calibration], dtype=bool)
     return paths, np.array(labels, dtype=np.int64), names, pool, (p1, p2, same)
-
-
-def glint_set():
-    """(paths, labels, names) of the Glint360K celebrity subset, files in numeric order."""
-    names = sorted(d.name for d in GLINT.iterdir() if d.is_dir())
-    paths, labels = [], []
-    for label, name in enumerate(names):
-        files = sorted((GLINT / name).glob("*.png"), key=lambda p: (len(p.stem), p.stem))
-        paths += files
-        labels += [label] * len(files)
-    return paths, np.array(labels, dtype=np.int64), names
 
 
 # ---------------------------------------------------------------- measuring the detectors
@@ -275,10 +265,9 @@ def main() -> None:
     paths, labels, names, pool, (p1, p2, same) = lfw_sets(args.min_images, args.cap)
     k_max = max(int(round(r / 2 * len(paths) / (1 - r / 2))) for r in RATES)
     pool = pool[: max(k_max, min(len(pool), 2 * k_max))]
-    glint_paths, glint_labels, glint_names = glint_set()
-    logger.info("clean set %d images of %d identities; outlier pool %d; calibration %d pairs; glint %d",
-                len(paths), len(names), len(pool), len(same), len(glint_paths))
-    for group in (paths, pool, glint_paths, p1 + p2):
+    logger.info("clean set %d images of %d identities; outlier pool %d; calibration %d pairs",
+                len(paths), len(names), len(pool), len(same))
+    for group in (paths, pool, p1 + p2):
         cache.get(group)
     if args.embed_only:
         return
@@ -326,17 +315,19 @@ def main() -> None:
                     "identities_with_two_centres": int((profile.identity_centres > 1).sum()),
                     **two_centre_check(profile, noise.kind)}
 
-    glint_profile = profile_embeddings(cache.get(glint_paths), glint_labels, threshold.value, far=args.far,
-                                       model=threshold.model, identity_names=glint_names,
-                                       sources=[str(p) for p in glint_paths], set_name=str(GLINT))
-    glint = {"summary": glint_profile.summary(), **glint_sheet(glint_profile, glint_paths, args.sheet)}
+    # the whole path a user takes: the folder read by facesphere, embedded (no flip, as calibrated) and profiled
+    glint_profile = profile_set(GLINT, model_folder(args.cache), threshold, args.cache / "glint_profile", flip=False,
+                                progress=False)
+    glint = {"summary": glint_profile.summary(),
+             **glint_sheet(glint_profile, [Path(s) for s in glint_profile.sources], args.sheet)}
 
     setup = {"clean_set": f"LFW identities with >= {args.min_images} images, first {args.cap} images each by file name",
              "clean_images": len(paths), "identities": len(names), "outlier_pool": len(pool),
              "outlier_pool_rule": "LFW people with one image absent from pairs.txt",
              "calibration": "pairs.txt pairs whose two people are outside the clean set", "k": args.k,
              "threshold": threshold.model_dump(), "seeds": args.seeds, "model_folder": str(model_folder(args.cache)),
-             "embedding": "unit embeddings, no flip augmentation", "cache": str(cache.path)}
+             "embedding": "unit embeddings, no flip augmentation", "cache": str(cache.path),
+             "glint": f"profile_set on {GLINT} (flip=False), profile saved to {args.cache / 'glint_profile'}"}
     write_results("noise_detection", {"setup": setup, "flagged_before_injection": before_rows, "runs": runs,
                                       "diagnostics": diagnostics, "glint": glint},
                   render(setup, runs, diagnostics, glint, before_rows))
