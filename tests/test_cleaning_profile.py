@@ -281,3 +281,25 @@ def test_calibrate_aligned_pairs_without_a_detector(y1, tmp_path):
     assert not (tmp_path / "t2.json").exists()
     missing = CliRunner().invoke(app, ["calibrate", str(pairs), "--model", str(y1), "--out", str(tmp_path / "t3.json")])
     assert missing.exit_code == 2 and "--detector-weights" in missing.output
+
+
+def test_sources_read_folders_lists_and_packs_alike(tmp_path):
+    """The three layouts open to the same images; digests are of the stored bytes (a pack keeps JPEGs as they are)."""
+    from facesphere.cleaning.sources import open_labelled_set, read_image
+    from facesphere.data.record_dataset import pack_folder
+
+    root = _tiny_set(tmp_path)
+    folder, names = open_labelled_set(root, (112, 112))
+    assert names == ["Alejandro_Toledo", "Ariel_Sharon"] and len(folder) == 5
+    (tmp_path / "list.txt").write_text("".join(f"{p} {label}\n" for p, label in folder.samples))
+    listed, list_names = open_labelled_set(tmp_path / "list.txt", (112, 112))
+    pack_folder(root, tmp_path / "pack", progress=False)
+    packed, pack_names = open_labelled_set(tmp_path / "pack", (112, 112))
+    assert list_names == pack_names == ["0", "1"]
+    for index, path in enumerate(folder.paths):
+        digest = hashlib.blake2b(path.read_bytes(), digest_size=16).digest()
+        for dataset in (folder, listed, packed):
+            image, got = read_image(dataset, index)
+            assert got == digest and image.shape == (112, 112, 3) and dataset.labels[index] == folder.labels[index]
+    with pytest.raises(FileNotFoundError, match="no such image folder, list file or RecordIO pack"):
+        open_labelled_set(tmp_path / "nothing", (112, 112))

@@ -63,7 +63,7 @@ from facesphere.cleaning.embedstore import (
 )
 from facesphere.cleaning.sources import open_labelled_set, set_root
 from facesphere.cleaning.noise import Status
-from facesphere.utils.files import atomic_path, atomic_write_text, read_text_checked
+from facesphere.utils.files import atomic_path, atomic_write_text, check_writable, read_text_checked
 
 logger = logging.getLogger(__name__)
 
@@ -563,7 +563,9 @@ def profile_set(path: str | os.PathLike, model: str | os.PathLike, threshold, ou
     root, out_dir = set_root(dataset).resolve(), Path(out_dir).resolve()
     if out_dir == root or root in out_dir.parents:
         raise ValueError(f"{out_dir}: the output folder lies inside the set's folder {root}; profiling never writes there")
+    check_writable(out_dir, folder=True)
     sources = [dataset.source(i) for i in range(len(dataset))]
+    skipped = [{"source": str(item.path), "reason": f"not profiled: {item.reason}"} for item in getattr(dataset, "skipped", [])]
     key = {"set": str(Path(path).resolve()), "images": len(dataset),
            "sources": hashlib.sha256("\n".join(f"{s}\t{l}" for s, l in zip(sources, dataset.labels.tolist())).encode()).hexdigest(),
            "model": card.name, "weights_sha256": card.weights_sha256, "embedding_size": card.embedding_size}
@@ -572,7 +574,7 @@ def profile_set(path: str | os.PathLike, model: str | os.PathLike, threshold, ou
     profile = profile_embeddings(store, dataset.labels, threshold.value, far=threshold.target_far, model=card.name,
                                  duplicate_cosine=duplicate_cosine, max_centres=max_centres, identity_names=names,
                                  sources=sources, valid=store.valid(), content_hashes=store.hashes(),
-                                 problems=store.problems, set_name=str(path), chunk_size=chunk_size)
+                                 problems=[*skipped, *store.problems], set_name=str(path), chunk_size=chunk_size)
     profile.save(out_dir)
     logger.info("profile of %s saved to %s", path, out_dir)
     return profile
