@@ -79,7 +79,7 @@ def test_identity_template_is_the_normalised_mean_and_search_is_open_set(tmp_pat
                                                 ("hnsw", "fp32", 0.95), ("hnsw", "int8", 0.9), ("ivfpq", "fp32", 0.6)])
 def test_approximate_indexes_against_exact_search(kind, storage, floor):
     rng = np.random.default_rng(2)
-    gallery = _unit(rng, 20_000, 64)
+    gallery = _unit(rng, 10_000, 64)  # IVF-PQ trains 8-bit sub-quantisers (256 codes): ~10k points suffice
     queries = gallery[:500] + 0.35 * _unit(rng, 500, 64)
     exact = (queries @ gallery.T).argmax(axis=1)
     index = SearchIndex([str(i) for i in range(len(gallery))], gallery, kind=kind, storage=storage)
