@@ -6,18 +6,19 @@ synthetic identities, through facesphere's one training loop (``Trainer``, as ``
 
 - a pool of procedural faces (``SyntheticFaces``, the quickstart's renderer) is written once as image files,
   with a second pool of identities outside the label set as outlier photos;
-- each run draws a training set of a given size, injects noise with ``facesphere.cleaning.inject_noise`` at
-  rate r (r/2 label flips + r/2 outliers, both fractions of the final set, so noise replaces clean samples and
+- each run draws a training set of a given size, injects noise with ``facesphere.cleaning.noise.inject_noise``
+  at rate r (r/2 label flips + r/2 outliers, both shares of the final set, so noise replaces clean samples and
   the set size stays fixed) and writes it as a list file (``data.kind: list``);
-- every run trains SphereFace-4 at 32x32 for the same number of steps with the head's own paper config
-  (SphereFace, ArcFace, sub-center ArcFace) and is scored by the trainer's held-out verification on synthetic
-  identities never seen in training (10-fold accuracy on pairs).
+- every run trains SphereFace-4 at 32x32 for the same number of steps (SphereFace, ArcFace, sub-center ArcFace
+  with and without its drop) and is scored by the trainer's held-out verification on synthetic identities
+  never seen in training (10-fold accuracy on pairs).
 
-Two sweeps: (a) head x noise rate at a fixed set size N; (b) clean-only training at 0.6N, N and 1.2N images
-against 40%-noisy training at N (0.6N clean + 0.4N noise) and 2N (1.2N clean), i.e. at equal clean-sample
-counts and at equal set sizes. Finished runs are cached in <work>/runs.jsonl, so a killed study resumes.
+Two sweeps: (a) head x noise rate at a fixed set size N; (b) clean-only training at 0.6N and N images against
+40%-noisy training at N (0.6N clean + 0.4N noise) and 2N (1.2N clean), i.e. at equal clean-sample counts and at
+equal set sizes. Finished runs are cached in <work>/runs.jsonl, so a killed study resumes.
 
-    python benchmarks/noise_study.py [--steps 120] [--seeds 0] [--key-seeds 1] [--threads 1] [--work /tmp/facesphere-noise-study]
+    python benchmarks/noise_study.py [--steps 120] [--seeds 0 1] [--key-seeds 2] [--threads 1]
+                                     [--work /tmp/facesphere-noise-study]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from _common import RESULTS, markdown_table, setup_logging, write_results
 from facesphere.cleaning.noise import inject_noise
 from facesphere.data import SyntheticFaces
 from facesphere.data.export import write_image_folder
+from facesphere.models.runs import latest_checkpoint, load_checkpoint
 from facesphere.train.config import load_config
 from facesphere.train.trainer import Trainer
 from facesphere.utils.allocator import tune_malloc
@@ -45,7 +47,8 @@ from facesphere.utils.files import atomic_write_text
 
 logger = logging.getLogger("noise_study")
 
-HEADS = ["sphereface", "arcface", "subcenter_arcface"]
+HEADS = ["sphereface", "arcface", "subcenter_arcface", "subcenter_arcface_nodrop"]
+"""Heads by registered name; ``subcenter_arcface_nodrop`` is sub-center ArcFace with K = 3 throughout (no drop)."""
 SIZE_HEADS = ["sphereface", "arcface"]
 OUTLIER_OFFSET = 500_000
 """Outlier photos come from synthetic identities this far from the training ones (and from the held-out
@@ -125,15 +128,18 @@ def plan(args) -> list[Condition]:
 
 
 def run(c: Condition, list_file: Path, args, paper: dict) -> dict:
-    head_args = dict(paper[c.head])
-    if "arcface" in c.head:
+    head = c.head.removesuffix("_nodrop")
+    head_args = dict(paper[head])
+    if "arcface" in head:
         head_args.update(scale=args.arc_scale, margin=args.arc_margin)
-    if c.head == "subcenter_arcface":  # the drop after warm-up, scaled from the paper's schedule to this one
-        head_args.update(drop_step=int(args.steps * args.drop_at), count_steps=max(1, int(args.steps * args.drop_at / 2)))
+    if head == "subcenter_arcface":  # the drop after warm-up, scaled from the paper's schedule to this one
+        drop = c.head == head
+        head_args.update(drop_step=int(args.steps * args.drop_at) if drop else None,
+                         count_steps=max(1, int(args.steps * args.drop_at / 2)) if drop else None)
     overrides = [
         f"name={c.key}", f"output_dir={args.work / 'runs'}", f"seed={c.seed}",
         "model.backbone=sphereface4", f"model.backbone_args={{embedding_size: 128, input_size: [{args.size}, {args.size}]}}",
-        f"model.head={c.head}", "model.head_args=" + yaml.safe_dump(head_args, default_flow_style=True).strip(),
+        f"model.head={head}", "model.head_args=" + yaml.safe_dump(head_args, default_flow_style=True).strip(),
         "data.kind=list", f"data.list_file={list_file}", "data.num_workers=0", f"data.batch_size={args.batch}",
         f"data.synthetic.seed={args.data_seed}", f"data.synthetic.difficulty={args.difficulty}",
         f"eval.num_identities={args.eval_identities}", "eval.samples_per_identity=6", f"eval.pairs={args.eval_pairs}",
@@ -146,7 +152,8 @@ def run(c: Condition, list_file: Path, args, paper: dict) -> dict:
     ev = result.evaluation
     return {"key": c.key, **asdict(c), "clean_images": c.clean, "head_args": head_args, "accuracy": ev["accuracy_mean"],
             "accuracy_fold_std": ev["accuracy_std"], "auc": ev["auc"], "final_loss": result.final_loss,
-            "wall_seconds": time.perf_counter() - started, "load_after": os.getloadavg()[0]}
+            "wall_seconds": time.perf_counter() - started, "load_after": os.getloadavg()[0],
+            "left_out": left_out(result.run_dir)}
 
 
 def accuracies(runs: list[dict]) -> dict[tuple[str, int, float], list[float]]:
@@ -155,6 +162,14 @@ def accuracies(runs: list[dict]) -> dict[tuple[str, int, float], list[float]]:
     for r in runs:
         table.setdefault((r["head"], r["size"], r["rate"]), []).append(r["accuracy"])
     return table
+
+
+def left_out(run_dir: Path) -> int | None:
+    """Sample-visits sub-center ArcFace's screen left out after its drop (the head's ``dropped`` counts, summed), read
+    from the run's last checkpoint; None for a head without a screen."""
+    state = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["model"]
+    counts = [v for k, v in state.items() if k.endswith(".dropped")]
+    return int(sum(c.sum() for c in counts)) if counts else None
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -176,10 +191,10 @@ def plot(acc: dict, args, heads: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def draw(axes, points, **style):
+    def draw(axes, points, marker="o", **style):
         means = [spread(v) for _, v in points]
-        axes.errorbar([x for x, _ in points], [100 * m for m, _ in means], yerr=[100 * h for _, h in means], marker="o",
-                      capsize=3, **style)
+        axes.errorbar([x for x, _ in points], [100 * m for m, _ in means], yerr=[100 * h for _, h in means],
+                      marker=marker, capsize=3, **style)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, head in enumerate(heads):
@@ -188,10 +203,10 @@ def plot(acc: dict, args, heads: list[str], path: Path) -> None:
              label=head)
         if head not in args.size_heads:
             continue
-        for rate, line, what in ((0.0, "-", "clean only"), (0.4, "--", "40% noisy")):
+        for rate, line, marker, what in ((0.0, "-", "o", "clean only"), (0.4, "--", "s", "40% noisy")):
             sizes = sorted(size for h, size, r in acc if h == head and r == rate)
-            draw(right, [(Condition(head, size, rate, 0).clean, acc[head, size, rate]) for size in sizes], color=colour,
-                 linestyle=line, label=f"{head}, {what}")
+            draw(right, [(Condition(head, size, rate, 0).clean, acc[head, size, rate]) for size in sizes], marker,
+                 color=colour, linestyle=line, label=f"{head}, {what}")
     left.set(xlabel="injected noise, % of the set (half flips, half outliers)", ylabel="held-out verification accuracy %",
              title=f"accuracy vs noise rate ({args.n} training images)")
     right.set(xlabel="clean training images", ylabel="held-out verification accuracy %",
@@ -206,8 +221,8 @@ def plot(acc: dict, args, heads: list[str], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=120, help="training steps per run (all runs alike)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every run")
-    parser.add_argument("--key-seeds", type=int, nargs="*", default=[1], help="more seeds for 0%%, 40%% and the size sweep")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every run")
+    parser.add_argument("--key-seeds", type=int, nargs="*", default=[], help="more seeds for 0%%, 40%% and the size sweep")
     parser.add_argument("--heads", nargs="+", default=HEADS)
     parser.add_argument("--size-heads", nargs="+", default=SIZE_HEADS, help="heads of the clean-vs-noisy size sweep")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.4])
@@ -251,6 +266,8 @@ def main() -> None:
     paper["subcenter_arcface"] = load_config("subcenter_arcface").model.head_args
     cache = args.work / "runs.jsonl"
     done = {r["key"]: r for r in map(json.loads, cache.read_text().splitlines())} if cache.exists() else {}
+    for key, record in done.items():  # runs cached before left_out was recorded
+        record.setdefault("left_out", left_out(args.work / "runs" / key))
     runs = []
     started = time.perf_counter()
     for i, c in enumerate(conditions):
@@ -276,24 +293,35 @@ def report(runs: list[dict], args, load_before) -> None:
     table_a = markdown_table(["head"] + [f"{round(100 * r)}% noise" for r in args.rates],
                              [[h] + [cell(acc.get((h, args.n, r))) for r in args.rates] for h in heads])
     points = sorted({(size, rate) for h, size, rate in acc if h in args.size_heads and rate in (0.0, 0.4)},
-                    key=lambda p: (p[1], p[0]))
+                    key=lambda p: (Condition("", p[0], p[1], 0).clean, p[1]))  # equal clean counts side by side
     table_b = markdown_table(["training set", "images", "clean images"] + list(args.size_heads),
                              [["clean only" if rate == 0 else "40% noisy", size, Condition("", size, rate, 0).clean]
                               + [cell(acc.get((h, size, rate))) for h in args.size_heads] for size, rate in points])
     plot_path = RESULTS / "noise_study.png"
     plot(acc, args, heads, plot_path)
     wall = sum(r["wall_seconds"] for r in runs)
+    loads = [r["load_after"] for r in runs]
     load_after = os.getloadavg()
     setup = (f"SphereFace-4 at {args.size}x{args.size} (128-d), batch {args.batch}, {args.steps} SGD steps per run "
              f"(quickstart's lr 0.1, cosine, 30 warm-up steps), each head with its paper config but ArcFace's "
              f"s = {args.arc_scale:g}, m = {args.arc_margin:g} (both ArcFace heads); sub-center ArcFace K = 3, dominant "
-             f"sub-centre kept at step {int(args.steps * args.drop_at)}. Training: {args.identities} synthetic identities "
+             f"sub-centre kept at step {int(args.steps * args.drop_at)} and samples beyond 75° left out from then on "
+             f"(subcenter_arcface_nodrop: K = 3 throughout). Training: {args.identities} synthetic identities "
              f"(difficulty {args.difficulty}); noise at rate r = r/2 label flips + r/2 outliers (photos of synthetic "
              f"people outside the set), both shares of the final set (facesphere.cleaning.noise.inject_noise). "
              f"Held-out: 10-fold verification accuracy on {args.eval_pairs} pairs of {args.eval_identities} unseen "
              f"synthetic identities. Cells: mean ± half the range over seeds {args.seeds + args.key_seeds} (n = runs). "
-             f"{len(runs)} runs, {wall:.0f} s of training and evaluation; torch threads {torch.get_num_threads()}; load "
-             f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after (the 2-core machine was shared).\n\n")
+             f"{len(runs)} runs, {wall:.0f} s of training and evaluation; torch threads {torch.get_num_threads()}; 1-minute "
+             f"load average after each run {min(loads):.1f}–{max(loads):.1f} (the 2-core machine was shared).\n\n")
+    screened = {}
+    for r in runs:
+        if r.get("left_out") is not None and r["size"] == args.n:
+            screened.setdefault(r["rate"], []).append(r["left_out"])
+    visits = (args.steps - int(args.steps * args.drop_at)) * args.batch
+    if screened:
+        setup += ("Sub-center ArcFace's 75° screen left out, of the " + f"{visits} sample-visits after its drop: "
+                  + ", ".join(f"{min(v)}–{max(v)} at {round(100 * rate)}% noise" for rate, v in sorted(screened.items()))
+                  + ".\n\n")
     markdown = (setup + f"**(a) Held-out accuracy % by head and noise rate ({args.n} training images)**\n\n{table_a}\n\n"
                 f"**(b) Clean-only vs 40%-noisy training at equal and unequal sizes**\n\n{table_b}\n\n"
                 f"Plot: `benchmarks/results/{plot_path.name}` (left: accuracy vs noise rate per head; right: accuracy "
