@@ -31,7 +31,7 @@ from facesphere.cleaning.lists import FLAGGED_FILES, KEPT, TYPICAL, UNREADABLE, 
 from facesphere.cleaning.noise import Status
 from facesphere.cleaning.review import load_source
 from facesphere.evaluate.contact_sheet import write_image_grid
-from facesphere.evaluate.plots import _save_atomic
+from facesphere.evaluate.plots import save_figure
 from facesphere.utils.files import atomic_write_text, check_writable
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def _histograms(profile, figures: dict, path: Path) -> Path:
     axes[2].set_yscale("symlog")
     axes[2].set(xlabel="(flips + outliers) / images", ylabel="identities",
                 title=f"per-identity noise fraction ({len(fractions)} identities)")
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def _sheet(profile, kind: str, load_image: Callable, path: Path, max_rows: int, typical: int) -> tuple[Path, int, int]:

@@ -17,7 +17,7 @@ from facesphere.utils.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plot_det", "plot_roc"]
+__all__ = ["plot_det", "plot_roc", "save_figure"]
 
 FAR_RANGE = (1e-6, 1.0)
 
@@ -33,7 +33,7 @@ def _new_axes(figsize=(6.0, 5.0)):
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def _save_atomic(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
     """Save as PNG through ``atomic_path``: readers never see half a file."""
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -62,7 +62,7 @@ def plot_roc(curves: Curves, path: str | os.PathLike, title: str = "ROC") -> Pat
         ax.step(x, y, where="post", label=str(name), linewidth=1.5)
     ax.set_ylim(0.0, 1.0)
     _label_axes(ax, "False accept rate (FAR)", "True accept rate (TAR)", title, "lower right")
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_det(curves: Curves, path: str | os.PathLike, title: str = "DET") -> Path:
@@ -81,7 +81,7 @@ def plot_det(curves: Curves, path: str | os.PathLike, title: str = "DET") -> Pat
     ax.set_yscale("log")
     ax.set_ylim(max(lowest / 2.0, 1e-6), 1.0)
     _label_axes(ax, "False match rate (FMR)", "False non-match rate (FNMR)", title, "upper right")
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def _label_axes(ax, xlabel: str, ylabel: str, title: str, legend: str) -> None:
