@@ -250,23 +250,29 @@ def _identity_centres(source, labels: np.ndarray, member: np.ndarray, num_classe
     if len(candidates):
         kept, kept_sums, kept_counts = _modes(source, labels, member, candidates, sums, need, k, threshold,
                                               iterations, mode)
-    # the centres: the modes of identities that kept several, the whole sum for every other identity with images
+    # the centres: the modes of identities that kept several, the whole sum for every other identity with images;
+    # built without a second copy of the (C, D) sums where possible (this is profiling's largest array)
     row_of = np.full((num_classes, k), -1, dtype=np.int64)
     single = np.flatnonzero((sizes > 0) & ~np.isin(np.arange(num_classes), kept))
     row_of[single, 0] = np.arange(len(single))
-    parts_sum, parts_count, parts_label = [sums[single].numpy()], [sizes[single]], [single]
+    total = sums.numpy()
+    del sums
+    for start in range(0, len(single), _BATCH):  # compact in place: single is sorted, so single[i] >= i
+        block = single[start:start + _BATCH]
+        total[start:start + len(block)] = total[block]
+    total = total[:len(single)]
+    count, label = sizes[single], single
     if len(kept):
         present = kept_counts > 0
         rows_at = len(single) + np.cumsum(present.reshape(-1)).reshape(present.shape) - 1
         row_of[kept] = np.where(present, rows_at, -1)
-        parts_sum.append(kept_sums[present])
-        parts_count.append(kept_counts[present])
-        parts_label.append(np.repeat(kept, present.sum(1)))
-    del sums
-    total = np.concatenate(parts_sum)
-    norm = np.linalg.norm(total.astype(np.float64), axis=1)
-    return _Centres(unit=normalised(total), norm=norm, count=np.concatenate(parts_count).astype(np.int64),
-                    label=np.concatenate(parts_label).astype(np.int64), row_of=row_of, mode=mode)
+        total = np.concatenate([total, kept_sums[present]])
+        count = np.r_[count, kept_counts[present]]
+        label = np.r_[label, np.repeat(kept, present.sum(1))]
+    norm = np.linalg.norm(total, axis=1).astype(np.float64)
+    total /= np.maximum(norm, 1e-12)[:, None].astype(np.float32)  # in place: the unit centres
+    return _Centres(unit=total, norm=norm, count=count.astype(np.int64), label=label.astype(np.int64), row_of=row_of,
+                    mode=mode)
 
 
 def _modes(source, labels, member, candidates, sums, need, k, threshold, iterations, mode):
