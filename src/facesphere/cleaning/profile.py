@@ -381,10 +381,10 @@ def _find_duplicates(source, valid: np.ndarray, duplicate_cosine: float, hashes:
     count = int(valid.sum())
     if count < 2:
         return duplicate_of
-    exact = count <= exact_limit or source.dim <= _DUP_DIM
-    project = (lambda rows: rows) if exact else _projection(source.dim)
+    exact = count <= exact_limit
+    project = _projection(source.dim) if not exact and source.dim > _DUP_DIM else (lambda rows: rows)
     sample = None
-    if count > exact_limit:  # a strided sample over the whole set (sets are stored identity by identity)
+    if not exact:  # a strided sample over the whole set (sets are stored identity by identity)
         stride = -(-count // _TRAIN_SAMPLE)
         position = np.cumsum(valid) - 1
         sample = np.concatenate([project(rows[position[index] % stride == 0]) for index, rows in _batches(source, valid)])
@@ -395,7 +395,7 @@ def _find_duplicates(source, valid: np.ndarray, duplicate_cosine: float, hashes:
     for _, rows in _batches(source, valid):
         index.add(project(rows))
     neighbours = min(count, 4)
-    cut = duplicate_cosine - (0 if exact and count <= exact_limit else _DUP_MARGIN)
+    cut = duplicate_cosine - (0 if exact else _DUP_MARGIN)
     for query_ids, rows in _batches(source, valid):
         scores, found = index.search(project(rows), neighbours)
         found = np.where(found >= 0, ids[np.clip(found, 0, None)], -1)
@@ -427,9 +427,10 @@ def _score(source, labels: np.ndarray, valid: np.ndarray, member: np.ndarray, ce
     own = np.full(n, np.nan, dtype=np.float32)
     other = np.full(n, np.nan, dtype=np.float32)
     other_label = np.full(n, -1, dtype=np.int64)
-    rows = len(centres.unit)
-    sample = centres.unit[::-(-rows // _TRAIN_SAMPLE)]
-    index = _search_index(rows, centres.unit.shape[1], exact_limit, sample, lists=4 * round(math.sqrt(rows)))
+    count = len(centres.unit)
+    sample = centres.unit[::-(-count // _TRAIN_SAMPLE)]
+    index = _search_index(count, centres.unit.shape[1], exact_limit, sample, lists=4 * round(math.sqrt(count)))
+    del sample
     index.add(centres.unit)
     neighbours = min(len(centres.unit), k + 2)
     unit = torch.from_numpy(centres.unit)
@@ -438,12 +439,12 @@ def _score(source, labels: np.ndarray, valid: np.ndarray, member: np.ndarray, ce
         present = rows_of >= 0
         at = np.clip(rows_of, 0, None)
         dots = torch.einsum("bd,bjd->bj", torch.from_numpy(rows), unit[torch.from_numpy(at)]).numpy().astype(np.float64)
-        norm, count = centres.norm[at], centres.count[at]
+        norm, members = centres.norm[at], centres.count[at]
         mine = member[query][:, None] & (np.arange(k)[None, :] == centres.mode[query][:, None])
         with np.errstate(invalid="ignore", divide="ignore"):
             raw = dots * norm  # e · S
             loo = (raw - 1.0) / np.sqrt(np.maximum(norm ** 2 - 2.0 * raw + 1.0, 0.0))
-        cos = np.where(mine, np.where(count > 1, loo, np.nan), dots)
+        cos = np.where(mine, np.where(members > 1, loo, np.nan), dots)
         cos = np.where(present, cos, np.nan)
         defined = ~np.isnan(cos).all(1)
         own[query[defined]] = np.nanmax(cos[defined], axis=1)
