@@ -37,7 +37,7 @@ def _profile(embeddings, labels, threshold=0.5, **options):
 
 def test_statuses_match_the_injected_noise():
     rng = np.random.default_rng(0)
-    _, truth, emb = _clustered(rng)
+    _, truth, emb = _clustered(rng, dim=96)
     labels = truth.copy()
     flips = np.array([3, 57, 211, 388])
     labels[flips] = (truth[flips] + np.array([5, 11, 1, 20])) % 40
@@ -56,6 +56,10 @@ def test_statuses_match_the_injected_noise():
     assert (profile.duplicate_of[[i for i in range(len(labels)) if i not in copies]] == -1).all()
     summary = profile.summary()
     assert (summary["flip"], summary["outlier"], summary["duplicate"], summary["clean"]) == (4, 3, 3, 390)
+    # the search used above exact_search_limit (copies found on a 64-d projection, re-scored exactly) agrees
+    approximate = _profile(emb, labels, exact_search_limit=0)
+    np.testing.assert_array_equal(approximate.duplicate_of, profile.duplicate_of)
+    np.testing.assert_array_equal(approximate.status, expected)
     assert summary["flip_rate"] == pytest.approx(4 / 400) and summary["outlier_rate"] == pytest.approx(3 / 400)
 
 

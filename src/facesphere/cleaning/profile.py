@@ -6,18 +6,19 @@
 1. **Duplicates** first (the same photo filed twice, within or across identities): byte-identical files by
    content digest, then near copies: the nearest earlier image at cosine >= ``duplicate_cosine`` (faiss: exact
    inner products up to ``exact_search_limit`` images; beyond, an IVF index over a 64-d random projection, its
-   candidates re-scored exactly). The later copy becomes DUPLICATE with ``duplicate_of`` = the earliest copy, and is left out of the
-   identity statistics so no photo counts twice.
-2. **Identity centres**: the sum of each identity's unit embeddings, then a spherical k-means (k =
-   ``max_centres``, farthest-point start, a few Lloyd passes) inside every identity large enough. The split is
-   kept only when every mode holds at least ``MIN_MODE_SHARE`` of the identity and ``MIN_MODE_IMAGES`` images,
-   and the mode centres are distinct at the verification threshold (their cosine is below T). Why: a person
-   photographed in two sessions (young/old, glasses, lighting) can form two modes far apart, and one centre
-   would sit between them, closer to the larger, so the smaller session would look like noise; a handful of
-   mislabelled photos is never a quarter of an identity, so it is never promoted to a mode and stays flagged.
-   Modes closer than T are one mode (a random halving of a one-mode identity gives halves far above T), so an
-   ordinary identity keeps its single centre. A block of another person's photos as large as a quarter of
-   the identity does become a mode; its images are still flagged when that person's own identity is nearer.
+   candidates re-scored exactly). The later copy becomes DUPLICATE with ``duplicate_of`` = the earliest copy,
+   and is left out of the identity statistics so no photo counts twice.
+2. **Identity centres**: the sum of each identity's unit embeddings, then a spherical k-means (``max_centres``
+   + 1 clusters, farthest-point start, a few Lloyd passes; see :func:`_identity_centres`) inside every identity
+   large enough to hold two modes. Up to ``max_centres`` clusters are kept as modes, only when each holds at
+   least ``MIN_MODE_SHARE`` of the identity and ``MIN_MODE_IMAGES`` images, and the mode centres are distinct
+   at the verification threshold (their cosine is below T). Why: a person photographed in two sessions
+   (young/old, glasses, lighting) can form two modes far apart, and one centre would sit between them, closer
+   to the larger, so the smaller session would look like noise; a handful of mislabelled photos is never a
+   quarter of an identity, so it is never promoted to a mode and stays flagged. Modes closer than T are one
+   mode (a random halving of a one-mode identity gives halves far above T), so an ordinary identity keeps its
+   single centre. A block of another person's photos as large as a quarter of the identity does become a
+   mode; its images are still flagged when that person's own identity is nearer.
 3. **Scores** per image: ``own_cosine`` to the nearest centre of its own identity with the image itself removed
    from its centre's sum (leave-one-out: with e and S unit image and centre sum, (e·S − 1) / √(|S|² − 2 e·S + 1);
    without it a 3-image identity looks far cleaner than it is), and ``other_cosine`` / ``other_label``: the
@@ -27,11 +28,15 @@
    FLIP when other_cosine >= T and other_cosine > own_cosine (``other_label`` is the suggestion); OUTLIER when
    own_cosine < T and other_cosine < T (close to no identity of the set); CLEAN otherwise.
 
-   T is an image-to-image threshold applied to image-to-centre cosines. A centre averages its images, so the
-   noise of one photo cancels: a genuine image's cosine to its own (leave-one-out) centre runs above its
-   cosines to single photos of the same person, and an impostor's cosine to another identity's centre has a
-   narrower spread than impostor pairs. Both make the cut conservative: at most the calibrated FAR of images are
-   flagged as flips by chance and fewer clean ones fall below T than genuine pairs do.
+   T is an image-to-image threshold applied to image-to-centre cosines. Measured with MobileFaceNet y1 on 720
+   LFW images of 120 people (``benchmarks/noise_profile_thresholds.py``, T at FAR 1e-3 over all their pairs):
+   99.7 % of genuine images reach T against their identity's leave-one-out centre, against 98.3 % against one
+   other photo of the person, so T calls fewer clean images outliers than it rejects genuine pairs; an impostor
+   reaches T against another identity's centre at 1.6e-3 per centre, 1.6x the pair FAR (a unit centre is a mean
+   divided by its norm, below 1, which lifts impostor cosines too). Flips need other_cosine > own_cosine as
+   well, so a clean image is not called a flip by that margin; but an outlier meets every one of the C centres,
+   so about C x 1.6 x FAR of the outliers pass T somewhere and are called flips instead (still flagged). The
+   profile notes this when C x FAR > 1 %: calibrate at a smaller FAR for sets of many identities.
 
 Set-level problems are reported in ``problems``, never raised: one identity (flips cannot be measured),
 identities with one image (no leave-one-out centre: own_cosine nan; they are never called outliers, only
@@ -69,8 +74,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DUPLICATE_COSINE", "MIN_MODE_IMAGES", "MIN_MODE_SHARE", "NoiseProfile", "profile_embeddings", "profile_set"]
 
-DUPLICATE_COSINE = 0.95
-"""Cosine at or above which two images count as the same photo (see ``benchmarks/noise_profile_scale.py``)."""
+DUPLICATE_COSINE = 0.96
+"""Cosine at or above which two images count as the same photo: between the lowest cosine of a photo and a near
+copy of it (0.976: JPEG re-encoded at quality 75 or 95, shifted by one pixel, or scaled to 100x100 and back) and
+the highest of two distinct photos of one person (0.940), MobileFaceNet y1 on 720 LFW images
+(``benchmarks/noise_profile_thresholds.py``). Byte-identical files are duplicates whatever their cosine."""
 
 MIN_MODE_SHARE = 0.25
 """Smallest share of an identity a second mode must hold to be kept as a mode (not noise)."""
@@ -242,23 +250,29 @@ def _identity_centres(source, labels: np.ndarray, member: np.ndarray, num_classe
     if len(candidates):
         kept, kept_sums, kept_counts = _modes(source, labels, member, candidates, sums, need, k, threshold,
                                               iterations, mode)
-    # the centres: the modes of identities that kept several, the whole sum for every other identity with images
+    # the centres: the modes of identities that kept several, the whole sum for every other identity with images;
+    # built without a second copy of the (C, D) sums where possible (this is profiling's largest array)
     row_of = np.full((num_classes, k), -1, dtype=np.int64)
     single = np.flatnonzero((sizes > 0) & ~np.isin(np.arange(num_classes), kept))
     row_of[single, 0] = np.arange(len(single))
-    parts_sum, parts_count, parts_label = [sums[single].numpy()], [sizes[single]], [single]
+    total = sums.numpy()
+    del sums
+    for start in range(0, len(single), _BATCH):  # compact in place: single is sorted, so single[i] >= i
+        block = single[start:start + _BATCH]
+        total[start:start + len(block)] = total[block]
+    total = total[:len(single)]
+    count, label = sizes[single], single
     if len(kept):
         present = kept_counts > 0
         rows_at = len(single) + np.cumsum(present.reshape(-1)).reshape(present.shape) - 1
         row_of[kept] = np.where(present, rows_at, -1)
-        parts_sum.append(kept_sums[present])
-        parts_count.append(kept_counts[present])
-        parts_label.append(np.repeat(kept, present.sum(1)))
-    del sums
-    total = np.concatenate(parts_sum)
-    norm = np.linalg.norm(total.astype(np.float64), axis=1)
-    return _Centres(unit=normalised(total), norm=norm, count=np.concatenate(parts_count).astype(np.int64),
-                    label=np.concatenate(parts_label).astype(np.int64), row_of=row_of, mode=mode)
+        total = np.concatenate([total, kept_sums[present]])
+        count = np.r_[count, kept_counts[present]]
+        label = np.r_[label, np.repeat(kept, present.sum(1))]
+    norm = np.linalg.norm(total, axis=1).astype(np.float64)
+    total /= np.maximum(norm, 1e-12)[:, None].astype(np.float32)  # in place: the unit centres
+    return _Centres(unit=total, norm=norm, count=count.astype(np.int64), label=label.astype(np.int64), row_of=row_of,
+                    mode=mode)
 
 
 def _modes(source, labels, member, candidates, sums, need, k, threshold, iterations, mode):
@@ -367,10 +381,10 @@ def _find_duplicates(source, valid: np.ndarray, duplicate_cosine: float, hashes:
     count = int(valid.sum())
     if count < 2:
         return duplicate_of
-    exact = count <= exact_limit or source.dim <= _DUP_DIM
-    project = (lambda rows: rows) if exact else _projection(source.dim)
+    exact = count <= exact_limit
+    project = _projection(source.dim) if not exact and source.dim > _DUP_DIM else (lambda rows: rows)
     sample = None
-    if count > exact_limit:  # a strided sample over the whole set (sets are stored identity by identity)
+    if not exact:  # a strided sample over the whole set (sets are stored identity by identity)
         stride = -(-count // _TRAIN_SAMPLE)
         position = np.cumsum(valid) - 1
         sample = np.concatenate([project(rows[position[index] % stride == 0]) for index, rows in _batches(source, valid)])
@@ -381,7 +395,7 @@ def _find_duplicates(source, valid: np.ndarray, duplicate_cosine: float, hashes:
     for _, rows in _batches(source, valid):
         index.add(project(rows))
     neighbours = min(count, 4)
-    cut = duplicate_cosine - (0 if exact and count <= exact_limit else _DUP_MARGIN)
+    cut = duplicate_cosine - (0 if exact else _DUP_MARGIN)
     for query_ids, rows in _batches(source, valid):
         scores, found = index.search(project(rows), neighbours)
         found = np.where(found >= 0, ids[np.clip(found, 0, None)], -1)
@@ -413,9 +427,10 @@ def _score(source, labels: np.ndarray, valid: np.ndarray, member: np.ndarray, ce
     own = np.full(n, np.nan, dtype=np.float32)
     other = np.full(n, np.nan, dtype=np.float32)
     other_label = np.full(n, -1, dtype=np.int64)
-    rows = len(centres.unit)
-    sample = centres.unit[::-(-rows // _TRAIN_SAMPLE)]
-    index = _search_index(rows, centres.unit.shape[1], exact_limit, sample, lists=4 * round(math.sqrt(rows)))
+    count = len(centres.unit)
+    sample = centres.unit[::-(-count // _TRAIN_SAMPLE)]
+    index = _search_index(count, centres.unit.shape[1], exact_limit, sample, lists=4 * round(math.sqrt(count)))
+    del sample
     index.add(centres.unit)
     neighbours = min(len(centres.unit), k + 2)
     unit = torch.from_numpy(centres.unit)
@@ -424,12 +439,12 @@ def _score(source, labels: np.ndarray, valid: np.ndarray, member: np.ndarray, ce
         present = rows_of >= 0
         at = np.clip(rows_of, 0, None)
         dots = torch.einsum("bd,bjd->bj", torch.from_numpy(rows), unit[torch.from_numpy(at)]).numpy().astype(np.float64)
-        norm, count = centres.norm[at], centres.count[at]
+        norm, members = centres.norm[at], centres.count[at]
         mine = member[query][:, None] & (np.arange(k)[None, :] == centres.mode[query][:, None])
         with np.errstate(invalid="ignore", divide="ignore"):
             raw = dots * norm  # e · S
             loo = (raw - 1.0) / np.sqrt(np.maximum(norm ** 2 - 2.0 * raw + 1.0, 0.0))
-        cos = np.where(mine, np.where(count > 1, loo, np.nan), dots)
+        cos = np.where(mine, np.where(members > 1, loo, np.nan), dots)
         cos = np.where(present, cos, np.nan)
         defined = ~np.isnan(cos).all(1)
         own[query[defined]] = np.nanmax(cos[defined], axis=1)
@@ -522,7 +537,7 @@ def profile_embeddings(embeddings, labels, threshold: float, *, far: float, mode
     compared = int((members_per_identity > 0).sum())
     if compared * far > 0.01:
         notes.append({"source": set_name, "reason": f"each image is compared with {compared} identities at FAR {far:g}: "
-                                                    f"up to {min(1.0, compared * far):.0%} of the outliers may pass the "
+                                                    f"about {min(1.0, compared * far):.0%} or more of the outliers pass the "
                                                     "threshold against some identity by chance and be called flips; "
                                                     f"a threshold at FAR <= {0.01 / compared:.1g} keeps that under 1%"})
 
