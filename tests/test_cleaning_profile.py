@@ -14,7 +14,7 @@ from conftest import require_data
 
 from facesphere.cleaning.embedstore import EmbeddingStore, embed_to_store
 from facesphere.cleaning.noise import Status
-from facesphere.cleaning.profile import NoiseProfile, profile_embeddings
+from facesphere.cleaning.profile import NoiseProfile, flip_cut, profile_embeddings
 
 LFW = "data/lfw_112x112/lfw-112X112"
 Y1 = "weights/mobilefacenet_insightface_y1"
@@ -61,6 +61,27 @@ def test_statuses_match_the_injected_noise():
     np.testing.assert_array_equal(approximate.duplicate_of, profile.duplicate_of)
     np.testing.assert_array_equal(approximate.status, expected)
     assert summary["flip_rate"] == pytest.approx(4 / 400) and summary["outlier_rate"] == pytest.approx(3 / 400)
+
+
+def test_flip_cut_holds_the_clean_images_nearest_other_cosines_at_the_far():
+    own = np.r_[np.full(2000, 0.8), 0.2, 0.2, np.nan]
+    other = np.r_[np.linspace(0.0, 0.6, 2000), 0.45, 0.65, 0.7]  # two far-from-own images, one single-image identity
+    member = np.ones(len(own), bool)
+    cut = flip_cut(own, other, member, 0.3, far=1e-2)
+    assert cut == pytest.approx(np.quantile(np.linspace(0.0, 0.6, 2000), 0.99))  # only the 2000 clean ones count
+    assert flip_cut(own, other, member, 0.7, far=1e-2) == 0.7  # never below T
+    assert flip_cut(own[:50], other[:50], member[:50], 0.3, far=1e-2) == 0.3  # < 1/FAR clean images: T
+    # in a profile: an image far from its own identity that passes T only against the best of many others is an
+    # outlier, not a flip; one far above the clean images' nearest-other cosines is a flip
+    rng = np.random.default_rng(3)
+    _, labels, emb = _clustered(rng, identities=150, per=8, dim=32, noise=0.9)
+    emb[::40] = _unit(rng.standard_normal((30, 32)))  # 30 photos of nobody in the set
+    plain = _profile(emb, labels, threshold=0.3)
+    assert plain.flip_cut > 0.3 and plain.threshold == 0.3
+    flagged = plain.status == Status.FLIP
+    assert (plain.other_cosine[flagged] >= plain.flip_cut).all()
+    loose = (plain.own_cosine < 0.3) & (plain.other_cosine >= 0.3) & (plain.other_cosine < plain.flip_cut)
+    assert loose[::40].sum() >= 10 and (plain.status[loose] == Status.OUTLIER).all()
 
 
 def test_scores_match_brute_force_leave_one_out_and_nearest_other():
