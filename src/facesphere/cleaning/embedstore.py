@@ -246,7 +246,7 @@ def embed_to_store(dataset, embedder, folder: str | os.PathLike, *, key: dict[st
     problem. A store of the same ``key`` left by an interrupted run is resumed at its first missing chunk.
     """
     from facesphere.data import build_loader
-    from facesphere.data.record_dataset import _progress
+    from facesphere.utils.progress import progress_bar
 
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be positive, got {batch_size} and {chunk_size}")
@@ -261,7 +261,7 @@ def embed_to_store(dataset, embedder, folder: str | os.PathLike, *, key: dict[st
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     problems: list[dict[str, str]] = []
     pending = 0
-    with _progress(progress, len(batches), f"embedding {total - done} images") as advance:
+    with progress_bar(progress, len(batches), f"embedding {total - done} images") as advance:
         for batch, (images, read, reasons, digests) in zip(batches, loader):
             rows = np.zeros((len(batch), embedder.embedding_size), np.float32)
             if read.any():

@@ -40,6 +40,7 @@ from facesphere.data.recordio import (
     shareable,
 )
 from facesphere.utils.files import atomic_path
+from facesphere.utils.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ def pack_folder(
     with contextlib.ExitStack() as stack:
         property_tmp = stack.enter_context(atomic_path(out_dir / PROPERTY_NAME))  # renamed after the .rec/.idx
         writer = stack.enter_context(RecordIOWriter(out_dir / REC_NAME, out_dir / IDX_NAME))
-        advance = stack.enter_context(_progress(progress, n, f"packing {folder.root.name}"))
+        advance = stack.enter_context(progress_bar(progress, n, f"packing {folder.root.name}"))
         writer.write(pack(IRHeader(2, (float(a), float(b)), 0, 0)), key=0)
         for index, path in enumerate(folder.paths):
             data = path.read_bytes()
@@ -315,39 +316,6 @@ def pack_folder(
     logger.info("packed %d images of %d identities (%s) into %s (%.2f MB)", n, classes,
                 ", ".join(f"{v} {k}" for k, v in sorted(stored.items())), out_dir, total_bytes / 1e6)
     return PackResult(out_dir, n, classes, (height, width), stored, total_bytes)
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, description: str):
-    """Yield an ``advance()`` callable: a rich bar on a terminal, a log line every 10 s otherwise."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    if console.is_terminal:
-        with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda: bar.advance(task)
-        return
-    state = {"done": 0, "last": time.perf_counter()}
-
-    def advance() -> None:
-        state["done"] += 1
-        if time.perf_counter() - state["last"] > 10 or state["done"] == total:
-            state["last"] = time.perf_counter()
-            logger.info("%s: %d/%d", description, state["done"], total)
-
-    yield advance
 
 
 # ------------------------------------------------------------------------------------------ inspect
