@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -170,6 +171,11 @@ def test_clean_profile_command_writes_lists_and_report_and_refuses_a_finished_fo
     from facesphere.pipeline.threshold import calibrate_threshold
 
     write_image_folder(SyntheticFaces(3, 4, image_size=(112, 112), seed=1), tmp_path / "set")
+    # hostile members: a file that is no image, and an identity of one image
+    first = sorted(p for p in (tmp_path / "set").rglob("*.png"))[0]
+    (first.parent / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    write_image_folder(SyntheticFaces(1, 1, image_size=(112, 112), seed=9), tmp_path / "single")
+    shutil.move(next((tmp_path / "single").rglob("*.png")).parent, tmp_path / "set" / "zz_single")
     backbone, card = import_weights(require_data("weights/mobilefacenet_insightface_y1"))
     save_model(tmp_path / "y1", backbone, card)
     calibrate_threshold(np.linspace(0.0, 0.6, 20), np.arange(20) >= 10, 0.1, card.name, card.embedding_size,
@@ -180,8 +186,11 @@ def test_clean_profile_command_writes_lists_and_report_and_refuses_a_finished_fo
     done = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
-    assert summary["images"] == 12 and summary["identities"] == 3
-    assert sum(summary[k] for k in ("clean", "flip", "outlier", "duplicate", "unreadable")) == 12
+    assert summary["images"] == 14 and summary["identities"] == 4 and summary["unreadable"] == 1
+    assert sum(summary[k] for k in ("clean", "flip", "outlier", "duplicate", "unreadable")) == 14
+    problems = json.loads((tmp_path / "out" / "report.json").read_text())["problems"]
+    assert any(p["source"].endswith("broken.png") for p in problems)
+    assert any("one image" in p["reason"] for p in problems)
     assert summary["lists"]["kept.txt"] == summary["clean"]
     images = {str(p) for p in (tmp_path / "set").rglob("*") if p.is_file()}
     assert {path for path, _ in parse_list_file(tmp_path / "out" / "kept.txt")} <= images
