@@ -247,6 +247,7 @@ def main() -> None:
     parser.add_argument("--drop-at", type=float, default=0.5, help="sub-center ArcFace: drop_step as a share of steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/facesphere-noise-study"))
+    parser.add_argument("--name", default="noise_study", help="results name: benchmarks/results/<name>.{json,md,png}")
     parser.add_argument("--only-sweep", action="store_true", help="skip the size sweep")
     args = parser.parse_args()
     setup_logging()
@@ -303,7 +304,7 @@ def report(runs: list[dict], args, load_before) -> None:
     table_b = markdown_table(["training set", "images", "clean images"] + list(args.size_heads),
                              [["clean only" if rate == 0 else "40% noisy", size, Condition("", size, rate, 0).clean]
                               + [cell(acc.get((h, size, rate))) for h in args.size_heads] for size, rate in points])
-    plot_path = RESULTS / "noise_study.png"
+    plot_path = RESULTS / f"{args.name}.png"
     plot(acc, args, heads, plot_path)
     wall = sum(r["wall_seconds"] for r in runs)
     loads = [r["load_after"] for r in runs]
@@ -338,7 +339,7 @@ def report(runs: list[dict], args, load_before) -> None:
                 f"Plot: `benchmarks/results/{plot_path.name}` (left: accuracy vs noise rate per head; right: accuracy "
                 f"vs clean-sample count, clean-only vs 40% noisy).\n")
     print(markdown)
-    write_results("noise_study", {"args": {k: str(v) for k, v in vars(args).items()}, "load_before": load_before,
+    write_results(args.name, {"args": {k: str(v) for k, v in vars(args).items()}, "load_before": load_before,
                                   "load_after": load_after, "plot": str(plot_path.relative_to(RESULTS.parent.parent)),
                                   "runs": runs}, markdown)
 
