@@ -5,10 +5,14 @@ gallery, a model folder, a list file) and prints one line per completed write. T
 delay, runs the caller's ``check`` on what is on disk (every file must be either the old or the new version and
 load), and repeats. It counts how many kills landed after at least one completed write, so a test can assert that
 the kills really interrupted writing rather than start-up.
+
+``FACESPHERE_FAULT_SCALE`` (default 1) multiplies every loop's number of runs: each run pays a child's imports
+(about 2.5 s), so the suite keeps the counts small and a soak test raises them (``FACESPHERE_FAULT_SCALE=10``).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -31,7 +35,9 @@ def kill_loop(writer: str, check: Callable[[int], None], runs: int, max_delay_s:
               ready_timeout_s: float = 120.0) -> KillLoopResult:
     """Start ``python -c writer`` ``runs`` times; each time wait for its first output line ("ready", printed once
     its imports are done), sleep a uniform random delay in [0, max_delay_s], SIGKILL it, then call
-    ``check(run_index)``. Every further stdout line counts as one completed write."""
+    ``check(run_index)``. Every further stdout line counts as one completed write. ``runs`` is multiplied by
+    ``FACESPHERE_FAULT_SCALE``."""
+    runs = max(2, round(runs * float(os.environ.get("FACESPHERE_FAULT_SCALE", "1"))))
     rng = random.Random(seed)
     mid_write = writes = 0
     for run in range(runs):

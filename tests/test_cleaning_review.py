@@ -137,7 +137,7 @@ while True:
 """
 
 
-@pytest.mark.slow  # six writer processes, each importing the toolkit
+@pytest.mark.slow  # four writer processes (FACESPHERE_FAULT_SCALE multiplies them), each importing the toolkit
 def test_a_kill_at_any_moment_leaves_whole_lists_and_the_next_session_repairs_kept(folder):
     out, profile, images, before = folder
 
@@ -155,8 +155,8 @@ def test_a_kill_at_any_moment_leaves_whole_lists_and_the_next_session_repairs_ke
         ReviewFolder(out).sync()
         assert parse_list_file(out / "kept.txt") == expected_kept(profile, decided)
 
-    result = kill_loop(WRITER.format(out=str(out)), check, runs=6, max_delay_s=1.0)
-    assert result.mid_write >= 3 and result.writes > 20, result
+    result = kill_loop(WRITER.format(out=str(out)), check, runs=4, max_delay_s=1.0)
+    assert result.mid_write >= result.runs // 2 and result.writes > 3 * result.runs, result
     assert hashes(images) == before
 
 
