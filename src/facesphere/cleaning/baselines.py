@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from facesphere.cleaning.embedstore import normalised
+
 __all__ = ["CleanlabFlags", "centre_distance_flags", "cleanlab_knn_flags", "knn_graph", "leave_one_out_centre_cosine"]
 
 
@@ -27,7 +29,7 @@ def _unit_rows(embeddings) -> np.ndarray:
         raise ValueError(f"embeddings must be a non-empty (N, D) array, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("embeddings hold nan or inf")
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return normalised(x)
 
 
 def _labels_for(labels, n: int) -> np.ndarray:

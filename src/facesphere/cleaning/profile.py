@@ -69,6 +69,7 @@ from facesphere.cleaning.embedstore import (
 )
 from facesphere.cleaning.sources import open_labelled_set, set_root
 from facesphere.cleaning.noise import Status
+from facesphere.models.store import file_sha256
 from facesphere.utils.files import atomic_path, atomic_write_text, check_writable, read_text_checked
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class NoiseProfile:
         with atomic_path(folder / ARRAYS_FILE) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, **{name: getattr(self, name) for name in (*_PER_IMAGE, *_PER_IDENTITY)})
         meta = {"format": PROFILE_FORMAT, "version": 1, "images": len(self), "identities": len(self.identity_names),
-                "arrays_sha256": _sha256(folder / ARRAYS_FILE), "threshold": self.threshold, "far": self.far,
+                "arrays_sha256": file_sha256(folder / ARRAYS_FILE), "threshold": self.threshold, "far": self.far,
                 "model": self.model, "duplicate_cosine": self.duplicate_cosine, "flip_cut": self.flip_cut,
                 "summary": self.summary(),
                 "problems": self.problems, "identity_names": self.identity_names, "sources": self.sources}
@@ -174,7 +175,7 @@ class NoiseProfile:
             meta = json.loads(read_text_checked(folder / META_FILE, limit=4 << 30))
             if not isinstance(meta, dict) or meta.get("format") != PROFILE_FORMAT:
                 raise ValueError(f"{META_FILE} is not a noise profile")
-            if _sha256(folder / ARRAYS_FILE) != meta["arrays_sha256"]:
+            if file_sha256(folder / ARRAYS_FILE) != meta["arrays_sha256"]:
                 raise ValueError(f"{ARRAYS_FILE} does not match {META_FILE} (changed or damaged)")
             with np.load(folder / ARRAYS_FILE, allow_pickle=False) as arrays:
                 values = {name: arrays[name] for name in (*_PER_IMAGE, *_PER_IDENTITY)}
@@ -188,14 +189,6 @@ class NoiseProfile:
         except (OSError, ValueError, KeyError, TypeError) as error:
             detail = error.strerror if isinstance(error, OSError) and error.strerror else error
             raise ValueError(f"{folder}: not a readable noise profile ({detail})") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- profiling
