@@ -154,6 +154,31 @@ class PublishedFigure(BaseModel):
         return f"{text} ({extra})" if extra else text
 
 
+class AgeBranch(BaseModel):
+    """Age read from the embedding's norm, OE-CNN (arXiv 1810.07599, Sec. 3): age = slope·‖x‖ + intercept.
+
+    ``‖x‖`` is the L2 norm of the backbone's raw embedding of one aligned crop (eval mode, before any
+    normalisation); with flip test-time augmentation the ages of the two views are averaged. Fitted in
+    training by the ``age_from_norm`` objective and carried to the card by export.
+    """
+
+    model_config = _STRICT
+
+    kind: Literal["norm_linear"] = "norm_linear"
+    slope: float
+    intercept: float
+
+    @model_validator(mode="after")
+    def _finite(self) -> "AgeBranch":
+        if not (math.isfinite(self.slope) and math.isfinite(self.intercept)):
+            raise ValueError(f"age branch slope and intercept must be finite, got {self.slope}, {self.intercept}")
+        return self
+
+    def predict(self, norms):
+        """Ages in years from embedding norms (any array-like or tensor of norms)."""
+        return self.slope * norms + self.intercept
+
+
 class ModelCard(BaseModel):
     """Everything needed to rebuild, feed and cite a stored model (serialised as ``card.json``)."""
 
@@ -177,6 +202,8 @@ class ModelCard(BaseModel):
     """Original file name -> sha256, so a card can be traced to the exact files it was converted from."""
     weights_sha256: str | None = None
     """sha256 of ``model.safetensors``; set by ``save_model``, checked by ``load_model``."""
+    age_branch: AgeBranch | None = None
+    """How to read an age from the embedding (OE-CNN); None: the model has no age output."""
 
     @model_validator(mode="after")
     def _valid(self) -> "ModelCard":
@@ -327,6 +354,7 @@ def training_card(backbone: torch.nn.Module, name: str, backbone_name: str, back
 
 
 __all__ = [
+    "AgeBranch",
     "ModelCard",
     "InputSpec",
     "PublishedFigure",
