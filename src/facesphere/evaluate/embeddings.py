@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from facesphere.models.flip import embed_flipped, flip_mode
 from facesphere.models.preprocess import ImagePreprocess
+from facesphere.utils.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def extract_embeddings(
     model.eval()
     chunks: list[np.ndarray] = []
     try:
-        with torch.inference_mode(), _progress_bar(progress, _total_batches(loader)) as advance:
+        with torch.inference_mode(), progress_bar(progress, _total_batches(loader), "embedding") as advance:
             for batch in loader:
                 images = _images_of(batch).to(device, non_blocking=True)
                 chunks.append(_embed_batch(model, images, mode, normalize, amp_dtype, device))
@@ -109,30 +110,6 @@ def _embed_batch(
     if normalize:
         emb = torch.nn.functional.normalize(emb, dim=1)
     return emb.cpu().numpy().astype(np.float32, copy=False)
-
-
-class _progress_bar:
-    """Context manager yielding an ``advance()`` callable; a no-op when disabled."""
-
-    def __init__(self, enabled: bool, total: int | None):
-        self.enabled = enabled
-        self.total = total
-        self._progress = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import Progress  # lazy: only needed when a bar is shown
-
-        self._progress = Progress(transient=True)
-        self._progress.__enter__()
-        task = self._progress.add_task("embedding", total=self.total)
-        return lambda: self._progress.advance(task)
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-        return False
 
 
 class _Images(Dataset):

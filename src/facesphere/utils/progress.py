@@ -12,7 +12,7 @@ __all__ = ["progress_bar"]
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool, total: int, description: str):
+def progress_bar(enabled: bool, total: int | None, description: str):
     """Yield an ``advance()`` callable: a rich bar on a terminal, a log line every 10 s otherwise."""
     if not enabled:
         yield lambda: None
@@ -39,6 +39,6 @@ def progress_bar(enabled: bool, total: int, description: str):
         state["done"] += 1
         if time.perf_counter() - state["last"] > 10 or state["done"] == total:
             state["last"] = time.perf_counter()
-            logger.info("%s: %d/%d", description, state["done"], total)
+            logger.info("%s: %d/%s", description, state["done"], "?" if total is None else total)
 
     yield advance
