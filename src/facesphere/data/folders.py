@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from facesphere.data.ages import AGE, age_targets, check_ages
 from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, to_tensor
 from facesphere.data.transforms import SharedEpoch, as_transform, augment_rng, resize_to
 
@@ -91,6 +92,10 @@ class EncodedImagesDataset(Dataset):
     to ``image_size`` (H, W), resized when it differs or rejected with an ``ImageError`` when ``strict``
     (``image_size=None``: the size of the first image), and augmentation is seeded by (seed, epoch, index)
     only, so it does not depend on workers or ranks.
+
+    ``ages`` (float, NaN where unknown; see :mod:`facesphere.data.ages`) makes the set offer the ``age`` target:
+    ``target_names`` gains ``"age"``, every sample's targets ``"age"`` and ``"age_mask"``, and ``ages`` holds
+    them as float64 (N,). Without (``ages=None``) the set offers the label only and ``ages`` is None.
     """
 
     def __init__(
@@ -102,10 +107,14 @@ class EncodedImagesDataset(Dataset):
         seed: int = 0,
         strict: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        ages: Sequence[float] | np.ndarray | None = None,
     ) -> None:
         self.labels = np.asarray(labels, dtype=np.int64)
         if not len(self.labels):
             raise ValueError("no images")
+        self.ages = None if ages is None else check_ages(ages, len(self.labels))
+        if self.ages is not None:
+            self.target_names = ("label", AGE)
         self.num_classes = int(num_classes)
         if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{self.labels.min()}, {self.labels.max()}]")
@@ -161,9 +170,12 @@ class EncodedImagesDataset(Dataset):
 
     target_names = ("label",)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, int]]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         image = self.load_uint8(index)
-        return to_tensor(image), {"label": int(self.labels[index])}
+        targets: dict[str, Any] = {"label": int(self.labels[index])}
+        if self.ages is not None:
+            targets.update(age_targets(self.ages, index))
+        return to_tensor(image), targets
 
     def verify(self) -> list[ImageError]:
         """Decode every image once and return the errors (empty when all images are readable)."""
@@ -194,13 +206,14 @@ class ImageFilesDataset(EncodedImagesDataset):
         seed: int = 0,
         strict: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        ages: Sequence[float] | np.ndarray | None = None,
     ) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         if not paths:
             raise ValueError("no images")
         self.paths = [Path(p) for p in paths]
-        super().__init__(labels, num_classes, image_size, augment, seed, strict, max_pixels)
+        super().__init__(labels, num_classes, image_size, augment, seed, strict, max_pixels, ages)
 
     @property
     def samples(self) -> list[tuple[Path, int]]:
