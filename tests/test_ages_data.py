@@ -7,7 +7,6 @@ be True exactly where an age was given, and every malformed age must be refused 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from facesphere.data import ImageListDataset, ListFileError, parse_list_file, read_list_file
+from conftest import require_data
+
+from facesphere.data import ImageFolderDataset, ImageListDataset, ListFileError, parse_list_file, read_list_file
+from facesphere.data.ages import AgeFileError
 from facesphere.data.ages import MAX_AGE, parse_age
 from facesphere.data.lists import AGE_HEADER, remap_list_file
 
@@ -126,3 +128,69 @@ def test_list_ages_collate_into_tensors(tmp_path):
     assert targets["age_mask"].tolist() == [True, True, False, True]
     assert targets["age"][targets["age_mask"]].tolist() == [0.0, 10.0, 30.0]
     assert torch.isnan(targets["age"][2])
+
+
+# ------------------------------------------------------------------------------------------------ image folders
+
+
+def _folder(root: Path, names: dict[str, list[str]]) -> Path:
+    for k, (person, files) in enumerate(names.items()):
+        for j, name in enumerate(files):
+            _png(root / person / name, 20 * k + j)
+    return root
+
+
+def test_folder_side_file_ages(tmp_path, caplog):
+    root = _folder(tmp_path / "set", {"alice": ["a.png", "b.png"], "bob": ["c.png"]})
+    (root / "ages.csv").write_text("path,age\nalice/b.png,31.5\nbob/c.png,7\nalice/a.png,-\n")
+    with caplog.at_level("WARNING"):
+        data = ImageFolderDataset(root, ages="side_file")
+    assert "ages.csv" not in caplog.text  # the side file is not reported as a stray file
+    assert data.target_names == ("label", "age") and _same_ages(data.ages, [np.nan, 31.5, 7])
+    assert [bool(data[i][1]["age_mask"]) for i in range(3)] == [False, True, True]
+    plain = ImageFolderDataset(root)  # the default reads no ages, whatever lies in the root
+    assert plain.ages is None and plain.target_names == ("label",) and set(plain[0][1]) == {"label"}
+
+
+@pytest.mark.parametrize("text, line, reason", [
+    ("path,age\nalice/a.png,12\nalice/zz.png,3\n", 3, "is not an image of"),
+    ("path,age\nalice/a.png,12\nalice/a.png,13\n", 3, "listed twice"),
+    ("path,age\nalice/a.png,twelve\n", 2, "is not a number"),
+    ("path,age\nalice/a.png,-1\n", 2, "is negative"),
+    ("path,age\nalice/a.png,nan\n", 2, "not a finite number"),
+    ("path,age\nalice/a.png,12,3\n", 2, "expected 'relative/path,age'"),
+    ("file,years\nalice/a.png,12\n", 1, "header 'path,age'"),
+])
+def test_folder_bad_side_file(tmp_path, text, line, reason):
+    root = _folder(tmp_path / "set", {"alice": ["a.png"]})
+    (root / "ages.csv").write_text(text)
+    with pytest.raises(AgeFileError, match=reason) as info:
+        ImageFolderDataset(root, ages="side_file")
+    assert str(info.value).startswith(f"{root / 'ages.csv'}:{line}: ") and "\n" not in str(info.value)
+
+
+def test_folder_side_file_missing_or_unknown_source(tmp_path):
+    root = _folder(tmp_path / "set", {"alice": ["a.png"]})
+    with pytest.raises(FileNotFoundError, match="ages.csv"):
+        ImageFolderDataset(root, ages="side_file")
+    with pytest.raises(ValueError, match="unknown age source"):
+        ImageFolderDataset(root, ages="exif")
+
+
+def test_folder_fgnet_names_synthetic(tmp_path):
+    root = _folder(tmp_path / "set", {"001": ["001A02.JPG", "001A10b.jpg"], "002": ["002A43.jpeg", "portrait.png"]})
+    data = ImageFolderDataset(root, ages="fgnet_names")
+    assert _same_ages(data.ages, [2, 10, 43, np.nan])
+
+
+def test_fgnet_names_on_real_files(tmp_path):
+    source = require_data("data/fgnet/images")
+    picks = sorted(source.iterdir())[:: 250][:4]
+    root = tmp_path / "fgnet"
+    for path in picks:  # links: the folder layout wants one sub-folder per subject
+        (root / path.name[:3]).mkdir(parents=True, exist_ok=True)
+        (root / path.name[:3] / path.name).symlink_to(path)
+    data = ImageFolderDataset(root, ages="fgnet_names", image_size=(16, 16))
+    expected = [int(p.name[4:6]) for p in sorted(picks, key=lambda p: (p.name[:3], p.name))]
+    assert data.ages.tolist() == expected and all(data[i][1]["age_mask"] for i in range(len(data)))
+    assert data.target_names == ("label", "age") and data.num_classes == len({p.name[:3] for p in picks})

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from facesphere.data.ages import AGE, age_targets, check_ages
+from facesphere.data.ages import AGE, AGE_FILE, age_targets, check_ages, declared_ages, folder_ages
 from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, to_tensor
 from facesphere.data.transforms import SharedEpoch, as_transform, augment_rng, resize_to
 
@@ -241,6 +241,8 @@ class ImageFolderDataset(ImageFilesDataset):
     class are sorted by name and filtered by extension (case-insensitive). Hidden entries, files directly
     under the root, other files and nested folders are left out and listed in ``skipped`` (one warning line
     sums them up), folders without images are skipped with a warning, and a root without any image is an error.
+    ``ages`` says where the images' ages come from (``facesphere.data.ages.FOLDER_AGE_SOURCES``): ``none``,
+    ``side_file`` (``root/ages.csv``, an error when absent) or ``fgnet_names`` (``SSSAyy[x].JPG`` names).
     """
 
     def __init__(
@@ -252,6 +254,7 @@ class ImageFolderDataset(ImageFilesDataset):
         extensions: Iterable[str] = IMAGE_EXTENSIONS,
         strict: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        ages: str = "none",
     ) -> None:
         self.root = Path(root)
         if not self.root.exists():
@@ -263,7 +266,7 @@ class ImageFolderDataset(ImageFilesDataset):
         self.skipped: list[Skipped] = [Skipped(p, "hidden file" if p.is_file() else "hidden folder")
                                        for p in sorted(self.root.iterdir()) if _is_hidden(p)]
         self.skipped += [Skipped(p, "file directly under the root (not in a class folder)")
-                         for p in entries if not p.is_dir()]
+                         for p in entries if not p.is_dir() and not (ages == "side_file" and p.name == AGE_FILE)]
         classes: list[str] = []
         paths: list[Path] = []
         labels: list[int] = []
@@ -283,7 +286,9 @@ class ImageFolderDataset(ImageFilesDataset):
             raise ValueError(f"no images with extensions {', '.join(extensions)} in class sub-folders of {self.root}")
         self.classes = classes
         self.class_to_index = {name: i for i, name in enumerate(classes)}
-        super().__init__(paths, labels, len(classes), image_size, augment, seed, strict, max_pixels)
+        self.age_source = ages
+        found = declared_ages(folder_ages(self.root, paths, ages), str(self.root))
+        super().__init__(paths, labels, len(classes), image_size, augment, seed, strict, max_pixels, found)
         logger.info("%s: %d images in %d classes", self.root, len(paths), len(classes))
 
     def __repr__(self) -> str:
