@@ -19,6 +19,7 @@ from conftest import require_data
 
 from facesphere.data import ImageFolderDataset, ImageListDataset, ListFileError, parse_list_file, read_list_file
 from facesphere.data.ages import AgeFileError
+from facesphere.data.record_dataset import RecordDataset, describe_records, pack_folder
 from facesphere.data.ages import MAX_AGE, parse_age
 from facesphere.data.lists import AGE_HEADER, remap_list_file
 
@@ -194,3 +195,59 @@ def test_fgnet_names_on_real_files(tmp_path):
     expected = [int(p.name[4:6]) for p in sorted(picks, key=lambda p: (p.name[:3], p.name))]
     assert data.ages.tolist() == expected and all(data[i][1]["age_mask"] for i in range(len(data)))
     assert data.target_names == ("label", "age") and data.num_classes == len({p.name[:3] for p in picks})
+
+
+# ------------------------------------------------------------------------------------------------ RecordIO
+
+
+def test_pack_with_ages_round_trip(tmp_path):
+    root = _folder(tmp_path / "set", {"alice": ["a.png", "b.png"], "bob": ["c.png", "d.png"]})
+    (root / "ages.csv").write_text("path,age\nalice/a.png,0\nalice/b.png,69.5\nbob/d.png,21\n")
+    pack_folder(root, tmp_path / "pack", ages="side_file", progress=False)
+    packed = RecordDataset(tmp_path / "pack")
+    assert packed.target_names == ("label", "age") and _same_ages(packed.ages, [0, 69.5, np.nan, 21])
+    assert packed.labels.tolist() == [0, 0, 1, 1] and packed.layout.identity_ranges.tolist() == [[1, 3], [3, 5]]
+    header, _ = packed.read_image_bytes(2)
+    assert header.labels == (1.0, -1.0)  # unknown age: -1 in the record
+    assert [bool(packed[i][1]["age_mask"]) for i in range(4)] == [True, True, False, True]
+    assert describe_records(packed)["images_with_age"] == 3
+    pack_folder(root, tmp_path / "plain", progress=False)  # no age source: scalar labels, no age target
+    plain = RecordDataset(tmp_path / "plain")
+    assert plain.ages is None and plain.target_names == ("label",) and plain.read_image_bytes(0)[0].labels == (0.0,)
+
+
+@pytest.mark.parametrize("age, reason", [(float("nan"), "not finite"), (float("inf"), "not finite"), (200.0, "above 150")])
+def test_record_bad_age_names_record(tmp_path, age, reason):
+    from facesphere.data.recordio import IRHeader, RecordIOError, RecordIOWriter, pack
+
+    with RecordIOWriter(tmp_path / "train.rec", tmp_path / "train.idx") as writer:
+        writer.write(pack(IRHeader(0, (0.0, 30.0), 1, 0), _png_bytes()), key=1)  # no record 0: a plain pack
+        writer.write(pack(IRHeader(0, (0.0, age), 2, 0), _png_bytes()), key=2)
+    with pytest.raises(RecordIOError, match=reason) as info:
+        RecordDataset(tmp_path)
+    assert "record 2" in str(info.value)
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_cli_pack_ages_and_refusal(tmp_path):
+    from typer.testing import CliRunner
+
+    from facesphere.cli.main import app
+
+    root = tmp_path / "set" / "001"
+    root.mkdir(parents=True)
+    for name in ("001A05.JPG", "001A30.JPG"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / name, format="JPEG")
+    done = CliRunner().invoke(app, ["data", "pack", str(root.parent), str(tmp_path / "pack"), "--ages", "fgnet_names"])
+    assert done.exit_code == 0, done.output
+    assert RecordDataset(tmp_path / "pack").ages.tolist() == [5.0, 30.0]
+    refused = CliRunner().invoke(app, ["data", "pack", str(root.parent), str(tmp_path / "other"), "--ages", "exif"])
+    assert refused.exit_code == 2 and "unknown age source 'exif'" in refused.output
+    assert not (tmp_path / "other").exists()
