@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from conftest import require_data
 
-from facesphere.data import ImageFolderDataset, ImageListDataset, ListFileError, parse_list_file, read_list_file
+from facesphere.data import (ImageFolderDataset, ImageListDataset, ListFileError, parse_list_file, read_list_file,
+                             write_image_folder)
 from facesphere.data.ages import AgeFileError
 from facesphere.data.record_dataset import RecordDataset, describe_records, pack_folder
 from facesphere.data.ages import MAX_AGE, parse_age
@@ -251,3 +252,68 @@ def test_cli_pack_ages_and_refusal(tmp_path):
     refused = CliRunner().invoke(app, ["data", "pack", str(root.parent), str(tmp_path / "other"), "--ages", "exif"])
     assert refused.exit_code == 2 and "unknown age source 'exif'" in refused.output
     assert not (tmp_path / "other").exists()
+
+
+def test_cli_pack_bad_side_file_is_one_line_and_writes_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from facesphere.cli.main import app
+
+    root = _folder(tmp_path / "set", {"alice": ["a.png"]})
+    (root / "ages.csv").write_text("path,age\nalice/a.png,-4\n")
+    refused = CliRunner().invoke(app, ["data", "pack", str(root), str(tmp_path / "pack"), "--ages", "side_file"])
+    assert refused.exit_code == 2 and "ages.csv:2: age -4 is negative" in " ".join(refused.output.split())
+    assert "Traceback" not in refused.output and not (tmp_path / "pack").exists()
+
+
+# ------------------------------------------------------------------------------------------------ writers
+
+
+def test_write_image_folder_keeps_ages(tmp_path):
+    for i in range(4):
+        _png(tmp_path / "src" / f"{i}.png", 50 * i)
+    (tmp_path / "src" / "list.txt").write_text(AGE_HEADER + "\n0.png 1 4\n1.png 0 -\n2.png 1 88.25\n3.png 0 0\n")
+    source = ImageListDataset(tmp_path / "src" / "list.txt")
+    write_image_folder(source, tmp_path / "out")
+    back = ImageFolderDataset(tmp_path / "out", ages="side_file")
+    # the folder orders by label, then by sample number: source indices 1, 3 (label 0), then 0, 2 (label 1)
+    assert back.labels.tolist() == [0, 0, 1, 1] and _same_ages(back.ages, source.ages[[1, 3, 0, 2]])
+    for i, j in enumerate([1, 3, 0, 2]):
+        assert np.array_equal(back.load_uint8(i), source.load_uint8(j))
+    plain = tmp_path / "plain"
+    write_image_folder(ImageFolderDataset(tmp_path / "out"), plain)
+    assert not (plain / "ages.csv").exists()
+
+
+def test_cleaned_lists_and_review_keep_ages(tmp_path):
+    from facesphere.cleaning.lists import FLAGGED_COLUMNS, read_table, write_cleaned_lists
+    from facesphere.cleaning.noise import Status
+    from facesphere.cleaning.profile import NoiseProfile
+    from facesphere.cleaning.review import ReviewFolder
+
+    ages = np.array([30.0, np.nan, 2.5, 41.0, 7.0])
+    status = [Status.CLEAN, Status.CLEAN, Status.FLIP, Status.OUTLIER, Status.CLEAN]
+    sources = [f"/data/person {i}.png" for i in range(5)]  # spaces: the age column must keep them whole
+    profile = NoiseProfile(sources=sources, labels=[0, 0, 1, 1, 1], identity_names=["a", "b"], status=status,
+                           own_cosine=[0.9] * 5, other_cosine=[0.1] * 5, other_label=[1, 1, 0, 0, 0],
+                           duplicate_of=[-1] * 5, identity_size=[2, 3], identity_centres=[1, 1],
+                           identity_spread=[0.5, 0.5], threshold=0.3, far=1e-3, model="m", duplicate_cosine=0.95,
+                           ages=ages)
+    profile.save(tmp_path / "profile")
+    assert _same_ages(NoiseProfile.load(tmp_path / "profile").ages, ages)
+    out = tmp_path / "out"
+    write_cleaned_lists(profile, out)
+    entries, with_age = read_list_file(out / "kept.txt")
+    assert with_age and [e.path for e in entries] == [sources[0], sources[1], sources[4]]
+    assert _same_ages([e.age for e in entries], ages[[0, 1, 4]])
+    assert read_table(out / "flips.tsv", FLAGGED_COLUMNS)[0]["age"] == "2.5"
+    review = ReviewFolder(out)
+    review.decide(2, "confirm")  # a flip kept under the suggested identity, with its age
+    review.decide(3, "reject")
+    entries, _ = read_list_file(out / "kept.txt")
+    assert [(e.path, e.label) for e in entries][-2:] == [(sources[2], 0), (sources[3], 1)]
+    assert _same_ages([e.age for e in entries], ages[[0, 1, 4, 2, 3]])
+    assert read_table(out / "flips.tsv", FLAGGED_COLUMNS)[0]["decision"] == "confirmed"
+    without = NoiseProfile(**{**profile.__dict__, "ages": None})
+    write_cleaned_lists(without, tmp_path / "plain")
+    assert read_list_file(tmp_path / "plain" / "kept.txt")[1] is False
