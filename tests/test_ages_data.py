@@ -171,6 +171,26 @@ def test_folder_bad_side_file(tmp_path, text, line, reason):
     assert str(info.value).startswith(f"{root / 'ages.csv'}:{line}: ") and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("bad", ["empty", "not_utf8", "huge", "directory", "missing"])
+def test_folder_side_file_hostile_files(tmp_path, monkeypatch, bad):
+    from facesphere.data import ages as ages_module
+
+    root = _folder(tmp_path / "set", {"alice": ["a.png"]})
+    side = root / "ages.csv"
+    if bad == "empty":
+        side.write_bytes(b"")
+    elif bad == "not_utf8":
+        side.write_bytes(b"path,age\nalice/a.png,\xff\xfe\n")
+    elif bad == "huge":
+        side.write_text("path,age\nalice/a.png,12\n")
+        monkeypatch.setattr(ages_module, "_MAX_AGE_FILE_BYTES", 8)
+    elif bad == "directory":
+        side.mkdir()
+    with pytest.raises((AgeFileError, FileNotFoundError)) as info:
+        ImageFolderDataset(root, ages="side_file")
+    assert str(side) in str(info.value) and "\n" not in str(info.value)
+
+
 def test_folder_side_file_missing_or_unknown_source(tmp_path):
     root = _folder(tmp_path / "set", {"alice": ["a.png"]})
     with pytest.raises(FileNotFoundError, match="ages.csv"):
@@ -317,3 +337,28 @@ def test_cleaned_lists_and_review_keep_ages(tmp_path):
     without = NoiseProfile(**{**profile.__dict__, "ages": None})
     write_cleaned_lists(without, tmp_path / "plain")
     assert read_list_file(tmp_path / "plain" / "kept.txt")[1] is False
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_data_config_ages_choices_and_pass_through(tmp_path):
+    from typing import get_args
+
+    from pydantic import ValidationError
+
+    from facesphere.data.ages import FOLDER_AGE_SOURCES
+    from facesphere.train.config import DataConfig, ExperimentConfig
+    from facesphere.train.data_setup import build_dataset
+
+    assert get_args(DataConfig.model_fields["ages"].annotation) == FOLDER_AGE_SOURCES
+    root = _folder(tmp_path / "set", {"001": ["001A12.JPG", "001A40.JPG"]})
+    cfg = ExperimentConfig.model_validate({"data": {"kind": "folder", "root": str(root), "ages": "fgnet_names",
+                                                    "image_size": [8, 8]}})
+    data = build_dataset(cfg)
+    assert data.ages.tolist() == [12.0, 40.0] and data.target_names == ("label", "age")
+    assert build_dataset(cfg.model_copy(update={"data": cfg.data.model_copy(update={"ages": "none"})})).ages is None
+    with pytest.raises(ValidationError, match="is for data.kind 'folder'"):
+        DataConfig.model_validate({"kind": "list", "list_file": "l.txt", "ages": "side_file"})
+    with pytest.raises(ValidationError, match="ages"):
+        DataConfig.model_validate({"kind": "folder", "root": str(root), "ages": "exif"})

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -123,14 +122,6 @@ def read_list_file(list_file: str | os.PathLike) -> tuple[list[ListEntry], bool]
             raise ListFileError(list_file, number, f"label {label_text[:30]} is out of range (above {_MAX_LABEL})")
         entries.append(ListEntry(number, path, int(label_text), age))
     return entries, bool(with_age)
-
-
-def list_file_text(entries: Iterable[tuple[str, int, float]], with_age: bool, header: str = "") -> str:
-    """List-file text of ``(path, label, age)`` entries (``header``: comment lines to put first): with ``with_age``
-    the ``AGE_HEADER`` line and an age column (``-`` for NaN), else ``path label`` lines. Any text after the label
-    or age, e.g. `` # comment``, is given as part of the age/label by callers that need it (see ``remap_list_file``)."""
-    rows = (f"{path} {label} {format_age(age)}\n" if with_age else f"{path} {label}\n" for path, label, age in entries)
-    return header + (AGE_HEADER + "\n" if with_age else "") + "".join(rows)
 
 
 SPARSE_CLASSES = 1_000_000
