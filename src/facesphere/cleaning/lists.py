@@ -4,10 +4,10 @@
 
 - ``kept.txt``: the images to train on, ``<path> <label>`` per line (the format of ``facesphere.data.lists``, so
   ``ImageListDataset`` trains on it directly); for a set with ages, ``<path> <label> <age>`` under the age column's
-  header (``-``: no age), and the flagged tables end with an ``age`` column. Paths are absolute. The clean images come first; below the
-  ``REVIEWED_MARKER`` comment line follow the flagged images a reviewer decided to keep (a rejected flag keeps the
-  image under its label, a confirmed flip keeps it under the suggested identity). Images of RecordIO packs are named
-  ``/abs/file.rec#key`` (the record's key in the pack), as profiling named them: such lines identify records, they
+  header (``-``: no age), and the flagged tables end with an ``age`` column. Paths are absolute. The clean images
+  come first; below the ``REVIEWED_MARKER`` comment line follow the flagged images a reviewer decided to keep (a
+  rejected flag keeps the image under its label, a confirmed flip keeps it under the suggested identity). Images of
+  RecordIO packs are named ``/abs/file.rec#key`` (the record's key in the pack), as profiling named them: such lines identify records, they
   are not paths a list-file reader can open.
 - ``flips.tsv``, ``outliers.tsv``, ``duplicates.tsv``: the flagged images, one per row under a header
   (``FLAGGED_COLUMNS``), with the suggested identity (the nearest other identity), both cosines, the image a
@@ -206,7 +206,7 @@ def write_cleaned_lists(profile, out_dir: str | os.PathLike, typical: int = 4) -
         atomic_write_text(out_dir / FLAGGED_FILES[kind], table_text(flagged_columns, rows))
     atomic_write_text(out_dir / UNREADABLE, table_text(UNREADABLE_COLUMNS, unreadable))
     atomic_write_text(out_dir / TYPICAL, table_text(TYPICAL_COLUMNS, typical_rows))
-    atomic_write_text(out_dir / KEPT, kept_text(clean, [], with_age=ages is not None))  # last: its presence marks a complete folder
+    atomic_write_text(out_dir / KEPT, kept_text(clean, [], ages is not None))  # last: its presence marks a complete folder
     counts = {KEPT: len(clean), **{FLAGGED_FILES[k]: len(v) for k, v in tables.items()},
               UNREADABLE: len(unreadable)}
     logger.info("%s: kept %d images; flagged %s", out_dir, len(clean),

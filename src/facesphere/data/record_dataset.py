@@ -4,9 +4,10 @@ Layout (MS1M, Glint360K, WebFace packs as arcface_torch reads them): record 0 is
 and label ``(a, b)``; keys ``1 .. a-1`` are images, keys ``a .. b-1`` identity records whose label
 ``(start, end)`` is the half-open key range of that identity's images (identity = key - a). Image
 records carry the identity as their label (a float, or the first of a label array) and their key as
-``id``; a label array ``[identity, age]`` also gives the image's age in years (age < 0: unknown), which packs
-of facesphere write for folders with ages (InsightFace's own packs have a scalar label: no ages). ``property`` holds ``num_classes,height,width``. A ``.rec`` whose record 0 has flag 0 has no
-header: every indexed record is an image labelled by its own header.
+``id``; a label array ``[identity, age]`` also gives the image's age in years (age < 0: unknown), which
+facesphere writes for folders with ages (InsightFace's own packs have a scalar label: no ages). ``property``
+holds ``num_classes,height,width``. A ``.rec`` whose record 0 has flag 0 has no header: every indexed record
+is an image labelled by its own header.
 """
 
 from __future__ import annotations
