@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -21,7 +23,7 @@ from facesphere.data import (ImageFolderDataset, ImageListDataset, ListFileError
                              write_image_folder)
 from facesphere.data.ages import AgeFileError
 from facesphere.data.record_dataset import RecordDataset, describe_records, pack_folder
-from facesphere.data.ages import MAX_AGE, parse_age
+from facesphere.data.ages import MAX_AGE, format_age, parse_age
 from facesphere.data.lists import AGE_HEADER, remap_list_file
 
 
@@ -101,6 +103,31 @@ def test_list_bad_columns(tmp_path, text, line, reason):
     assert info.value.line == line
 
 
+_PATH = st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=12).map(
+    lambda t: "p" + t.replace("#", "") + ".png")
+_AGE = st.one_of(st.just(math.nan), st.floats(0, MAX_AGE, allow_nan=False), st.integers(0, 150).map(float))
+
+
+@given(st.lists(st.tuples(_PATH, st.integers(0, 2**40), _AGE), min_size=1, max_size=8), st.booleans())
+def test_any_list_with_ages_reads_back_exactly(tmp_path_factory, entries, dash):
+    """Written as the contract says (path with spaces kept, ``-`` or, for a path without spaces, nothing for an
+    unknown age), every entry reads back: path, label and age bit for bit, the mask where the age was given."""
+    lines = []
+    for path, label, age in entries:
+        if math.isnan(age) and (dash or len(path.split()) > 1):
+            lines.append(f"{path} {label} -\n")
+        elif math.isnan(age):
+            lines.append(f"{path} {label}\n")
+        else:
+            lines.append(f"{path} {label} {format_age(age)}\n")
+    list_file = tmp_path_factory.mktemp("lists") / "list.txt"
+    list_file.write_text(AGE_HEADER + "\n" + "".join(lines), encoding="utf-8")
+    read, with_age = read_list_file(list_file)
+    assert with_age
+    assert [(e.path, e.label) for e in read] == [(path, label) for path, label, _ in entries]
+    assert _same_ages([e.age for e in read], [a for *_, a in entries])
+
+
 def test_parse_age_accepts_plain_decimals_only():
     assert [parse_age(t) for t in ("0", "12", "+7", "3.25", ".5", "1e1", "150")] == [0, 12, 7, 3.25, 0.5, 10, MAX_AGE]
     assert parse_age("-0") == 0
@@ -171,9 +198,14 @@ def test_folder_bad_side_file(tmp_path, text, line, reason):
     assert str(info.value).startswith(f"{root / 'ages.csv'}:{line}: ") and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("bad", ["empty", "not_utf8", "huge", "directory", "missing"])
-def test_folder_side_file_hostile_files(tmp_path, monkeypatch, bad):
-    from facesphere.data import ages as ages_module
+@pytest.mark.parametrize("bad", ["empty", "not_utf8", "wrong_format", "huge", "directory", "missing"])
+def test_folder_side_file_hostile_files(tmp_path, bad):
+    """The bad-input classes of the CLI matrix, for the side file (not a CLI argument: ``--ages side_file`` reads it
+    from the folder): the library raises one typed error naming the file; ``data pack`` exits 2 with one line, writing
+    nothing."""
+    from typer.testing import CliRunner
+
+    from facesphere.cli.main import app
 
     root = _folder(tmp_path / "set", {"alice": ["a.png"]})
     side = root / "ages.csv"
@@ -181,14 +213,20 @@ def test_folder_side_file_hostile_files(tmp_path, monkeypatch, bad):
         side.write_bytes(b"")
     elif bad == "not_utf8":
         side.write_bytes(b"path,age\nalice/a.png,\xff\xfe\n")
+    elif bad == "wrong_format":
+        side.write_bytes((root / "alice" / "a.png").read_bytes())
     elif bad == "huge":
-        side.write_text("path,age\nalice/a.png,12\n")
-        monkeypatch.setattr(ages_module, "_MAX_AGE_FILE_BYTES", 8)
+        with open(side, "wb") as handle:
+            handle.truncate(5 * 2**30)  # sparse: refused by its size before any read
     elif bad == "directory":
         side.mkdir()
     with pytest.raises((AgeFileError, FileNotFoundError)) as info:
         ImageFolderDataset(root, ages="side_file")
     assert str(side) in str(info.value) and "\n" not in str(info.value)
+    refused = CliRunner().invoke(app, ["data", "pack", str(root), str(tmp_path / "pack"), "--ages", "side_file"])
+    lines = refused.output.strip().splitlines()
+    assert refused.exit_code == 2 and "Traceback" not in refused.output and "ages.csv" in lines[-1], refused.output
+    assert not (tmp_path / "pack").exists()
 
 
 def test_folder_side_file_missing_or_unknown_source(tmp_path):
