@@ -400,3 +400,24 @@ def test_data_config_ages_choices_and_pass_through(tmp_path):
         DataConfig.model_validate({"kind": "list", "list_file": "l.txt", "ages": "side_file"})
     with pytest.raises(ValidationError, match="ages"):
         DataConfig.model_validate({"kind": "folder", "root": str(root), "ages": "exif"})
+
+
+def test_a_plain_model_trains_on_a_list_with_ages(tmp_path):
+    """An age column on a run without an age objective is carried and ignored: the recognition loss trains as on a
+    list without ages (the batch holds age and age_mask; nothing reads them)."""
+    from facesphere.data import SyntheticFaces
+    from facesphere.train.config import load_config
+    from facesphere.train.trainer import Trainer, read_metrics
+
+    write_image_folder(SyntheticFaces(4, 2, image_size=(32, 32), seed=5), tmp_path / "faces")
+    files = sorted((tmp_path / "faces").rglob("*.png"))
+    (tmp_path / "list.txt").write_text(AGE_HEADER + "\n" + "".join(
+        f"{f.relative_to(tmp_path)} {k // 2} {'-' if k % 3 == 0 else 20 + k}\n" for k, f in enumerate(files)))
+    cfg = load_config(None, [
+        "data.kind=list", f"data.list_file={tmp_path / 'list.txt'}", "data.batch_size=4", "data.num_workers=0",
+        "model.backbone=sphereface4", "model.backbone_args={embedding_size: 16, input_size: [32, 32]}",
+        "train.steps=2", "train.log_every=1", "train.tensorboard=false", "train.progress=false", "eval.enabled=false",
+        f"output_dir={tmp_path / 'runs'}", "name=aged"])
+    Trainer(cfg).fit()
+    rows = read_metrics(tmp_path / "runs" / "aged" / "metrics.csv")
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
