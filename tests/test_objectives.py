@@ -38,6 +38,20 @@ def test_masked_samples_contribute_nothing_to_loss_or_gradient():
     assert float(nothing.detach()) == 0.0
 
 
+def test_a_scalar_target_is_regressed_by_a_one_wide_readout():
+    """An age per sample (N,) against a readout of width 1 (N, 1): the loss is the masked mean |ŷ − age|."""
+    torch.manual_seed(0)
+    objective = Regression(CONTEXT, target="age", out_features=1, loss="l1")
+    embeddings = torch.randn(5, 4)
+    ages = torch.tensor([20.0, float("nan"), 35.0, 50.0, 8.0])
+    mask = ~ages.isnan()
+    loss = objective({"embedding": embeddings}, {"age": ages, "age_mask": mask})["r"]
+    prediction = objective.readout(embeddings)[:, 0]
+    torch.testing.assert_close(loss, (prediction[mask] - ages[mask]).abs().mean())
+    with pytest.raises(ValueError, match="does not match target"):
+        Regression(CONTEXT, target="age", out_features=2)({"embedding": embeddings}, {"age": ages, "age_mask": mask})
+
+
 def test_recognition_ignores_masked_labels_and_matches_cross_entropy():
     torch.manual_seed(0)
     objective = Recognition(CONTEXT, head="cosface", head_args={"scale": 8.0, "margin": 0.2})

@@ -44,6 +44,8 @@ class Regression(Objective):
         if self.readout is not None:
             prediction = self.readout(prediction)
         target = targets[self.target].to(prediction.dtype)
+        if target.ndim == 1 and prediction.shape == (target.shape[0], 1):  # a scalar target (age) read out as (N, 1)
+            prediction = prediction[:, 0]
         if prediction.shape != target.shape:
             raise ValueError(f"objective {self.key!r}: prediction {tuple(prediction.shape)} does not match target "
                              f"{self.target!r} {tuple(target.shape)}")
