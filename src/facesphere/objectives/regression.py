@@ -58,7 +58,7 @@ class Regression(Objective):
             present = mask.sum()
         else:
             present = torch.tensor(target.shape[0], device=target.device)
-        per_element = _LOSSES[self.loss](prediction, target, reduction="none").flatten(1)
+        per_element = _LOSSES[self.loss](prediction, target, reduction="none").reshape(target.shape[0], -1)
         total, world = global_count(present.to(per_element.dtype) * per_element.shape[1])
         return {self.key: per_element.sum() * world / total.clamp(min=1.0)}
 
