@@ -169,6 +169,7 @@ def test_cli_embed_and_detect_print_ages(folders, tmp_path):
             "--max-faces", "2"]
     answer = runner.invoke(app, ["embed", *base, "--model", str(folders["aged"])])
     assert answer.exit_code == 0, answer.output
+    assert json.loads(answer.stdout)["age_source"] == "norm"
     faces = json.loads(answer.stdout)["images"][0]["faces"]
     assert [f["age_source"] for f in faces] == ["norm", "norm"] and all(isinstance(f["age"], float) for f in faces)
     answer = runner.invoke(app, ["detect", *base, "--age-model", str(require_data(GENDERAGE))])

@@ -178,7 +178,7 @@ def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model"
         _summary(results)
         card = analyzer.embedder.card
         emit({"model": card.name, "embedding_size": card.embedding_size, "alignment": card.alignment, "flip": flip,
-              "images": [r.to_dict() for r in results] + skipped}, out)
+              "age_source": analyzer.age_source, "images": [r.to_dict() for r in results] + skipped}, out)
     _exit_unless_any_read(results)
 
 

@@ -214,7 +214,7 @@ class GenderAgeModel:
         return (f"{self.name}: 112x112 {ALIGNMENT} RGB crops (raw 0-255) -> age, gender\n"
                 f"  source:  {self.source}\n  licence: {self.licence}")
 
-    def forward(self, crops: np.ndarray) -> np.ndarray:
+    def raw_outputs(self, crops: np.ndarray) -> np.ndarray:
         """(N, 112, 112, 3) uint8 RGB crops -> ``fc1`` outputs (N, 202) float32, ``batch_size`` crops at a time."""
         crops = np.asarray(crops)
         if crops.ndim != 4 or crops.shape[1:] != (*INPUT_SIZE, 3) or crops.dtype != np.uint8:
@@ -229,7 +229,7 @@ class GenderAgeModel:
         return np.concatenate(out)
 
     def predict(self, crops: np.ndarray) -> GenderAge:
-        return GenderAge(*decode(self.forward(crops)))
+        return GenderAge(*decode(self.raw_outputs(crops)))
 
     def run(self, crops: np.ndarray, embeddings: np.ndarray | None = None) -> dict[str, np.ndarray]:
         found = self.predict(crops)
