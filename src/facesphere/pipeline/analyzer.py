@@ -3,13 +3,14 @@
 ``FaceAnalyzer.analyze(images)`` takes a batch of photos (arrays or paths) and returns, per image,
 every face with its box, score, 5 landmarks, aligned crop, unit-length embedding and the named
 extras its pipeline stages add (``facesphere.pipeline.stages``: 68 landmarks, pose, age, ...).
-Every face also gets ``age`` (years, or None when unknown) and ``age_source``: the name of the stage that
-estimated it (a dedicated estimator such as ``genderage_insightface`` wins), else ``"norm"`` when the
-embedding model's card has an ``age_branch`` (OE-CNN: age from the raw embedding's norm, same forward
-pass), else None; the JSON says ``null`` rather than guess.
 Detection runs once per batch, embedding once over all the batch's faces. The crop is cut on the template the embedding model's card names, at the card's input size, so a model never
 sees faces aligned for another model; a photo that cannot be read becomes an error entry of its own
 and the rest of the batch is still analysed.
+
+Every face also gets ``age`` (years, or None when unknown) and ``age_source``: the name of the stage that
+estimated it (a dedicated estimator such as ``genderage_insightface`` wins), else ``"norm"`` when the
+embedding model's card has an ``age_branch`` (OE-CNN, arXiv 1810.07599: age from the raw embedding's
+norm, read in the same forward pass), else None; the JSON says ``null`` rather than guess.
 """
 
 from __future__ import annotations

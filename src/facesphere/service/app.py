@@ -6,7 +6,8 @@ a key and sends it with every call. Bodies over ``max_request_bytes`` get 413; t
 errors get the status of :data:`ERROR_STATUS` (images over ``max_image_pixels`` 413, unreadable images
 400, photos without a face 422, unknown identities 404). Every error is JSON ``{"error": "..."}``. Faces
 carry the named extras of the analyser's stages (``facesphere.pipeline.stages``) next to box, score and
-landmarks, and every face its ``age`` and ``age_source`` (``null`` when the service has no age estimate). The OpenAPI spec is at ``/openapi.json``; its pages ``/docs`` (Swagger UI) and ``/redoc`` load their
+landmarks, and every face its ``age`` and ``age_source`` (``null`` when the service has no age estimate).
+The OpenAPI spec is at ``/openapi.json``; its pages ``/docs`` (Swagger UI) and ``/redoc`` load their
 scripts from the app itself (the assets bundled by fastapi-offline), so they work without internet. A gallery file
 SQLite cannot use answers 500 with a JSON error naming it.
 
