@@ -37,7 +37,7 @@ def folders(tmp_path_factory):
 
 
 def _by_hand(backbone, card, crops: np.ndarray, flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(unit embeddings, norms) with the backbone called directly: the two views' raw outputs summed / norms averaged."""
+    """(unit embeddings, norms) from the backbone called directly: the views' raw outputs summed, norms averaged."""
     x = card.normalise(torch.from_numpy(crops).permute(0, 3, 1, 2))
     with torch.no_grad():
         views = [backbone(x).double()] + ([backbone(torch.flip(x, dims=[-1])).double()] if flip else [])

@@ -52,7 +52,8 @@ from facesphere.detect.base import check_per_face
 PHASES = ("landmarks", "rectify", "attributes")
 """Stage phases in the order they run (after detection, after alignment, after embedding)."""
 
-RESERVED = frozenset({"box", "score", "landmarks", "embedding", "crop", "crop_shape", "matches", "source", "age_source"})
+RESERVED = frozenset({"box", "score", "landmarks", "embedding", "crop", "crop_shape", "matches", "source",
+                      "age_source"})
 
 
 @runtime_checkable
