@@ -211,8 +211,7 @@ def valid(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("valid")
     files = {"image": require_data(IMAGE), "scrfd": require_data(SCRFD), "retinaface": require_data(RETINAFACE),
-             "pfld": require_data(PFLD), "xiaoccer": require_data(XIAOCCER), "bin": require_data(SMALL_BIN),
-             "genderage": require_data(GENDERAGE), "y1": require_data(Y1)}
+             "pfld": require_data(PFLD), "xiaoccer": require_data(XIAOCCER), "bin": require_data(SMALL_BIN)}
     backbone, card = import_weights(require_data(Y1))
     files["model"] = save_model(root / "y1", backbone, card)
     with Gallery(root / "gallery.db", card) as gallery:
@@ -285,7 +284,7 @@ def make_bad(row: Row, valid: dict[str, Path], where: Path) -> Path:
         path.mkdir()
         return path
     if kind == "age_model" and bad in ("truncated", "no_symbol", "wrong_model", "huge_file"):
-        return _bad_age_model(bad, valid, path)
+        return _bad_age_model(bad, path)
     if bad == "empty":
         path.write_bytes(b"")
     elif bad == "huge_file":
@@ -330,10 +329,10 @@ def make_bad(row: Row, valid: dict[str, Path], where: Path) -> Path:
     return path
 
 
-def _bad_age_model(bad: str, valid: dict[str, Path], path: Path) -> Path:
+def _bad_age_model(bad: str, path: Path) -> Path:
     """A gender/age model folder whose params lost their end, that lacks its graph, that holds another network
     (the recognition model y1), or whose params file is 5 GB (sparse)."""
-    source = valid["y1"] if bad == "wrong_model" else valid["genderage"]
+    source = require_data(Y1 if bad == "wrong_model" else GENDERAGE)
     path.mkdir()
     for name in ("model-symbol.json", "model-0000.params"):
         if not (bad == "no_symbol" and name == "model-symbol.json"):
