@@ -11,7 +11,7 @@ the ``-symbol.json`` graph through :func:`facesphere.models.import_mxnet.read_in
 built from the graph itself, one PyTorch layer per MXNet operator, named after its node (Convolution,
 BatchNorm with the node's eps and fix_gamma — gamma taken as 1 where fixed, Activation relu, LeakyReLU
 prelu, global average Pooling, Flatten, FullyConnected). Sizes are checked before anything is decoded. The
-files are read in place each time (about 1 MB, a few milliseconds): no converted copy is written, so the
+files are read in place each time (about 1 MB, a fraction of a second): no converted copy is written, so the
 weights, whose terms are InsightFace's (non-commercial research), stay where the user keeps them; the
 licence is logged on every load and shown by :meth:`GenderAgeModel.describe`.
 
