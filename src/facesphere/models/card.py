@@ -325,6 +325,9 @@ class ModelCard(BaseModel):
             f"  licence:   {self.licence}",
         ]
         lines += [f"  published: {figure.describe()}" for figure in self.published]
+        if self.age_branch is not None:
+            lines.append(f"  age:       {self.age_branch.slope:.4g}·‖x‖ + {self.age_branch.intercept:.4g} years "
+                         f"(from the embedding norm, OE-CNN)")
         if self.notes:
             lines.append(f"  notes:     {self.notes}")
         return "\n".join(lines)
