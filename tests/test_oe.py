@@ -136,6 +136,16 @@ def test_sgd_tracks_a_changed_norm_age_line_where_raw_k_and_b_diverge():
     assert not abs(k.item()) < 1e6
 
 
+def test_under_bf16_autocast_the_age_loss_is_computed_in_float32():
+    objective = _age()
+    x = (torch.randn(5, 8) * 10).to(torch.bfloat16)
+    ages = torch.tensor([12.0, 30.0, 44.0, 51.0, 70.0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = objective({"embedding": x}, {"age": ages})["age"]
+    reference = _age()({"embedding": x.float()}, {"age": ages})["age"]
+    assert loss.dtype == torch.float32 and loss.item() == reference.item()
+
+
 def test_masked_only_batches_give_zero_loss_and_no_fit():
     objective = _age()
     x = torch.randn(4, 8, requires_grad=True)
