@@ -9,7 +9,9 @@ The objective therefore learns f in standardised coordinates, f(n) = c + a·(n �
 the norm's mean and standard deviation over the first batch with ages (all ranks), stored as buffers,
 and a, c start at that batch's closed-form least-squares fit (a = cov(n, z)/σ, c = mean z). Both
 parameters then have curvature about 1 and start at the optimum for the initial backbone; the fit runs
-once (a ``fitted`` buffer in the checkpoint), so a resumed run continues bit for bit. k = a/σ and
+once (a ``fitted`` buffer in the checkpoint), so a resumed run continues bit for bit. SGD with momentum β
+stays stable on a while weight·lr·E[((n − μ)/σ)²] < 2(1 + β): at the shipped weight 0.01 and lr ≤ 0.1 the
+norms may drift up to ~60 first-batch standard deviations from μ (a random MobileFaceNet gives σ/μ ≈ 0.24). k = a/σ and
 b = c − a·μ/σ are what :meth:`AgeFromNorm.age_branch` reports, as the fields of the model card's
 ``facesphere.models.card.AgeBranch`` (plain values, since objectives and models are sibling layers: the trainer stores
 them in its checkpoints, and ``facesphere.models.runs`` puts them on the card of the trained backbone).
