@@ -79,6 +79,10 @@ class ModelConfig(Strict):
     head: str = "arcface"
     head_args: dict[str, Any] = Field(default_factory=dict)
     partial_fc: PartialFCSettings = Field(default_factory=PartialFCSettings)
+    init: Path | None = Field(None, description="fine-tune: start the backbone from this model folder, imported "
+                              "weights folder, run folder or checkpoint (read at step 0 only; a resume continues "
+                              "from its checkpoint). Its backbone, arguments, input and weights' shapes must "
+                              "match model.backbone and model.backbone_args")
 
     @model_validator(mode="after")
     def _known_components(self) -> "ModelConfig":
@@ -188,6 +192,12 @@ class DataConfig(Strict):
     root: Path | None = Field(None, description="folder: the image folder; record: the folder holding train.rec/.idx "
                               "(or the .rec itself); list: the base of relative paths")
     list_file: Path | None = None
+    ages: Literal["none", "side_file", "fgnet_names"] = Field(
+        "none", description="folder: where the images' ages (the 'age' target) come from: none; side_file = "
+        "'ages.csv' in the root (header 'path,age', then 'relative/path,age' lines; '-' or an unlisted image: no "
+        "age); fgnet_names = FG-NET's 'SSSAyy[x].JPG' names (subject SSS at age yy; other names: no age). Images "
+        "without an age are masked out of age losses. list and record sets carry their own ages (a "
+        "'# columns: path label age' header; an [identity, age] record label), so this stays 'none' for them")
     image_size: tuple[int, int] | None = None
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
@@ -209,6 +219,8 @@ class DataConfig(Strict):
             raise ValueError("data.kind 'record' needs data.root (the folder with train.rec, or the .rec file)")
         if self.kind == "list" and self.list_file is None:
             raise ValueError("data.kind 'list' needs data.list_file")
+        if self.ages != "none" and self.kind != "folder":
+            raise ValueError(f"data.ages {self.ages!r} is for data.kind 'folder'; a {self.kind!r} set carries its own ages")
         return self
 
 
