@@ -71,6 +71,7 @@ def test_torch_embedder_norms_are_the_backbones_and_one_pass(folders, crops, fli
     np.testing.assert_allclose(vectors, unit, atol=1e-5)
     np.testing.assert_allclose(vectors, embedder.embed(crops, flip=flip), atol=1e-6)  # the same embeddings as embed()
     np.testing.assert_allclose(BRANCH.predict(norms), 2.5 * expected - 7.0, rtol=1e-6)
+    np.testing.assert_array_equal(BRANCH.predict([0.0, 2.8, 4.0]), [0.0, 0.0, 3.0])  # clipped at 0, never negative
 
 
 @pytest.mark.slow  # the ONNX export of y1 takes ~25 s on two shared cores

@@ -22,6 +22,7 @@ import logging
 import math
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -175,8 +176,9 @@ class AgeBranch(BaseModel):
         return self
 
     def predict(self, norms):
-        """Ages in years from embedding norms (any array-like or tensor of norms)."""
-        return self.slope * norms + self.intercept
+        """Ages in years from embedding norms (array-like); a line can fall below 0 far from the norms it was
+        fitted on, so ages are clipped at 0."""
+        return np.maximum(self.slope * np.asarray(norms, dtype=np.float64) + self.intercept, 0.0)
 
 
 class ModelCard(BaseModel):
