@@ -280,6 +280,7 @@ def report(runs: list[dict], keys: list[str], args, train_set: SyntheticFaces, t
     test_ages = np.array([test_set.age(i) for i in range(len(test_set))])
     constant_mae = float(np.mean(np.abs(test_ages - train_ages.mean())))
     bins = [f"{GAP_BINS[b]:.0f}-{GAP_BINS[b + 1] - 1:.0f}" for b in range(len(GAP_BINS) - 1)]
+    train_seconds = sum(r["train_seconds"] for r in runs)
     rows = []
     for key in keys:
         group = [r for r in runs if r["key"] == key]
@@ -291,10 +292,10 @@ def report(runs: list[dict], keys: list[str], args, train_set: SyntheticFaces, t
         column = lambda name: [g[name] for g in group]  # noqa: E731
         rows.append([key, head, lam, *(_cell(v, 100) for v in per_bin("rank1_by_gap")),
                      *(_cell(v, 100) for v in per_bin("verification_by_gap")), _cell(column("mae_branch")),
-                     _cell(column("mae_least_squares")), _cell(column("pearson_norm_age"), digits=2, sign="+"),
+                     _cell(column("mae_least_squares")), _cell(np.abs(column("pearson_norm_age")).tolist(), digits=2),
                      _cell(column("pearson_centre_cos_age"), digits=2, sign="+")])
     headers = ["run", "head", "λ", *(f"rank-1 gap {b}" for b in bins), *(f"verif. gap {b}" for b in bins),
-               "age MAE (branch)", "age MAE (LS on train norms)", "r(‖x‖, age)", "r(cos to centre, age)"]
+               "age MAE (branch)", "age MAE (LS on train norms)", "|r(‖x‖, age)|", "r(cos to centre, age)"]
     markdown = (
         f"# OE-CNN on synthetic aged identities\n\n"
         f"SphereFace-4 at {args.size}x{args.size}, {args.identities} training identities x {args.samples} images "
@@ -304,13 +305,17 @@ def report(runs: list[dict], keys: list[str], args, train_set: SyntheticFaces, t
         f"{args.test_samples} images. Rank-1: gallery = each identity's youngest image, probes binned by their "
         f"age gap to it (years). Verification: 10-fold accuracy, same-identity pairs vs as many different-identity "
         f"pairs in the same gap bin. Age MAE in years; always answering the training mean age gives "
-        f"{constant_mae:.1f}. Study wall time {seconds / 60:.1f} min (load {load_before[0]:.1f} before).\n\n"
+        f"{constant_mae:.1f}. Training took {train_seconds / 60:.1f} min over the "
+        f"{len(runs)} runs; this invocation {seconds / 60:.1f} min (runs it found cached in its work folder are reused; "
+        f"load {load_before[0]:.1f} before).\n\n"
         "Reading of OE-CNN (arXiv 1810.07599, Sec. 3): the ``oe`` head is A-Softmax's ψ(θ) margin on the direction at "
         "a fixed scale s (m = 4, s = 32), plus λ·L_age with L_age = 1/(2M) Σ (k‖x‖ + b − z)² (``age_from_norm``, "
         "λ = 0.01 as in the shipped recipe); SphereFace's λ annealing reaches its floor of 5 at half the run. "
         "Alternatives run: no age term, λ = 0.001 / 0.1 / 1, m = 2, s = 64, and the age term beside ArcFace "
         "(s = 16, m = 0.3) instead of ψ. Plain heads have no age branch; their ages come from k, b fitted by least "
-        "squares on the training images' norms (column 'LS on train norms', given for every run).\n\n"
+        "squares on the training images' norms (column 'LS on train norms', given for every run). |r(‖x‖, age)| is "
+        "the size of Pearson's r: its sign is free (k takes it) and differs between seeds of one condition; the signed "
+        "values are in the JSON.\n\n"
         + markdown_table(headers, rows) + "\n"
     )
     payload = {"settings": {k: v for k, v in vars(args).items() if k != "work"}, "gap_bins": list(GAP_BINS),
