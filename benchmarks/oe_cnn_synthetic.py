@@ -320,7 +320,7 @@ def report(runs: list[dict], keys: list[str], args, train_set: SyntheticFaces, t
     )
     payload = {"settings": {k: v for k, v in vars(args).items() if k != "work"}, "gap_bins": list(GAP_BINS),
                "constant_mae": constant_mae, "load_before": load_before, "load_after": os.getloadavg(),
-               "wall_seconds": seconds, "runs": runs}
+               "wall_seconds": seconds, "train_seconds_total": train_seconds, "runs": runs}
     write_results(args.name, payload, markdown)
 
 
