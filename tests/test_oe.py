@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from test_heads import ref_cos, ref_lambda, ref_psi
 
-from facesphere.data import SyntheticFaces
 from facesphere.heads import HEADS, build_head
 from facesphere.models.card import AgeBranch
 from facesphere.models.export import export_model
@@ -18,7 +17,6 @@ from facesphere.models.store import load_model
 from facesphere.objectives import OBJECTIVES, ObjectiveContext, build_objective
 from facesphere.objectives.age import AgeFromNorm
 from facesphere.train.config import load_config
-from facesphere.train.data_setup import DATA_KINDS
 from facesphere.train.trainer import InitError, Trainer, build_optimizer, read_metrics
 
 # ----------------------------------------------------------------------------------------------- the head
@@ -76,7 +74,7 @@ def _age(key="age") -> AgeFromNorm:
 
 
 def test_age_loss_is_half_the_mean_squared_error_over_the_samples_with_ages():
-    objective = _age()
+    objective = _age().double()
     x = torch.randn(6, 8, dtype=torch.float64)
     ages = torch.tensor([10.0, float("nan"), 30.0, 41.0, float("nan"), 7.0], dtype=torch.float64)
     mask = ~ages.isnan()
@@ -104,8 +102,24 @@ def test_the_first_batch_fit_is_the_least_squares_line_and_runs_once():
     branch = objective.age_branch()
     assert (branch["slope"], branch["intercept"]) == (pytest.approx(2.5, rel=1e-6), pytest.approx(-12.0, abs=1e-4))
     assert loss.item() == pytest.approx(0.0, abs=1e-8)
-    objective({"embedding": 2 * x}, {"age": ages})  # a later batch does not refit
-    assert objective.age_branch() == branch and bool(objective.fitted)
+    objective({"embedding": 2 * x}, {"age": 0 * ages})  # a later batch does not refit: f stays the line
+    later = objective.age_branch()
+    assert (later["slope"], later["intercept"]) == (pytest.approx(2.5, rel=1e-6), pytest.approx(-12.0, abs=1e-4))
+
+
+def test_following_the_norms_changes_coordinates_not_the_function():
+    objective = _age().double()
+    x = torch.randn(16, 8, dtype=torch.float64) * 3
+    objective({"embedding": x}, {"age": torch.linspace(5, 60, 16, dtype=torch.float64)})
+    probe = torch.tensor([0.5, 4.0, 9.0, 30.0], dtype=torch.float64)
+    before, mean = objective.predict(probe).detach(), objective.norm_mean.item()
+    objective({"embedding": 7 * x + 2}, {"age": torch.zeros(16, dtype=torch.float64)})
+    assert objective.norm_mean.item() != mean
+    torch.testing.assert_close(objective.predict(probe).detach(), before, rtol=1e-6, atol=1e-6)
+    objective.eval()
+    frozen = objective.norm_mean.item()
+    objective({"embedding": 50 * x}, {"age": torch.zeros(16, dtype=torch.float64)})
+    assert objective.norm_mean.item() == frozen  # evaluation does not move the statistics
 
 
 def test_sgd_tracks_a_changed_norm_age_line_where_raw_k_and_b_diverge():
@@ -136,6 +150,40 @@ def test_sgd_tracks_a_changed_norm_age_line_where_raw_k_and_b_diverge():
     assert not abs(k.item()) < 1e6
 
 
+@pytest.mark.parametrize("momentum, converges", [(0.1, True), (0.0, False)])
+def test_sgd_converges_while_the_norms_grow_tenfold(momentum, converges):
+    """A small backbone trained from scratch grows its norms ~1 → ~11: the fit on the first batch then leaves a
+    with curvature ~2500, and SGD (lr 0.1, momentum 0.9, weight 1) blows up unless μ, σ follow the norms."""
+    g = torch.Generator().manual_seed(1)
+    objective = build_objective("age_from_norm", ObjectiveContext("age", 8, 3), norm_momentum=momentum).double()
+    optimizer = build_optimizer(objective, load_config(None, ["optim.lr=0.1", "optim.momentum=0.9"]))
+    base = 1 + 0.2 * torch.randn(64, generator=g, dtype=torch.float64)
+    direction = F.normalize(torch.randn(64, 8, generator=g, dtype=torch.float64), dim=1)
+    for step in range(400):
+        scale = 1 + 10 * min(step, 150) / 150
+        ages = 30 * (base - 1) + 35  # the truth at the final scale: k = 30/11, b = 35 - 30
+        optimizer.zero_grad()
+        loss = objective({"embedding": (scale * base)[:, None] * direction}, {"age": ages})["age"]
+        if not torch.isfinite(loss) or loss.item() > 1e6:
+            break
+        loss.backward()
+        optimizer.step()
+    branch = objective.age_branch()
+    exact = math.isfinite(branch["slope"]) and branch["slope"] == pytest.approx(30 / 11, rel=1e-3) \
+        and branch["intercept"] == pytest.approx(5.0, abs=1e-2)
+    assert exact == converges, branch
+
+
+def test_under_bf16_autocast_the_age_loss_is_computed_in_float32():
+    objective = _age()
+    x = (torch.randn(5, 8) * 10).to(torch.bfloat16)
+    ages = torch.tensor([12.0, 30.0, 44.0, 51.0, 70.0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = objective({"embedding": x}, {"age": ages})["age"]
+    reference = _age()({"embedding": x.float()}, {"age": ages})["age"]
+    assert loss.dtype == torch.float32 and loss.item() == reference.item()
+
+
 def test_masked_only_batches_give_zero_loss_and_no_fit():
     objective = _age()
     x = torch.randn(4, 8, requires_grad=True)
@@ -149,32 +197,9 @@ def test_masked_only_batches_give_zero_loss_and_no_fit():
 
 # ----------------------------------------------------------------------------------------------- through the trainer
 
-@DATA_KINDS.register("test_aged_synthetic")
-def _aged(cfg, augment, image_size):
-    """Synthetic identities whose age is 18 + 3·label years, every third sample without an age (masked)."""
-    s = cfg.data.synthetic
-    faces = SyntheticFaces(s.num_identities, s.samples_per_identity, image_size=image_size, seed=s.seed,
-                           augment=augment)
-
-    class Aged(torch.utils.data.Dataset):
-        num_classes, labels, target_names = faces.num_classes, faces.labels, ("label", "age")
-
-        def __len__(self):
-            return len(faces)
-
-        def set_epoch(self, epoch):
-            faces.set_epoch(epoch)
-
-        def __getitem__(self, index):
-            image, targets = faces[index]
-            known = index % 3 != 0
-            return image, {**targets, "age": 18.0 + 3 * targets["label"] if known else float("nan"), "age_mask": known}
-
-    return Aged()
-
-
 TINY = ["model.backbone=sphereface4", "model.backbone_args={embedding_size: 16, input_size: [32, 32]}",
-        "model.head=oe", "model.head_args={scale: 16.0}", "data.kind=test_aged_synthetic",
+        "model.head=oe", "model.head_args={scale: 16.0}", "data.kind=synthetic", "data.synthetic.targets=[age]",
+        "data.synthetic.target_share=0.7",
         "data.synthetic.num_identities=8", "data.synthetic.samples_per_identity=4", "data.batch_size=8",
         "data.num_workers=0", "optim.lr=0.01", "train.log_every=1", "train.tensorboard=false", "train.progress=false",
         "eval.enabled=false", "objectives=[{name: recognition}, {name: age_from_norm, label: age, weight: 0.01}]"]
@@ -192,16 +217,15 @@ def test_an_oe_run_logs_both_terms_and_exports_its_age_branch(tmp_path):
     _, card = load_model(tmp_path / "model")
     assert card.age_branch is not None and card.age_branch == exported.card.age_branch
     objective = trainer.model.objectives["age"]
-    norms = torch.tensor([5.0, 12.5, 31.0])
-    torch.testing.assert_close(torch.as_tensor(card.age_branch.predict(norms), dtype=torch.float32),
-                               objective.predict(norms).detach(), rtol=1e-5, atol=1e-4)
+    norms = objective.norm_mean + objective.norm_std * torch.tensor([-2.0, 0.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(card.age_branch.predict(norms), objective.predict(norms).detach(), rtol=1e-9, atol=1e-9)
     plain = load_config(None, TINY + [f"output_dir={tmp_path}", "name=plain", "train.steps=1", "objectives=[]"])
     Trainer(plain).fit()
     assert export_model(tmp_path / "plain", tmp_path / "plain_model").card.age_branch is None
 
 
 def test_an_age_objective_on_data_without_ages_is_refused_at_startup(tmp_path):
-    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=x", "data.kind=synthetic"])
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=x", "data.synthetic.targets=[]"])
     with pytest.raises(ValueError, match=r"objective 'age' needs targets \['age'\]"):
         Trainer(cfg)
 
@@ -222,7 +246,6 @@ def test_fine_tuning_starts_from_the_init_weights_and_resumes_bit_exactly(tmp_pa
                        "train.checkpoint_every=3"]
     tuned = Trainer(load_config(None, settings + ["name=straight"]))
     tuned.fit()
-    _, card = load_model(tmp_path / "pre_model")
     first = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000003.pt", weights_only=True)
     assert first["card"]["age_branch"]["kind"] == "norm_linear"
 

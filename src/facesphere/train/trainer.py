@@ -10,8 +10,10 @@ objectives train inside DDP with the backbone; a ``sharded`` objective (Partial 
 with its own optimiser and schedule, and each rank saves its share in shard files that a resume on
 any number of processes re-cuts. Data order and augmentation are pure functions of (seed, epoch,
 index), and the checkpoint stores every RNG state, so ``resume`` continues a killed run step for step.
-Checkpoints keep the backbone under ``model["backbone.*"]`` and the run config under ``config``; a resume
-must continue the same experiment (:mod:`facesphere.train.compat` says which settings may change).
+Checkpoints keep the backbone under ``model["backbone.*"]``, the run config under ``config`` and the
+objectives' model-card fields (an age branch) under ``card``; a resume must continue the same experiment
+(:mod:`facesphere.train.compat` says which settings may change). ``model.init`` fine-tunes: a stored model
+of the configured backbone is loaded into it before step 0 (:func:`init_backbone`), never on a resume.
 """
 
 from __future__ import annotations
@@ -287,7 +289,9 @@ class Trainer:
         self.config_history: list[dict[str, Any]] = []  # earlier configs of this run (see facesphere.train.compat)
 
     def _check_targets(self) -> None:
-        """Every objective's targets must be among the data set's ``target_names`` (when it declares them)."""
+        """Every objective's targets must be among the data set's ``target_names`` (when it declares them): a missing
+        one (an age objective on data without ages) is a one-line error before anything is written. Targets that no
+        objective reads (ages under a plain recognition run) are ignored, and the log says so once."""
         offered = getattr(self.train_set, "target_names", None)
         if offered is None:
             return
@@ -324,7 +328,7 @@ class Trainer:
     def card_fields(self) -> dict[str, Any]:
         """The objectives' model-card fields (e.g. ``age_branch``), saved with every checkpoint for export."""
         fields: dict[str, Any] = {}
-        for key, objective in self.model.objectives.items():
+        for objective in self.model.objectives.values():
             for name, value in objective.card_fields().items():
                 if name in fields:
                     raise ValueError(f"two objectives set the model card's {name!r}; keep one")
