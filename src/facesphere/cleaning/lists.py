@@ -3,10 +3,11 @@
 ``write_cleaned_lists`` writes, into one output folder and each file atomically:
 
 - ``kept.txt``: the images to train on, ``<path> <label>`` per line (the format of ``facesphere.data.lists``, so
-  ``ImageListDataset`` trains on it directly). Paths are absolute. The clean images come first; below the
-  ``REVIEWED_MARKER`` comment line follow the flagged images a reviewer decided to keep (a rejected flag keeps the
-  image under its label, a confirmed flip keeps it under the suggested identity). Images of RecordIO packs are named
-  ``/abs/file.rec#key`` (the record's key in the pack), as profiling named them: such lines identify records, they
+  ``ImageListDataset`` trains on it directly); for a set with ages, ``<path> <label> <age>`` under the age column's
+  header (``-``: no age), and the flagged tables end with an ``age`` column. Paths are absolute. The clean images
+  come first; below the ``REVIEWED_MARKER`` comment line follow the flagged images a reviewer decided to keep (a
+  rejected flag keeps the image under its label, a confirmed flip keeps it under the suggested identity). Images of
+  RecordIO packs are named ``/abs/file.rec#key`` (the record's key in the pack), as profiling named them: such lines identify records, they
   are not paths a list-file reader can open.
 - ``flips.tsv``, ``outliers.tsv``, ``duplicates.tsv``: the flagged images, one per row under a header
   (``FLAGGED_COLUMNS``), with the suggested identity (the nearest other identity), both cosines, the image a
@@ -31,13 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from facesphere.cleaning.noise import Status
+from facesphere.data.ages import AGE, format_age
+from facesphere.data.lists import AGE_HEADER
 from facesphere.utils.files import atomic_write_text, check_text_size
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CONFIRMED", "DECISIONS", "FLAGGED_COLUMNS", "FLAGGED_FILES", "KEPT", "PENDING", "REJECTED",
            "REVIEWED_MARKER", "TYPICAL", "TYPICAL_COLUMNS", "UNREADABLE", "UNREADABLE_COLUMNS", "kept_label",
-           "kept_text", "list_path", "read_table", "record_source", "table_text", "typical_images", "write_cleaned_lists"]
+           "kept_line", "kept_text", "list_path", "read_table", "record_source", "table_text", "typical_images", "write_cleaned_lists"]
 
 KEPT, UNREADABLE, TYPICAL = "kept.txt", "unreadable.tsv", "typical.tsv"
 FLAGGED_FILES = {"flip": "flips.tsv", "outlier": "outliers.tsv", "duplicate": "duplicates.tsv"}
@@ -105,12 +108,13 @@ def table_text(columns: Iterable[str], rows: Iterable[Mapping[str, object]]) -> 
 
 
 def read_table(path: str | os.PathLike, columns: Iterable[str]) -> list[dict[str, str]]:
-    """The rows of a list written by ``table_text``; a ValueError naming the file when its header differs."""
+    """The rows of a list written by ``table_text``; a ValueError naming the file when its header differs (an
+    ``age`` column after ``columns``, written for sets with ages, is read too)."""
     path = Path(path)
     text = check_text_size(path, MAX_TABLE_BYTES).read_bytes().decode("utf-8")  # bytes: a quoted '\r' stays one
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
     header = next(reader, None)
-    if header is None or tuple(header) != tuple(columns):
+    if header is None or tuple(header) not in (tuple(columns), (*columns, AGE)):
         raise ValueError(f"{path}: not a facesphere clean list (header {header!r}, expected {list(columns)!r})")
     rows = [dict(zip(header, fields)) for fields in reader]
     for number, row in enumerate(rows, start=2):
@@ -119,9 +123,16 @@ def read_table(path: str | os.PathLike, columns: Iterable[str]) -> list[dict[str
     return rows
 
 
-def kept_text(clean: Iterable[str], reviewed: Iterable[str]) -> str:
-    """``kept.txt``: the header, the clean lines, the review marker and the lines of images a reviewer kept."""
-    return KEPT_HEADER + "".join(clean) + REVIEWED_MARKER + "\n" + "".join(reviewed)
+def kept_line(path: str, label: int | str, age: str | None = None) -> str:
+    """One ``kept.txt`` line: ``path label``, then the age (as the tables hold it, ``-``: unknown) for sets with ages."""
+    return f"{path} {label}\n" if age is None else f"{path} {label} {age}\n"
+
+
+def kept_text(clean: Iterable[str], reviewed: Iterable[str], with_age: bool = False) -> str:
+    """``kept.txt``: the header (with the age column's when ``with_age``), the clean lines, the review marker and the
+    lines of images a reviewer kept."""
+    return (KEPT_HEADER + (AGE_HEADER + "\n" if with_age else "") + "".join(clean) + REVIEWED_MARKER + "\n"
+            + "".join(reviewed))
 
 
 def typical_images(profile, labels: Iterable[int], count: int) -> dict[int, list[int]]:
@@ -150,6 +161,8 @@ def write_cleaned_lists(profile, out_dir: str | os.PathLike, typical: int = 4) -
     other = np.asarray(profile.other_label, dtype=np.int64)
     duplicate_of = np.asarray(profile.duplicate_of, dtype=np.int64)
     reasons = {p["source"]: p["reason"] for p in profile.problems}
+    ages = None if profile.ages is None else [format_age(float(a)) for a in profile.ages]
+    flagged_columns = FLAGGED_COLUMNS if ages is None else (*FLAGGED_COLUMNS, AGE)
 
     def name(label: int) -> str:
         return names[label] if 0 <= label < len(names) else ""
@@ -165,7 +178,8 @@ def write_cleaned_lists(profile, out_dir: str | os.PathLike, typical: int = 4) -
         if paths[-1] is None:
             unreadable.append({"index": i, "path": source, "label": int(labels[i]), "identity": name(int(labels[i])),
                                "reason": reasons.get(source, "unreadable")})
-    clean = [f"{paths[i]} {labels[i]}\n" for i in np.flatnonzero(status == Status.CLEAN) if paths[i] is not None]
+    clean = [kept_line(paths[i], labels[i], None if ages is None else ages[i])
+             for i in np.flatnonzero(status == Status.CLEAN) if paths[i] is not None]
     tables = {}
     for kind, code in KIND_STATUS.items():
         rows = []
@@ -178,7 +192,8 @@ def write_cleaned_lists(profile, out_dir: str | os.PathLike, typical: int = 4) -
                          "suggested_label": suggested if suggested >= 0 else "", "suggested_identity": name(suggested),
                          "own_cosine": _cosine(profile.own_cosine[i]), "other_cosine": _cosine(profile.other_cosine[i]),
                          "duplicate_of": dup if dup >= 0 else "",
-                         "duplicate_path": (paths[dup] or profile.sources[dup]) if dup >= 0 else "", "decision": PENDING})
+                         "duplicate_path": (paths[dup] or profile.sources[dup]) if dup >= 0 else "", "decision": PENDING,
+                         **({AGE: ages[i]} if ages is not None else {})})
         tables[kind] = rows
     involved = {int(r[c]) for rows in tables.values() for r in rows for c in ("label", "suggested_label")
                 if r[c] != ""}
@@ -188,10 +203,10 @@ def write_cleaned_lists(profile, out_dir: str | os.PathLike, typical: int = 4) -
                     for rank, index in enumerate(indices) if paths[index] is not None]
     out_dir.mkdir(parents=True, exist_ok=True)
     for kind, rows in tables.items():
-        atomic_write_text(out_dir / FLAGGED_FILES[kind], table_text(FLAGGED_COLUMNS, rows))
+        atomic_write_text(out_dir / FLAGGED_FILES[kind], table_text(flagged_columns, rows))
     atomic_write_text(out_dir / UNREADABLE, table_text(UNREADABLE_COLUMNS, unreadable))
     atomic_write_text(out_dir / TYPICAL, table_text(TYPICAL_COLUMNS, typical_rows))
-    atomic_write_text(out_dir / KEPT, kept_text(clean, []))  # last: its presence marks a complete folder
+    atomic_write_text(out_dir / KEPT, kept_text(clean, [], ages is not None))  # last: its presence marks a complete folder
     counts = {KEPT: len(clean), **{FLAGGED_FILES[k]: len(v) for k, v in tables.items()},
               UNREADABLE: len(unreadable)}
     logger.info("%s: kept %d images; flagged %s", out_dir, len(clean),

@@ -52,7 +52,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,7 @@ class NoiseProfile:
     duplicate_cosine: float
     problems: list[dict] = field(default_factory=list)
     flip_cut: float | None = None  # the cosine a flip must reach to another identity (None: ``threshold``)
+    ages: np.ndarray | None = None  # float64 age per image (NaN: unknown) when the set has ages; the lists keep them
 
     def __post_init__(self) -> None:
         for name, dtype in {**_PER_IMAGE, **_PER_IDENTITY}.items():
@@ -131,6 +132,9 @@ class NoiseProfile:
         n, c = len(self.sources), len(self.identity_names)
         bad = [f"{name} {getattr(self, name).shape}" for name in _PER_IMAGE if getattr(self, name).shape != (n,)]
         bad += [f"{name} {getattr(self, name).shape}" for name in _PER_IDENTITY if getattr(self, name).shape != (c,)]
+        if self.ages is not None:
+            self.ages = np.asarray(self.ages, dtype=np.float64)
+            bad += [f"ages {self.ages.shape}"] if self.ages.shape != (n,) else []
         if bad:
             raise ValueError(f"a profile of {n} images and {c} identities cannot have {', '.join(bad)}")
         if n and (self.labels.min() < 0 or self.labels.max() >= c):
@@ -159,7 +163,8 @@ class NoiseProfile:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / ARRAYS_FILE) as tmp, open(tmp, "wb") as handle:
-            np.savez(handle, **{name: getattr(self, name) for name in (*_PER_IMAGE, *_PER_IDENTITY)})
+            np.savez(handle, **{name: getattr(self, name) for name in (*_PER_IMAGE, *_PER_IDENTITY)},
+                     **({"ages": self.ages} if self.ages is not None else {}))
         meta = {"format": PROFILE_FORMAT, "version": 1, "images": len(self), "identities": len(self.identity_names),
                 "arrays_sha256": file_sha256(folder / ARRAYS_FILE), "threshold": self.threshold, "far": self.far,
                 "model": self.model, "duplicate_cosine": self.duplicate_cosine, "flip_cut": self.flip_cut,
@@ -179,6 +184,7 @@ class NoiseProfile:
                 raise ValueError(f"{ARRAYS_FILE} does not match {META_FILE} (changed or damaged)")
             with np.load(folder / ARRAYS_FILE, allow_pickle=False) as arrays:
                 values = {name: arrays[name] for name in (*_PER_IMAGE, *_PER_IDENTITY)}
+                values["ages"] = arrays["ages"] if "ages" in arrays.files else None
             profile = cls(sources=meta["sources"], identity_names=meta["identity_names"], threshold=float(meta["threshold"]),
                           far=float(meta["far"]), model=str(meta["model"]),
                           duplicate_cosine=float(meta["duplicate_cosine"]), problems=list(meta["problems"]),
@@ -600,6 +606,7 @@ def profile_set(path: str | os.PathLike, model: str | os.PathLike, threshold, ou
                                  duplicate_cosine=duplicate_cosine, max_centres=max_centres, identity_names=names,
                                  sources=sources, valid=store.valid(), content_hashes=store.hashes(),
                                  problems=[*skipped, *store.problems], set_name=str(path), chunk_size=chunk_size)
+    profile = replace(profile, ages=dataset.ages)
     profile.save(out_dir)
     logger.info("profile of %s saved to %s", path, out_dir)
     return profile

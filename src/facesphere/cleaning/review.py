@@ -40,6 +40,7 @@ from facesphere.cleaning.lists import (
     TYPICAL,
     TYPICAL_COLUMNS,
     kept_label,
+    kept_line,
     read_table,
     record_source,
     table_text,
@@ -197,7 +198,7 @@ class ReviewFolder:
             if row["decision"] != decision:
                 row = {**row, "decision": decision}
                 rows[kind] = [*rows[kind][:position], row, *rows[kind][position + 1:]]
-                atomic_write_text(self.folder / FLAGGED_FILES[kind], table_text(FLAGGED_COLUMNS, rows[kind]))
+                atomic_write_text(self.folder / FLAGGED_FILES[kind], table_text(row.keys(), rows[kind]))  # + age column
                 logger.info("%s: image %s (%s, %s) %s", self.folder, index, kind, row["path"], decision)
             self._write_kept(rows)
         return ReviewItem.from_row(kind, row, self.typical)
@@ -214,9 +215,9 @@ class ReviewFolder:
         head, marker, _ = text.partition(REVIEWED_MARKER + "\n")
         if not marker:
             raise ValueError(f"{path}: the line {REVIEWED_MARKER!r} is missing; not written by facesphere clean")
-        decided = sorted((int(r["index"]), r["path"], label) for kind, table in rows.items() for r in table
-                         if (label := kept_label(kind, r)) is not None)
-        new = head + marker + "".join(f"{path_} {label}\n" for _, path_, label in decided)
+        decided = sorted((int(r["index"]), kept_line(r["path"], label, r.get("age"))) for kind, table in rows.items()
+                         for r in table if (label := kept_label(kind, r)) is not None)
+        new = head + marker + "".join(line for _, line in decided)
         if new == text:
             return False
         atomic_write_text(path, new)

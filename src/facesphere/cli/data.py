@@ -35,12 +35,15 @@ def pack(folder: Path = typer.Argument(..., help="image folder: one sub-folder p
                                                         "default: JPEG/PNG kept byte for byte, others stored as PNG"),
          quality: int = typer.Option(95, min=1, max=100, help="JPEG quality with --jpeg"),
          overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing train.rec/idx/property"),
-         verify: bool = typer.Option(True, "--verify/--no-verify", help="decode every image while packing")) -> None:
+         verify: bool = typer.Option(True, "--verify/--no-verify", help="decode every image while packing"),
+         ages: str = typer.Option("none", help="where the images' ages come from: none, side_file (ages.csv in "
+                                               "the folder) or fgnet_names (SSSAyy[x].JPG); stored in each record's "
+                                               "label as [identity, age]")) -> None:
     """Pack an image folder into an InsightFace RecordIO dataset (train.rec, train.idx, property)."""
     from facesphere.data.record_dataset import pack_folder
 
     with user_errors():
-        pack_folder(folder, out_dir, quality=quality, jpeg=jpeg, overwrite=overwrite, verify=verify)
+        pack_folder(folder, out_dir, quality=quality, jpeg=jpeg, overwrite=overwrite, verify=verify, ages=ages)
 
 
 @app.command("remap-list")
@@ -114,6 +117,7 @@ def _print_summary(info: dict) -> None:
             ("identities", (f"{info['identities']:,} ({info['identities_with_images']:,} with images, "
                             f"{info['identity_records']:,} identity records)")),
             ("images per identity", f"min {per['min']}, median {per['median']:g}, max {per['max']}"),
+            ("images with an age", f"{info['images_with_age']:,}"),
             ("image size", "x".join(map(str, info["image_size"])) + f" (stored: {info['stored_sizes']})"),
             ("formats", f"{info['formats']} of {info['formats_checked']} checked"),
             ("property", str(info["property"]) if info["property"] else "absent"),

@@ -2,7 +2,8 @@
 
 Every data set returns ``(image, targets)`` with ``image`` a float32 (3, H, W) RGB tensor normalised as
 (x - 127.5) / 128 and ``targets`` a dict of named targets, ``targets["label"]`` an int in
-[0, num_classes) (see :mod:`facesphere.data.targets` for optional targets and their masks); it
+[0, num_classes) (see :mod:`facesphere.data.targets` for optional targets and their masks, and
+:mod:`facesphere.data.ages` for the ``age`` target of files on disk); it
 exposes ``num_classes``, ``labels`` (numpy int64, one per index, without decoding), ``target_names``
 (the keys of ``targets`` besides masks), ``image_size`` (H, W) and ``set_epoch(epoch)``.
 Random augmentation is a pure function of (seed, epoch, index).
@@ -20,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from facesphere.data.folders import IMAGE_EXTENSIONS, EncodedImagesDataset, ImageFilesDataset, ImageFolderDataset
 from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, load_image_bytes, to_tensor, to_uint8
-from facesphere.data.lists import ImageListDataset, ListFileError, parse_list_file
+from facesphere.data.ages import AGE_FILE, FOLDER_AGE_SOURCES, AgeFileError, read_age_file, write_age_file
+from facesphere.data.lists import AGE_HEADER, ImageListDataset, ListEntry, ListFileError, parse_list_file, read_list_file
 from facesphere.data.record_dataset import PackResult, RecordDataset, describe_records, pack_folder, read_layout
 from facesphere.data.recordio import IRHeader, RecordIOError, RecordIOReader, RecordIOWriter
 from facesphere.data.sampler import GlobalBatchSampler
@@ -41,11 +43,15 @@ from facesphere.data.transforms import (
 )
 
 __all__ = [
+    "AGE_FILE",
+    "AGE_HEADER",
+    "AgeFileError",
     "AugmentConfig",
     "ColorJitter",
     "Compose",
     "DEFAULT_MAX_PIXELS",
     "EncodedImagesDataset",
+    "FOLDER_AGE_SOURCES",
     "FaceIdentity",
     "FaceVariation",
     "GlobalBatchSampler",
@@ -56,6 +62,7 @@ __all__ = [
     "ImageFilesDataset",
     "ImageFolderDataset",
     "ImageListDataset",
+    "ListEntry",
     "ListFileError",
     "MASK_SUFFIX",
     "PackResult",
@@ -76,12 +83,15 @@ __all__ = [
     "load_image_bytes",
     "pack_folder",
     "parse_list_file",
+    "read_age_file",
     "read_layout",
+    "read_list_file",
     "render_face",
     "resize_to",
     "set_loader_epoch",
     "to_tensor",
     "to_uint8",
+    "write_age_file",
     "write_image_folder",
 ]
 

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
+from facesphere.data.ages import AGE_FILE, write_age_file
 from facesphere.data.images import to_uint8
 from facesphere.utils.files import atomic_path
 
@@ -32,7 +33,9 @@ def write_image_folder(
     identity (4 digits). Each file is encoded in memory and written atomically (``atomic_path``), so an
     interrupted run never leaves a half-written image; with ``overwrite=False`` existing files are kept,
     which makes re-running resume. ``progress(done, total)`` is called after every image, and progress
-    is logged every ``log_every`` percent. Returns the number of files written.
+    is logged every ``log_every`` percent. A data set with ``ages`` (float, NaN: unknown) also gets
+    ``root/ages.csv``, the side file ``ImageFolderDataset(root, ages="side_file")`` reads them back from (written
+    last and atomically, each run anew). Returns the number of image files written.
     """
     ext = ext.lower().lstrip(".")
     if ext not in ("png", "jpg", "jpeg", "bmp", "webp"):
@@ -42,7 +45,9 @@ def write_image_folder(
     names = getattr(dataset, "identities", None) or list(range(int(labels.max()) + 1 if len(labels) else 0))
     width = max(5, len(str(max(names)))) if len(names) else 5
     total = len(labels)
+    ages = getattr(dataset, "ages", None)
     counts: dict[int, int] = {}
+    names_written: list[str] = []
     written = 0
     next_log = log_every
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if ext in ("jpg", "jpeg") else []
@@ -52,6 +57,7 @@ def write_image_folder(
         counts[label] = number + 1
         folder = root / f"{int(names[label]):0{width}d}"
         target = folder / f"{number:04d}.{ext}"
+        names_written.append(f"{folder.name}/{target.name}")
         if overwrite or not target.exists():
             if hasattr(dataset, "load_uint8"):
                 image = dataset.load_uint8(index)
@@ -69,4 +75,6 @@ def write_image_folder(
         if total and 100.0 * done / total >= next_log:
             logger.info("wrote %d/%d images (%.0f%%) to %s", done, total, 100.0 * done / total, root)
             next_log += log_every
+    if ages is not None:
+        write_age_file(root / AGE_FILE, names_written, ages)
     return written

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from facesphere.data.ages import AGE, AGE_FILE, age_targets, check_ages, declared_ages, folder_ages
 from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, to_tensor
 from facesphere.data.transforms import SharedEpoch, as_transform, augment_rng, resize_to
 
@@ -91,6 +92,10 @@ class EncodedImagesDataset(Dataset):
     to ``image_size`` (H, W), resized when it differs or rejected with an ``ImageError`` when ``strict``
     (``image_size=None``: the size of the first image), and augmentation is seeded by (seed, epoch, index)
     only, so it does not depend on workers or ranks.
+
+    ``ages`` (float, NaN where unknown; see :mod:`facesphere.data.ages`) makes the set offer the ``age`` target:
+    ``target_names`` gains ``"age"``, every sample's targets ``"age"`` and ``"age_mask"``, and ``ages`` holds
+    them as float64 (N,). Without (``ages=None``) the set offers the label only and ``ages`` is None.
     """
 
     def __init__(
@@ -102,10 +107,14 @@ class EncodedImagesDataset(Dataset):
         seed: int = 0,
         strict: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        ages: Sequence[float] | np.ndarray | None = None,
     ) -> None:
         self.labels = np.asarray(labels, dtype=np.int64)
         if not len(self.labels):
             raise ValueError("no images")
+        self.ages = None if ages is None else check_ages(ages, len(self.labels))
+        if self.ages is not None:
+            self.target_names = ("label", AGE)
         self.num_classes = int(num_classes)
         if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{self.labels.min()}, {self.labels.max()}]")
@@ -161,9 +170,12 @@ class EncodedImagesDataset(Dataset):
 
     target_names = ("label",)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, int]]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         image = self.load_uint8(index)
-        return to_tensor(image), {"label": int(self.labels[index])}
+        targets: dict[str, Any] = {"label": int(self.labels[index])}
+        if self.ages is not None:
+            targets.update(age_targets(self.ages, index))
+        return to_tensor(image), targets
 
     def verify(self) -> list[ImageError]:
         """Decode every image once and return the errors (empty when all images are readable)."""
@@ -194,13 +206,14 @@ class ImageFilesDataset(EncodedImagesDataset):
         seed: int = 0,
         strict: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        ages: Sequence[float] | np.ndarray | None = None,
     ) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         if not paths:
             raise ValueError("no images")
         self.paths = [Path(p) for p in paths]
-        super().__init__(labels, num_classes, image_size, augment, seed, strict, max_pixels)
+        super().__init__(labels, num_classes, image_size, augment, seed, strict, max_pixels, ages)
 
     @property
     def samples(self) -> list[tuple[Path, int]]:
@@ -228,6 +241,8 @@ class ImageFolderDataset(ImageFilesDataset):
     class are sorted by name and filtered by extension (case-insensitive). Hidden entries, files directly
     under the root, other files and nested folders are left out and listed in ``skipped`` (one warning line
     sums them up), folders without images are skipped with a warning, and a root without any image is an error.
+    ``ages`` says where the images' ages come from (``facesphere.data.ages.FOLDER_AGE_SOURCES``): ``none``,
+    ``side_file`` (``root/ages.csv``, an error when absent) or ``fgnet_names`` (``SSSAyy[x].JPG`` names).
     """
 
     def __init__(
@@ -239,6 +254,7 @@ class ImageFolderDataset(ImageFilesDataset):
         extensions: Iterable[str] = IMAGE_EXTENSIONS,
         strict: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        ages: str = "none",
     ) -> None:
         self.root = Path(root)
         if not self.root.exists():
@@ -250,7 +266,7 @@ class ImageFolderDataset(ImageFilesDataset):
         self.skipped: list[Skipped] = [Skipped(p, "hidden file" if p.is_file() else "hidden folder")
                                        for p in sorted(self.root.iterdir()) if _is_hidden(p)]
         self.skipped += [Skipped(p, "file directly under the root (not in a class folder)")
-                         for p in entries if not p.is_dir()]
+                         for p in entries if not p.is_dir() and not (ages == "side_file" and p.name == AGE_FILE)]
         classes: list[str] = []
         paths: list[Path] = []
         labels: list[int] = []
@@ -270,7 +286,9 @@ class ImageFolderDataset(ImageFilesDataset):
             raise ValueError(f"no images with extensions {', '.join(extensions)} in class sub-folders of {self.root}")
         self.classes = classes
         self.class_to_index = {name: i for i, name in enumerate(classes)}
-        super().__init__(paths, labels, len(classes), image_size, augment, seed, strict, max_pixels)
+        self.age_source = ages
+        found = declared_ages(folder_ages(self.root, paths, ages), str(self.root))
+        super().__init__(paths, labels, len(classes), image_size, augment, seed, strict, max_pixels, found)
         logger.info("%s: %d images in %d classes", self.root, len(paths), len(classes))
 
     def __repr__(self) -> str:

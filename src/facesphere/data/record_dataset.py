@@ -4,8 +4,10 @@ Layout (MS1M, Glint360K, WebFace packs as arcface_torch reads them): record 0 is
 and label ``(a, b)``; keys ``1 .. a-1`` are images, keys ``a .. b-1`` identity records whose label
 ``(start, end)`` is the half-open key range of that identity's images (identity = key - a). Image
 records carry the identity as their label (a float, or the first of a label array) and their key as
-``id``. ``property`` holds ``num_classes,height,width``. A ``.rec`` whose record 0 has flag 0 has no
-header: every indexed record is an image labelled by its own header.
+``id``; a label array ``[identity, age]`` also gives the image's age in years (age < 0: unknown), which
+facesphere writes for folders with ages (InsightFace's own packs have a scalar label: no ages). ``property``
+holds ``num_classes,height,width``. A ``.rec`` whose record 0 has flag 0 has no header: every indexed record
+is an image labelled by its own header.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from facesphere.data.ages import MAX_AGE, declared_ages
 from facesphere.data.folders import (
     IMAGE_EXTENSIONS,
     EncodedImagesDataset,
@@ -82,6 +85,7 @@ class RecordLayout:
     labels: np.ndarray  # int64 identity per image
     header: tuple[int, int] | None  # (a, b) of the InsightFace header record, None without one
     identity_ranges: np.ndarray | None  # (num_identities, 2) int64 [start, end) key ranges, None without
+    ages: np.ndarray | None = None  # float64 age per image (NaN: unknown) when image labels are [identity, age]
 
     @property
     def num_identities(self) -> int:
@@ -101,14 +105,15 @@ def read_layout(reader: RecordIOReader) -> RecordLayout:
     """The image keys and labels of a ``.rec`` in the InsightFace layout, or of a plain image ``.rec``.
 
     Labels come from the identity records when they cover every image exactly once (one small read per
-    identity); otherwise, and for a ``.rec`` without the header record, from every image header.
+    identity); otherwise, and for a ``.rec`` without the header record, from every image header. Ages are read
+    from every image header when the first image's label is an array (``[identity, age]``), else there are none.
     """
     if not len(reader):
         raise RecordIOError(reader.path, "no records")
     keys = reader.keys
     header0 = reader.read_label_header(0) if 0 in reader else None
     if header0 is None or header0.flag == 0:
-        return RecordLayout(keys.copy(), _image_labels(reader, keys), None, None)
+        return RecordLayout(keys.copy(), _image_labels(reader, keys), None, None, _image_ages(reader, keys))
     if len(header0.labels) < 2:
         raise RecordIOError(reader.path, f"header record 0 has flag {header0.flag} but no (a, b) label", reader.offset(0))
     a, b = (_label(header0, reader.path, 0, reader.offset(0), i, "key") for i in (0, 1))
@@ -140,7 +145,7 @@ def read_layout(reader: RecordIOReader) -> RecordLayout:
             logger.warning("%s: identity records do not cover the images exactly once; reading every image header", reader.path)
         labels = _image_labels(reader, image_keys)
         identity_ranges = identity_ranges if consistent else None
-    return RecordLayout(image_keys, labels, (a, b), identity_ranges)
+    return RecordLayout(image_keys, labels, (a, b), identity_ranges, _image_ages(reader, image_keys))
 
 
 def _image_labels(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray:
@@ -153,10 +158,31 @@ def _image_labels(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray:
     return labels
 
 
+def _image_ages(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray | None:
+    """The second label of every image header as an age (< 0: unknown, NaN), or None when the first image has a
+    scalar label; a RecordIOError naming the record for an age that is not finite or above ``MAX_AGE``."""
+    try:
+        if not len(keys) or len(reader.read_label_header(int(keys[0])).labels) < 2:
+            return None
+    except RecordIOError:  # a damaged first record is refused when it is read, as in a pack without ages
+        return None
+    ages = np.full(len(keys), np.nan)
+    for i, key in enumerate(keys.tolist()):
+        labels = reader.read_label_header(key).labels
+        age = labels[1] if len(labels) > 1 else -1.0
+        if not (age < 0 or 0 <= age <= MAX_AGE):
+            raise RecordIOError(reader.path, f"record {key}: age {age} is not finite or above {MAX_AGE:g} years",
+                                reader.offset(key))
+        if age >= 0:
+            ages[i] = age
+    return ages
+
+
 class RecordDataset(EncodedImagesDataset):
     """Images of an InsightFace RecordIO pack (a folder with ``train.rec``, or a ``.rec`` path), decoded on access.
 
-    Same contract as ``ImageFolderDataset``: ``(image, label)`` samples, ``labels`` without decoding,
+    Same contract as ``ImageFolderDataset``: ``(image, targets)`` samples (with ``age`` when the records carry
+    ages, see ``read_layout``), ``labels`` without decoding,
     ``num_classes`` (from ``property`` when present, else the identity records or largest label + 1),
     ``image_size`` (given, else ``property``, else the first image), augmentation seeded by
     (seed, epoch, index). The reader opens the file lazily per process, so DataLoader workers work.
@@ -191,7 +217,8 @@ class RecordDataset(EncodedImagesDataset):
                       else f"{self.rec_path}#{int(self.keys[np.argmax(layout.labels)])}: label {labels_classes - 1}")
             raise RecordIOError(source, f"the classifier would have {num_classes:,} classes but only {distinct:,} "
                                         "identities have images; repack with labels numbered 0..N-1")
-        super().__init__(layout.labels, num_classes, image_size, augment, seed, strict, max_pixels)
+        ages = declared_ages(layout.ages, str(self.rec_path))
+        super().__init__(layout.labels, num_classes, image_size, augment, seed, strict, max_pixels, ages)
         logger.info("%s: %d images in %d classes", self.rec_path, len(self), self.num_classes)
 
     def read_image_bytes(self, index: int) -> tuple[IRHeader, bytes]:
@@ -256,6 +283,7 @@ def pack_folder(
     verify: bool = True,
     progress: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ages: str = "none",
 ) -> PackResult:
     """Pack a one-folder-per-identity image folder into ``out_dir/train.rec``, ``train.idx`` and ``property``.
 
@@ -265,14 +293,16 @@ def pack_folder(
     ``jpeg=True`` re-encodes every non-JPEG at ``quality`` instead (smaller, lossy). With ``verify`` each
     image is decoded once, so a corrupt file fails the pack, not the training run; without it (faster) only each
     header is read, so a decompression bomb or an unreadable header still fails the pack. All three files are
-    written to temporary names and renamed at the end: an interrupted pack leaves nothing behind.
+    written to temporary names and renamed at the end: an interrupted pack leaves nothing behind. ``ages`` (as
+    ``ImageFolderDataset`` takes it) stores each image's label as ``[identity, age]`` (-1: unknown) when the
+    folder has ages; ages are float32 in the record, like every label.
     """
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")
     out_dir = Path(out_dir)
     if not overwrite and any((out_dir / name).exists() for name in (REC_NAME, IDX_NAME, PROPERTY_NAME)):
         raise FileExistsError(f"{out_dir} already holds a record dataset; pass overwrite=True (--overwrite) to replace it")
-    folder = ImageFolderDataset(image_folder, image_size=(1, 1), extensions=extensions, max_pixels=max_pixels)
+    folder = ImageFolderDataset(image_folder, image_size=(1, 1), extensions=extensions, max_pixels=max_pixels, ages=ages)
     n, classes = len(folder), folder.num_classes
     a, b = n + 1, n + 1 + classes
     starts = np.searchsorted(folder.labels, np.arange(classes + 1)) + 1  # labels are sorted: contiguous key ranges
@@ -301,7 +331,11 @@ def pack_folder(
                 how = f"{fmt} re-encoded as {'jpeg' if jpeg else 'png'}"
             stored[how] = stored.get(how, 0) + 1
             key = index + 1
-            writer.write(pack(IRHeader(0, float(folder.labels[index]), key, 0), data), key=key)
+            label = float(folder.labels[index])
+            if folder.ages is not None:
+                age = float(folder.ages[index])
+                label = (label, -1.0 if np.isnan(age) else age)
+            writer.write(pack(IRHeader(0, label, key, 0), data), key=key)
             advance()
         for identity in range(classes):
             key = a + identity
@@ -347,6 +381,7 @@ def describe_records(dataset: RecordDataset, formats_checked: int = 1000) -> dic
         "records": len(reader), "images": len(dataset), "num_classes": dataset.num_classes,
         "identities": layout.num_identities, "identities_with_images": len(counts),
         "identity_records": len(layout.identity_ranges) if layout.identity_ranges is not None else 0,
+        "images_with_age": int(np.sum(~np.isnan(dataset.ages))) if dataset.ages is not None else 0,
         "images_per_identity": {"min": int(counts.min()), "median": float(statistics.median(counts.tolist())),
                                 "max": int(counts.max())},
         "image_size": list(dataset.image_size),

@@ -182,7 +182,7 @@ def evaluate_cacd_vs(model, root: str | os.PathLike, *, align: Callable[[np.ndar
 
 # --------------------------------------------------------------------------- FG-NET
 
-_FGNET_NAME = re.compile(r"^(\d{3})A(\d{2})([a-z]?)\.jpe?g$", re.IGNORECASE)
+from facesphere.data.ages import FGNET_NAME as _FGNET_NAME  # noqa: E402 (the data layer owns the name pattern)
 
 
 @dataclass(frozen=True)

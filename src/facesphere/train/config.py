@@ -170,6 +170,12 @@ class DataConfig(Strict):
     root: Path | None = Field(None, description="folder: the image folder; record: the folder holding train.rec/.idx "
                               "(or the .rec itself); list: the base of relative paths")
     list_file: Path | None = None
+    ages: Literal["none", "side_file", "fgnet_names"] = Field(
+        "none", description="folder: where the images' ages (the 'age' target) come from: none; side_file = "
+        "'ages.csv' in the root (header 'path,age', then 'relative/path,age' lines; '-' or an unlisted image: no "
+        "age); fgnet_names = FG-NET's 'SSSAyy[x].JPG' names (subject SSS at age yy; other names: no age). Images "
+        "without an age are masked out of age losses. list and record sets carry their own ages (a "
+        "'# columns: path label age' header; an [identity, age] record label), so this stays 'none' for them")
     image_size: tuple[int, int] | None = None
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
@@ -191,6 +197,8 @@ class DataConfig(Strict):
             raise ValueError("data.kind 'record' needs data.root (the folder with train.rec, or the .rec file)")
         if self.kind == "list" and self.list_file is None:
             raise ValueError("data.kind 'list' needs data.list_file")
+        if self.ages != "none" and self.kind != "folder":
+            raise ValueError(f"data.ages {self.ages!r} is for data.kind 'folder'; a {self.kind!r} set carries its own ages")
         return self
 
 

@@ -31,7 +31,7 @@ def _record(cfg: ExperimentConfig, augment: AugmentConfig, image_size: tuple[int
 
 @DATA_KINDS.register("folder")
 def _folder(cfg: ExperimentConfig, augment: AugmentConfig, image_size: tuple[int, int]) -> ImageFolderDataset:
-    return ImageFolderDataset(cfg.data.root, image_size=image_size, augment=augment, seed=cfg.seed)
+    return ImageFolderDataset(cfg.data.root, image_size=image_size, augment=augment, seed=cfg.seed, ages=cfg.data.ages)
 
 
 @DATA_KINDS.register("list")
