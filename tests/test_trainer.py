@@ -124,11 +124,44 @@ def test_the_tensorboard_folder_is_reported_only_when_tensorboard_logs(tmp_path,
         assert f"TensorBoard logs in {tmp_path}" in caplog.text
 
 
+SMALL_OE = ["model.backbone=sphereface4", "model.backbone_args={embedding_size: 16, input_size: [32, 32]}",
+            "model.head_args.scale=16.0", "data.batch_size=8", "train.log_every=1", "train.tensorboard=false",
+            "train.progress=false", "eval.enabled=false"]
+"""The OE-CNN recipes at test size: their heads, objectives, optimiser and schedule on a small backbone."""
+
+
+def aged_list_and_model(folder: Path) -> list[str]:
+    """What ``oe_cnn_fgnet`` reads, at test size: a list file with ages (every third one unknown) over synthetic
+    32x32 images, and a sphereface4 model folder to fine-tune; returns the overrides naming them."""
+    from facesphere.data import SyntheticFaces
+    from facesphere.data.export import write_image_folder
+    from facesphere.models.export import export_model
+
+    write_image_folder(SyntheticFaces(6, 4, image_size=(32, 32), seed=3), folder / "images")
+    lines = ["# columns: path label age"] + [
+        f"{path.relative_to(folder / 'images')} {label} {'-' if i % 3 == 0 else 20 + 4 * label + i % 2}"
+        for label, identity in enumerate(sorted((folder / "images").iterdir()))
+        for i, path in enumerate(sorted(identity.iterdir()))]
+    (folder / "train.txt").write_text("\n".join(lines) + "\n")
+    pre = load_config(None, TINY + SMALL_OE[:2] + [f"output_dir={folder}", "name=pre", "train.steps=1"])
+    Trainer(pre).fit()
+    export_model(folder / "pre", folder / "pretrained")
+    return [f"model.init={folder / 'pretrained'}", f"data.list_file={folder / 'train.txt'}", f"data.root={folder / 'images'}"]
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text("{}\n")
-    overrides = sets(TINY + [f"output_dir={tmp_path}", "train.steps=18", "train.checkpoint_every=4", "data.num_workers=1"])
+@pytest.mark.parametrize("recipe", ["tiny", "oe_cnn_fgnet"])
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, recipe):
+    """A run killed by SIGKILL and resumed repeats the uninterrupted one bit for bit, for the test-size config
+    and for the shipped recipes shrunk (a fine-tune reads ``model.init`` at step 0 only)."""
+    if recipe == "tiny":
+        config = tmp_path / "tiny.yaml"
+        config.write_text("{}\n")
+        settings = TINY
+    else:
+        config = recipe
+        settings = SMALL_OE + aged_list_and_model(tmp_path / "data")
+    overrides = sets(settings + [f"output_dir={tmp_path}", "train.steps=18", "train.checkpoint_every=4", "data.num_workers=1"])
     common = ["train", str(config), *overrides]
     run(cli(*common, "--set", "name=straight"))
     killed = tmp_path / "killed"
@@ -206,11 +239,19 @@ def test_partial_fc_two_processes_follow_one_and_resume_on_either(tmp_path):
 
 
 @pytest.mark.slow
-def test_partial_fc_sampled_resume_is_exact(tmp_path):
-    """r = 0.5: sampling is seeded by the step, so a resumed 2-process run repeats the uninterrupted one exactly."""
-    config = tmp_path / "tiny.yaml"
-    config.write_text("{}\n")
-    overrides = _pfc_overrides(tmp_path, 0.5)
+@pytest.mark.parametrize("recipe", ["tiny", "oe_cnn_fgnet"])
+def test_partial_fc_sampled_resume_is_exact(tmp_path, recipe):
+    """r = 0.5: sampling is seeded by the step, so a resumed 2-process run repeats the uninterrupted one exactly
+    (also for OE-CNN: its margin head sharded by Partial FC, its age term fitted on both ranks' first batches)."""
+    if recipe == "tiny":
+        config = tmp_path / "tiny.yaml"
+        config.write_text("{}\n")
+        overrides = _pfc_overrides(tmp_path, 0.5)
+    else:
+        config = recipe
+        overrides = sets(SMALL_OE + aged_list_and_model(tmp_path / "data") + [
+            f"output_dir={tmp_path}", "train.steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=3",
+            "data.num_workers=0", "model.partial_fc.enabled=true", "model.partial_fc.sample_rate=0.5"])
     run(TORCHRUN + ["train", str(config), *overrides, "--set", "name=straight"])
     _resume_from_step4(tmp_path / "straight", tmp_path / "resumed")
     run(TORCHRUN + ["train", str(config), *overrides, "--set", "name=resumed", "--resume", "latest"])
@@ -223,6 +264,11 @@ def test_partial_fc_sampled_resume_is_exact(tmp_path):
         b = torch.load(tmp_path / "resumed" / "checkpoints" / name, weights_only=True)
         a, b = a["objectives"]["recognition"], b["objectives"]["recognition"]
         torch.testing.assert_close(a["head"]["weight"], b["head"]["weight"], rtol=0, atol=0)
+    a, b = (torch.load(tmp_path / run / "checkpoints" / "step_00000008.pt", weights_only=True)["model"]
+            for run in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if recipe != "tiny":
+        assert "loss/age" in straight[-1] and bool(a["objectives.age.fitted"])
 
 
 def test_a_checkpoint_of_the_single_head_trainer_resumes(tmp_path):

@@ -3,7 +3,8 @@
 :func:`export_model` reads ``source`` through :func:`facesphere.models.runs.load_backbone` (a model
 folder, a run folder's newest checkpoint, or a checkpoint file) and writes ``out``: an ``.onnx``
 file (``models.export_onnx``) or otherwise a model folder (``model.safetensors`` + ``card.json``,
-``models.store.save_model``). The written model is then loaded back as a deployment embedder
+``models.store.save_model``). The card keeps what the run's objectives put on it: a run trained with
+``age_from_norm`` has its ``age_branch`` (OE-CNN), any other has none. The written model is then loaded back as a deployment embedder
 (``load_embedder``) and must give the embeddings of the source backbone on the same random crops:
 1 - cos at most :data:`CHECK_TOLERANCE` (float32 reorderings in ONNX Runtime give about 1e-7; a
 model folder reloads bit for bit).

@@ -2,7 +2,8 @@
 
 A training checkpoint (``runs/<name>/checkpoints/step_XXXXXXXX.pt``) holds the run's config and the
 backbone's weights under ``model.backbone.*``; it is read with ``torch.load(weights_only=True)`` and
-given the card of a facesphere-trained backbone (:func:`facesphere.models.card.training_card`).
+given the card of a facesphere-trained backbone (:func:`facesphere.models.card.training_card`), with the
+card fields its objectives saved under ``card`` (an ``age_branch``).
 :func:`load_backbone` and :func:`load_embedder` accept any of these forms, so the CLI, the service,
 evaluation and the gallery load models through one door.
 """
@@ -97,8 +98,12 @@ def backbone_from_checkpoint(path: str | os.PathLike, device: str | torch.device
     backbone.to(device).eval()
     step = int(state.get("step", 0))
     card = training_card(backbone, f"{config.get('name', 'run')}-step{step}", backbone_name, backbone_args,
-                         source=f"facesphere training checkpoint {path}").model_copy(
-        update={"weights_sha256": state_sha256(backbone.state_dict())})
+                         source=f"facesphere training checkpoint {path}")
+    fields = {**(state.get("card") or {}), "weights_sha256": state_sha256(backbone.state_dict())}
+    try:  # the objectives' card fields (an age branch) are re-validated like a card.json
+        card = ModelCard.model_validate({**card.model_dump(), **fields})
+    except ValueError as error:
+        raise CheckpointError(f"{path}: its card fields {sorted(fields)} are invalid: {' '.join(str(error).split())}") from None
     logger.info("loaded %s (step %d) from %s", backbone_name, step, path)
     return backbone, card, {"kind": "training checkpoint", "path": str(path), "step": step}
 

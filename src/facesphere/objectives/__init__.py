@@ -14,6 +14,8 @@ Contract (the trainer knows nothing else):
   trainer minimises ``Σ weight · term`` over all objectives (``objectives[i].weight``) and logs every
   term, unweighted, as ``loss/<term>`` in metrics.csv, ``train/<term>`` in TensorBoard and in the
   progress bar; the ``loss`` column is the weighted total.
+* **Card fields** — ``card_fields()`` names model-card fields the objective gives the trained backbone
+  (``age_from_norm``: ``age_branch``); checkpoints carry them and export writes them to the card.
 * **Parameters and hook** — objectives are modules and may own parameters (class centres, read-out
   layers), optimised with the backbone; ``update(step)`` runs before every step (annealing schedules).
 * **Sharded objectives** — ``sharded = True`` (Partial FC) means the parameters are split across
@@ -24,7 +26,7 @@ Configs name objectives by registry name (``OBJECTIVES``) or import path (``"pac
 a constructor takes an :class:`ObjectiveContext` and the config's ``args``.
 """
 
-from facesphere.objectives import recognition, regression  # noqa: F401  (registers the built-in objectives)
+from facesphere.objectives import age, recognition, regression  # noqa: F401  (registers the built-in objectives)
 from facesphere.objectives.base import (
     MASK_SUFFIX,
     OBJECTIVES,
@@ -34,8 +36,9 @@ from facesphere.objectives.base import (
     resolve_objective,
     target_mask,
 )
+from facesphere.objectives.age import AgeFromNorm
 from facesphere.objectives.recognition import Recognition
 from facesphere.objectives.regression import Regression
 
-__all__ = ["MASK_SUFFIX", "OBJECTIVES", "Objective", "ObjectiveContext", "Recognition", "Regression",
+__all__ = ["AgeFromNorm", "MASK_SUFFIX", "OBJECTIVES", "Objective", "ObjectiveContext", "Recognition", "Regression",
            "build_objective", "resolve_objective", "target_mask"]

@@ -57,6 +57,11 @@ class Objective(nn.Module):
     def update(self, step: int) -> None:
         """Called with the step number before each optimisation step (schedules); default no-op."""
 
+    def card_fields(self) -> dict[str, Any]:
+        """Model-card fields this objective gives the trained backbone, as JSON values (e.g. ``age_branch``);
+        the trainer stores them in every checkpoint and export writes them to the card. Default: none."""
+        return {}
+
     def shard_state(self) -> dict[str, Any]:
         """Sharded objectives: this rank's share of the parameters (without the optimiser state)."""
         raise NotImplementedError(f"{type(self).__name__} is not sharded")

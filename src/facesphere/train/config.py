@@ -79,6 +79,10 @@ class ModelConfig(Strict):
     head: str = "arcface"
     head_args: dict[str, Any] = Field(default_factory=dict)
     partial_fc: PartialFCSettings = Field(default_factory=PartialFCSettings)
+    init: Path | None = Field(None, description="fine-tune: start the backbone from this model folder, imported "
+                              "weights folder, run folder or checkpoint (read at step 0 only; a resume continues "
+                              "from its checkpoint). Its backbone, arguments, input and weights' shapes must "
+                              "match model.backbone and model.backbone_args")
 
     @model_validator(mode="after")
     def _known_components(self) -> "ModelConfig":

@@ -10,13 +10,16 @@ objectives train inside DDP with the backbone; a ``sharded`` objective (Partial 
 with its own optimiser and schedule, and each rank saves its share in shard files that a resume on
 any number of processes re-cuts. Data order and augmentation are pure functions of (seed, epoch,
 index), and the checkpoint stores every RNG state, so ``resume`` continues a killed run step for step.
-Checkpoints keep the backbone under ``model["backbone.*"]`` and the run config under ``config``; a resume
-must continue the same experiment (:mod:`facesphere.train.compat` says which settings may change).
+Checkpoints keep the backbone under ``model["backbone.*"]``, the run config under ``config`` and the
+objectives' model-card fields (an age branch) under ``card``; a resume must continue the same experiment
+(:mod:`facesphere.train.compat` says which settings may change). ``model.init`` fine-tunes: a stored model
+of the configured backbone is loaded into it before step 0 (:func:`init_backbone`), never on a resume.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 import math
@@ -30,9 +33,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from facesphere.backbones import Backbone, build_backbone
+from facesphere.backbones import BACKBONES, Backbone, build_backbone
 from facesphere.objectives import Objective, ObjectiveContext, build_objective
-from facesphere.models.runs import latest_checkpoint, load_checkpoint
+from facesphere.models.card import training_card
+from facesphere.models.runs import latest_checkpoint, load_backbone, load_checkpoint
+from facesphere.models.store import WeightMismatch, check_state_dict
 from facesphere.train.checkpoint import (
     remove_partial_writes,
     rng_state,
@@ -122,6 +127,51 @@ def _upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
 
 def _upgrade_shard(shard: dict[str, Any]) -> dict[str, Any]:
     return shard if "objectives" in shard else {"objectives": {_LEGACY_KEY: shard}}
+
+
+class InitError(ValueError):
+    """``model.init`` names weights that do not fit the configured backbone."""
+
+
+def _resolved_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A backbone's constructor arguments with its defaults filled in (input size left out: the card checks it)."""
+    parameters = inspect.signature(BACKBONES.get(name)).parameters.values()
+    resolved = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    resolved.update(args)
+    resolved.pop("input_size", None)
+    return resolved
+
+
+def init_backbone(backbone: Backbone, cfg: ExperimentConfig) -> None:
+    """Load ``model.init`` (model folder, imported weights, run or checkpoint) into ``backbone``, or refuse in one line.
+
+    The stored model must be the configured backbone with the same arguments (defaults filled in), take the
+    input the trainer feeds (size, colour order, normalisation: :func:`training_card`) and hold weights of
+    exactly the backbone's names and shapes.
+    """
+    path = cfg.model.init
+    try:
+        stored, card, described = load_backbone(path)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:  # CheckpointError, ModelCardMismatch, ...
+        raise InitError(f"model.init {path}: {' '.join(str(error).split())}") from None
+    problems = []
+    if card.backbone != cfg.model.backbone:
+        problems.append(f"it is a {card.backbone!r} backbone, the config trains {cfg.model.backbone!r}")
+    else:
+        ours = _resolved_args(cfg.model.backbone, cfg.model.backbone_args)
+        theirs = _resolved_args(card.backbone, {**card.backbone_args, "embedding_size": card.embedding_size})
+        problems += [f"backbone_args.{k} is {theirs.get(k)!r} there, {ours.get(k)!r} in the config"
+                     for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
+    problems += card.mismatches(training_card(backbone, cfg.name, cfg.model.backbone, cfg.model.backbone_args).input_spec)
+    if not problems:
+        try:
+            check_state_dict(backbone, stored.state_dict(), "weights")
+        except WeightMismatch as error:
+            problems += error.problems
+    if problems:
+        raise InitError(f"model.init {path} does not fit the configured backbone: {'; '.join(problems)}")
+    backbone.load_state_dict(stored.state_dict())
+    logger.info("backbone initialised from %s %s (%s)", described["kind"], described["path"], card.name)
 
 
 def _is_no_decay(name: str, parameter: nn.Parameter) -> bool:
@@ -248,6 +298,10 @@ class Trainer:
             if missing:
                 raise ValueError(f"objective {key!r} needs targets {missing}; data.kind {self.cfg.data.kind!r} gives "
                                  f"{sorted(offered)}")
+        read = {t for objective in self.model.objectives.values() for t in objective.requires}
+        unread = sorted(t for t in offered if t not in read)
+        if unread and self.ctx.is_main:
+            logger.info("the data gives targets %s that no objective reads: they are ignored", unread)
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -262,11 +316,22 @@ class Trainer:
             "config": self.cfg.model_dump(mode="json"),
             "config_history": self.config_history,
             "num_classes": self.train_set.num_classes,
+            "card": self.card_fields(),
         }
         if self.sharded:
             state["sharded"] = {"world_size": self.ctx.world_size,
                                 "schedulers": {key: s.state_dict() for key, s in zip(self.sharded, self.schedulers[1:])}}
         return state
+
+    def card_fields(self) -> dict[str, Any]:
+        """The objectives' model-card fields (e.g. ``age_branch``), saved with every checkpoint for export."""
+        fields: dict[str, Any] = {}
+        for objective in self.model.objectives.values():
+            for name, value in objective.card_fields().items():
+                if name in fields:
+                    raise ValueError(f"two objectives set the model card's {name!r}; keep one")
+                fields[name] = value
+        return fields
 
     def shard_state(self) -> dict[str, Any]:
         """This rank's share of every sharded objective, with its optimiser state."""
@@ -370,6 +435,8 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
+        if self.step == 0 and cfg.model.init is not None:  # a resume continues from its checkpoint instead
+            init_backbone(self.model.backbone, cfg)
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
