@@ -43,6 +43,7 @@ RETINAFACE = "weights/retinaface_mnet025_biubug6/Final_Retinaface.pth"
 PFLD = "weights/pfld68_cunjian_onnx/pfld.onnx"
 XIAOCCER = "weights/mobilefacenet_casia_xiaoccer/068.ckpt"
 Y1 = "weights/mobilefacenet_insightface_y1"
+GENDERAGE = "weights/genderage_insightface"
 SMALL_BIN = "data/insightface_fixtures/recognition/arcface_paddle/test_tipc/data/small_lfw.bin"
 HUGE = 5 * 2**30  # a sparse 5 GB file
 REFUSE_S = 90  # a subprocess row that has not answered by then hangs (an import costs ~3 s on two shared cores)
@@ -58,13 +59,15 @@ COMMANDS: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {
     "detect": (["detect", "{image}", *DETECTOR], {
         "inputs": ("batch_image", "{image}"), "detector_weights": ("detector_weights", "{scrfd}"),
         "landmarks68": ("landmarker", "--landmarks68"),
-        "landmarker_weights": ("landmarker", "--landmarker pfld68 --landmarker-weights"), "out": ("out_file", "--out")}),
+        "landmarker_weights": ("landmarker", "--landmarker pfld68 --landmarker-weights"),
+        "age_model": ("age_model", "--age-model"), "out": ("out_file", "--out")}),
     "align": (["align", "{image}", "--out-dir", "{out_dir}", *DETECTOR], {
         "inputs": ("batch_image", "{image}"), "out_dir": ("out_dir", "{out_dir}"),
         "detector_weights": ("detector_weights", "{scrfd}"), "model": ("model", "--model"), "out": ("out_file", "--out")}),
     "embed": (["embed", "{image}", "--model", "{model}", *DETECTOR], {
         "inputs": ("batch_image", "{image}"), "model": ("model", "{model}"),
-        "detector_weights": ("detector_weights", "{scrfd}"), "out": ("out_file", "--out")}),
+        "detector_weights": ("detector_weights", "{scrfd}"), "age_model": ("age_model", "--age-model"),
+        "out": ("out_file", "--out")}),
     "verify": (["verify", "{image}", "{image2}", "--model", "{model}", *DETECTOR], {
         "image1": ("image", "{image}"), "image2": ("image", "{image2}"), "model": ("model", "{model}"),
         "detector_weights": ("detector_weights", "{scrfd}"), "threshold": ("threshold", "--threshold"),
@@ -79,7 +82,8 @@ COMMANDS: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {
     "serve": (["serve", "--gallery", "{gallery}", "--model", "{model}", "--api-keys", "{keys}", *DETECTOR], {
         "gallery": ("new_gallery", "{gallery}"), "model": ("model", "{model}"),
         "detector_weights": ("detector_weights", "{scrfd}"), "api_keys": ("text", "{keys}"),
-        "threshold": ("threshold", "--threshold"), "review": ("folder", "--review")}),
+        "threshold": ("threshold", "--threshold"), "review": ("folder", "--review"),
+        "age_model": ("age_model", "--age-model")}),
     "import": (["import", "{xiaoccer}", "{out_dir}"], {
         "source": ("checkpoint", "{xiaoccer}"), "output": ("out_dir", "{out_dir}")}),
     "export": (["export", "{model}", "{out_dir}", "--no-check"], {
@@ -140,11 +144,13 @@ CLASSES = {
     "folder": ("missing", "empty", "not_a_folder"),
     "out_file": ("unwritable", "directory"),
     "out_dir": ("unwritable", "not_a_folder"),
+    # a gender/age model folder (model-symbol.json + model-0000.params) or either file
+    "age_model": ("missing", "empty", "truncated", "directory", "no_symbol", "wrong_model", "huge_file"),
 }
 SUFFIX = {"image": ".jpg", "batch_image": ".jpg", "detector_weights": ".pth", "landmarker": ".onnx", "model": ".pt",
           "checkpoint": ".ckpt", "bin": ".bin", "records": ".rec", "gallery": ".db", "new_gallery": ".db",
           "config": ".yaml", "text": ".txt", "list": ".txt", "threshold": ".json", "pairs": ".csv", "folder": "", "out_file": ".json",
-          "out_dir": ""}
+          "out_dir": "", "age_model": ""}
 SUBPROCESS_CLASSES = {"huge_file", "huge_declared"}
 # A batch command over image inputs exits 1 when none could be read (the JSON lists why): the documented contract.
 BATCH_EXIT_ONE = {"batch_image": {"missing", "empty", "truncated", "wrong_format", "huge_file", "huge_declared"}}
@@ -277,6 +283,8 @@ def make_bad(row: Row, valid: dict[str, Path], where: Path) -> Path:
     if kind == "folder" and bad == "empty":
         path.mkdir()
         return path
+    if kind == "age_model" and bad in ("truncated", "no_symbol", "wrong_model", "huge_file"):
+        return _bad_age_model(bad, path)
     if bad == "empty":
         path.write_bytes(b"")
     elif bad == "huge_file":
@@ -318,6 +326,23 @@ def make_bad(row: Row, valid: dict[str, Path], where: Path) -> Path:
             raise AssertionError(f"no huge declared size for {kind}")
     else:
         raise AssertionError(f"no builder for {kind} x {bad}")
+    return path
+
+
+def _bad_age_model(bad: str, path: Path) -> Path:
+    """A gender/age model folder whose params lost their end, that lacks its graph, that holds another network
+    (the recognition model y1), or whose params file is 5 GB (sparse)."""
+    source = require_data(Y1 if bad == "wrong_model" else GENDERAGE)
+    path.mkdir()
+    for name in ("model-symbol.json", "model-0000.params"):
+        if not (bad == "no_symbol" and name == "model-symbol.json"):
+            shutil.copy(source / name, path / name)
+    params = path / "model-0000.params"
+    if bad == "truncated":
+        params.write_bytes(params.read_bytes()[: params.stat().st_size // 2])
+    elif bad == "huge_file":
+        with open(params, "r+b") as handle:
+            handle.truncate(HUGE)
     return path
 
 

@@ -326,6 +326,14 @@ def _np_forward(symbol, params: dict, image: np.ndarray, stop: str | None = None
             assert node.attrs["act_type"] == "prelu"
             x, gamma = ins
             out[node.index] = np.where(x > 0, x, x * gamma.reshape(-1, 1, 1))
+        elif node.op == "Activation":
+            assert node.attrs["act_type"] == "relu"
+            out[node.index] = np.maximum(ins[0], 0)
+        elif node.op == "Pooling":
+            assert node.attr("global_pool") is True and node.attrs["pool_type"] == "avg"
+            out[node.index] = ins[0].mean(axis=(1, 2), keepdims=True)
+        elif node.op == "Flatten":
+            out[node.index] = ins[0].reshape(-1)
         elif node.op == "elemwise_add":
             out[node.index] = ins[0] + ins[1]
         elif node.op == "FullyConnected":

@@ -163,7 +163,8 @@ def test_stages_run_in_phase_order_and_rectify_changes_what_the_embedder_sees(sp
         out = face.to_dict()
         assert out["box_centre"] == pytest.approx(((face.box[:2] + face.box[2:]) / 2).tolist(), abs=1e-4)
         assert out["brightness"] == pytest.approx(face.crop.mean(), abs=1e-4)
-        assert set(out) == {"box", "score", "landmarks", "box_centre", "brightness", "embedding"}
+        assert set(out) == {"box", "score", "landmarks", "box_centre", "brightness", "embedding", "age", "age_source"}
+        assert out["age"] is None and out["age_source"] is None  # a run's model has no age branch: null, no guess
     json.dumps(result.to_dict())
     # without embedding, attributes still run and get no embeddings; rectify does not run
     calls.clear()

@@ -41,6 +41,10 @@ Landmarks68Opt = typer.Option(None, "--landmarks68", help=LANDMARKS_HELP)
 LandmarkerOpt = typer.Option(None, "--landmarker", help="registered landmarker run on every face (pfld68, ...); "
                              "its outputs appear under their names (landmarks68, pose, ...)")
 LandmarkerWeightsOpt = typer.Option(None, "--landmarker-weights", exists=True, help="the landmarker's weights")
+AgeModelOpt = typer.Option(None, "--age-model", help="InsightFace gender/age model folder (model-symbol.json + "
+                           "model-0000.params): adds age and gender to every face (its age wins over the embedding "
+                           "model's age branch); arcface_112x112 crops only; InsightFace's terms: non-commercial "
+                           "research")
 IndexOpt = typer.Option("auto", "--index", help="search index kind: auto, flat, hnsw or ivfpq (gallery.INDEX_KINDS)")
 StorageOpt = typer.Option("fp32", "--storage", help="index storage: fp32, fp16 or int8")
 
@@ -101,15 +105,18 @@ def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_we
            landmarks68: Optional[Path] = Landmarks68Opt, landmarker: Optional[str] = LandmarkerOpt,
            landmarker_weights: Optional[Path] = LandmarkerWeightsOpt, score: Optional[float] = ScoreOpt,
            min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt,
-           threads: Optional[int] = ThreadsOpt, out: Optional[Path] = OutOpt) -> None:
-    """Faces in each image: box, score, 5 landmarks (and the landmarker's outputs, e.g. landmarks68), as JSON."""
+           age_model: Optional[Path] = AgeModelOpt, threads: Optional[int] = ThreadsOpt,
+           out: Optional[Path] = OutOpt) -> None:
+    """Faces in each image: box, score, 5 landmarks (and the landmarker's outputs, e.g. landmarks68; with
+    --age-model, age and gender), as JSON."""
     with user_errors():
         if out is not None:
             check_writable(out)
         analyzer = analyzer_from_flags(detector, detector_weights, None, landmarks68,
                                        detector_options=detector_option, landmarker=landmarker,
                                        landmarker_weights=landmarker_weights, score_threshold=score,
-                                       min_face_size=min_face, max_faces=max_faces, threads=threads)
+                                       min_face_size=min_face, max_faces=max_faces, threads=threads,
+                                       age_model=age_model)
         sources, skipped = _sources(inputs)
         results = analyzer.analyze(sources, embed=False)
         _summary(results)
@@ -156,21 +163,22 @@ def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model"
           detector_option: list[str] = DetectorOptionsOpt,
           flip: bool = typer.Option(True, "--flip/--no-flip", help="flip-sum test-time augmentation"),
           score: Optional[float] = ScoreOpt, min_face: Optional[float] = MinFaceOpt,
-          max_faces: Optional[int] = MaxFacesOpt, threads: Optional[int] = ThreadsOpt,
-          out: Optional[Path] = OutOpt) -> None:
-    """Unit-length embeddings of every face, with boxes and landmarks, as JSON."""
+          max_faces: Optional[int] = MaxFacesOpt, age_model: Optional[Path] = AgeModelOpt,
+          threads: Optional[int] = ThreadsOpt, out: Optional[Path] = OutOpt) -> None:
+    """Unit-length embeddings of every face, with boxes, landmarks and age (null when neither the model's age
+    branch nor --age-model gives one), as JSON."""
     with user_errors():
         if out is not None:
             check_writable(out)
         analyzer = analyzer_from_flags(detector, detector_weights, model,
                                        detector_options=detector_option, score_threshold=score, min_face_size=min_face,
-                                       max_faces=max_faces, threads=threads, flip=flip)
+                                       max_faces=max_faces, threads=threads, flip=flip, age_model=age_model)
         sources, skipped = _sources(inputs)
         results = analyzer.analyze(sources)
         _summary(results)
         card = analyzer.embedder.card
         emit({"model": card.name, "embedding_size": card.embedding_size, "alignment": card.alignment, "flip": flip,
-              "images": [r.to_dict() for r in results] + skipped}, out)
+              "age_source": analyzer.age_source, "images": [r.to_dict() for r in results] + skipped}, out)
     _exit_unless_any_read(results)
 
 

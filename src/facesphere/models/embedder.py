@@ -6,6 +6,8 @@ and applies the card exactly as evaluation does (``models.preprocess.CardPreproc
 must be the card's, channels are put in the card's colour order, and pixels become
 ``(x - mean) / std``. With ``flip=True`` the embeddings of each crop and its horizontal mirror are
 summed before normalising (``models.flip``, as in ``evaluate.embeddings``).
+:meth:`Embedder.embed_with_norms` also returns the raw embeddings' L2 norms from the same forward pass
+(averaged over the two views with ``flip``), which a card's ``age_branch.predict`` turns into ages (OE-CNN).
 
 The ONNX Runtime embedder (``models.onnx_runtime.OnnxEmbedder``) and the PyTorch one
 (``models.torch_embedder.TorchEmbedder``) differ only in :meth:`Embedder._forward`.
@@ -89,6 +91,26 @@ class Embedder(abc.ABC):
         except ModelCardMismatch as error:
             raise ModelCardMismatch(f"{self.card.name} ({self.source})", error.problems) from None
 
+    def _embed(self, images: np.ndarray | Sequence[np.ndarray], flip: bool, batch_size: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(raw (N, D) embeddings, flip-summed with ``flip``; (N,) raw norms, averaged over the views with ``flip``)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        crops = _as_image_list(images)
+        out, norms = [np.zeros((0, self.card.embedding_size), dtype=np.float32)], [np.zeros(0)]
+
+        def run(batch: np.ndarray) -> np.ndarray:  # every view's raw output passes here once
+            raw = self.run(batch)
+            norms.append(np.linalg.norm(raw.astype(np.float64), axis=1))
+            return raw
+
+        for start in range(0, len(crops), batch_size):
+            batch = self.preprocess(crops[start:start + batch_size])
+            out.append(embed_flipped(run, batch, "sum" if flip else None))
+            if flip:  # the views ran as one stacked batch [crops, mirrors]: average each crop's two norms
+                norms[-1] = norms[-1].reshape(2, -1).mean(axis=0)
+        return np.concatenate(out), np.concatenate(norms)
+
     def embed(self, images: np.ndarray | Sequence[np.ndarray], flip: bool = False, normalize: bool = True,
               batch_size: int = 64) -> np.ndarray:
         """HxWx3 uint8 RGB crop(s) -> (N, D) float32 embeddings.
@@ -96,18 +118,22 @@ class Embedder(abc.ABC):
         ``flip``: add the embedding of each horizontally mirrored crop (before normalising).
         ``normalize``: L2-normalise each row. Crops are processed ``batch_size`` at a time.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        crops = _as_image_list(images)
-        out = [np.zeros((0, self.card.embedding_size), dtype=np.float32)]
-        for start in range(0, len(crops), batch_size):
-            batch = self.preprocess(crops[start:start + batch_size])
-            out.append(embed_flipped(self.run, batch, "sum" if flip else None))
-        embeddings = np.concatenate(out)
-        if normalize:
-            norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-            embeddings = embeddings / np.maximum(norms, 1e-12)
-        return embeddings.astype(np.float32, copy=False)
+        embeddings = self._embed(images, flip, batch_size)[0]
+        return (_unit(embeddings) if normalize else embeddings).astype(np.float32, copy=False)
+
+    def embed_with_norms(self, images: np.ndarray | Sequence[np.ndarray], flip: bool = False,
+                         batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """(unit (N, D) float32 embeddings, (N,) float64 L2 norms of the raw embeddings) in one forward pass.
+
+        With ``flip`` the embedding is the normalised flip-sum and the norm the mean of the two views' norms,
+        so that a card's linear ``age_branch`` gives the mean of the two views' ages (OE-CNN, arXiv 1810.07599).
+        """
+        embeddings, norms = self._embed(images, flip, batch_size)
+        return _unit(embeddings).astype(np.float32, copy=False), norms
+
+
+def _unit(embeddings: np.ndarray) -> np.ndarray:
+    return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
 
 
 __all__ = ["Embedder"]

@@ -22,7 +22,7 @@ from facesphere.models.import_mxnet import import_insightface
 from facesphere.models.import_torch import import_xiaoccer
 from facesphere.registry import Registry
 
-__all__ = ["IMPORTERS", "Importer", "KINDS", "import_weights"]
+__all__ = ["IMPORTERS", "Importer", "KINDS", "checkpoint_file", "import_weights"]
 
 
 @dataclass(frozen=True)
@@ -103,3 +103,9 @@ def import_weights(source: str | os.PathLike, kind: str = "auto", name: str | No
     """
     importer, path = _resolve(Path(source), kind)
     return importer(path, name=name)
+
+
+def checkpoint_file(source: str | os.PathLike, kind: str = "auto") -> Path:
+    """The checkpoint file ``source`` names for importer ``kind``: itself, the one in a folder, or (MXNet) the
+    ``-NNNN.params`` beside a ``-symbol.json``."""
+    return _resolve(Path(source), kind)[1]

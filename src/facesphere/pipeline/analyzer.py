@@ -6,6 +6,11 @@ extras its pipeline stages add (``facesphere.pipeline.stages``: 68 landmarks, po
 Detection runs once per batch, embedding once over all the batch's faces. The crop is cut on the template the embedding model's card names, at the card's input size, so a model never
 sees faces aligned for another model; a photo that cannot be read becomes an error entry of its own
 and the rest of the batch is still analysed.
+
+Every face also gets ``age`` (years, or None when unknown) and ``age_source``: the name of the stage that
+estimated it (a dedicated estimator such as ``genderage_insightface`` wins), else ``"norm"`` when the
+embedding model's card has an ``age_branch`` (OE-CNN, arXiv 1810.07599: age from the raw embedding's
+norm, read in the same forward pass), else None; the JSON says ``null`` rather than guess.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ logger = logging.getLogger(__name__)
 class Embedder(Protocol):
     card: ModelCard
 
-    def embed(self, images: np.ndarray, flip: bool = False) -> np.ndarray: ...
+    def embed_with_norms(self, images: np.ndarray, flip: bool = False) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class NoFaceFound(ValueError):
@@ -118,6 +123,7 @@ class FaceAnalyzer:
         self.embedder = embedder
         self.stages = [*([landmarker] if landmarker is not None else []), *stages]
         self._phases = check_stages(self.stages)
+        self._age_stage = next((stage.name for stage in self.stages if "age" in stage.outputs), None)
         self.flip = bool(flip)
         self.score_threshold = score_threshold
         self.min_face_size = min_face_size
@@ -136,6 +142,11 @@ class FaceAnalyzer:
         else:
             self.alignment = alignment or "arcface_112x112"
             get_template(self.alignment)
+        for stage in self.stages:  # a stage made for one crop template (e.g. ArcFace 112x112) refuses the others
+            wanted = getattr(stage, "alignment", None)
+            if wanted is not None and wanted != self.alignment:
+                raise ModelCardMismatch(stage.name, [f"expects faces aligned to {wanted}, but this analyser aligns "
+                                                     f"them to {self.alignment}"])
         self.threshold = threshold
 
     # ------------------------------------------------------------------------------------------ analyse
@@ -162,16 +173,31 @@ class FaceAnalyzer:
         if not all_faces:
             return results
         crops = np.stack([f.crop for f in all_faces])
-        embeddings = None
+        embeddings = ages = None
         if embed and self.embedder is not None:
-            embeddings = self.embed_crops(crops)
+            embeddings, ages = self._embed(crops)
             for face, vector in zip(all_faces, embeddings):
                 face.embedding = vector
         for stage in self._phases["attributes"]:
             produced = stage_outputs(stage, stage.run(crops, embeddings), len(all_faces))
             for i, face in enumerate(all_faces):
                 face.extras.update({name: values[i] for name, values in produced.items()})
+        for i, face in enumerate(all_faces):
+            if self._age_stage is not None:
+                face.extras.update(age=float(face.extras["age"]), age_source=self._age_stage)
+            elif ages is not None:
+                face.extras.update(age=float(ages[i]), age_source="norm")
+            else:
+                face.extras.update(age=None, age_source=None)
         return results
+
+    @property
+    def age_source(self) -> str | None:
+        """What gives the faces their ``age``: the stage adding ``age`` (it takes precedence), ``"norm"`` when
+        the embedding model's card has an age branch (faces analysed with ``embed=True``), or None."""
+        if self._age_stage is not None:
+            return self._age_stage
+        return "norm" if self.embedder is not None and self.embedder.card.age_branch is not None else None
 
     def align_largest(self, image: np.ndarray) -> np.ndarray | None:
         """The aligned crop of the largest face in an RGB photo, or None when there is none (protocol aligners)."""
@@ -193,6 +219,10 @@ class FaceAnalyzer:
         """Unit-length embeddings of aligned RGB uint8 crops (N, H, W, 3) made on this analyser's template.
 
         The ``rectify`` stages transform the crops first, so this is the embedding ``analyze`` gives."""
+        return self._embed(crops)[0]
+
+    def _embed(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(unit embeddings, ages from the card's age branch or None) of aligned crops, in one forward pass."""
         if self.embedder is None:
             raise ValueError("this analyser has no embedding model")
         for stage in self._phases["rectify"]:
@@ -201,9 +231,9 @@ class FaceAnalyzer:
                 raise ValueError(f"rectify stage {stage.name!r} turned {crops.dtype} {crops.shape} crops into "
                                  f"{rectified.dtype} {rectified.shape}; it must keep uint8 crops of the same shape")
             crops = rectified
-        vectors = np.asarray(self.embedder.embed(crops, flip=self.flip), dtype=np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors / np.maximum(norms, 1e-12)
+        vectors, norms = self.embedder.embed_with_norms(crops, flip=self.flip)
+        branch = self.embedder.card.age_branch
+        return np.asarray(vectors, dtype=np.float32), None if branch is None else branch.predict(np.asarray(norms))
 
     # ------------------------------------------------------------------------------------------ compare
     def compare(self, a, b) -> Comparison:

@@ -2,7 +2,8 @@
 
 Everything that can be stored is named by a path: the detector's weights, the embedding model (a
 model folder, an exported ``.onnx``, a training run folder or a checkpoint file, all read by
-``facesphere.models.runs.load_embedder``), an optional landmarker's weights and a calibrated threshold.
+``facesphere.models.runs.load_embedder``), an optional landmarker's weights, an optional age/gender
+estimator (InsightFace's gender/age model, ``facesphere.models.genderage``) and a calibrated threshold.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class AnalyzerSpec(BaseModel):
     flip: bool = True
     threshold: Path | None = Field(None, description="threshold file from `facesphere calibrate`")
     alignment: str | None = Field(None, description="crop template when there is no model (the card decides)")
+    age_model: Path | None = Field(None, description="InsightFace gender/age model folder (model-symbol.json + "
+                                   "model-0000.params, read in place): every face gets its age and gender, and this "
+                                   "age takes precedence over the embedding model's age branch; needs arcface_112x112 "
+                                   "crops. Its weights are InsightFace's, for non-commercial research only")
 
 
 def _detector_options(constructor, options: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +82,7 @@ def build_analyzer(spec: AnalyzerSpec | None = None, stages: Sequence[Stage] = (
     import facesphere.align.landmarks68  # noqa: F401  (registers the built-in landmarkers)
     from facesphere.align.landmarkers import LANDMARKERS, build_landmarker
     from facesphere.detect import DETECTORS, build_detector
+    from facesphere.models.genderage import load_genderage
     from facesphere.models.runs import load_embedder
 
     spec = spec if spec is not None else AnalyzerSpec(**fields)
@@ -84,6 +90,8 @@ def build_analyzer(spec: AnalyzerSpec | None = None, stages: Sequence[Stage] = (
         import torch
 
         torch.set_num_threads(spec.threads)
+    if spec.age_model is not None:  # the smallest file first: a wrong path is refused before the big loads
+        stages = [*stages, load_genderage(spec.age_model, device=spec.device)]
     constructor = DETECTORS.get(spec.detector)
     detector = build_detector(spec.detector, spec.detector_weights,
                               **_runtime_options(constructor, spec.threads, spec.device),

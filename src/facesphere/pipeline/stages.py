@@ -28,7 +28,13 @@ REST answers): lower-case ``snake_case``, the quantity rather than the model, e.
 * ``landmarks_dense``: (K, 2) or (K, 3) dense points, photo pixels (x, y[, depth]);
 * ``pose``: (3,) yaw, pitch, roll in degrees;
 * ``params_3dmm``: (P,) 3D morphable model coefficients, as the regressor's card documents them;
-* ``age``: () years.
+* ``age``: () years; ``gender``: ``"male"`` or ``"female"`` (the gender/age estimator,
+  ``facesphere.models.genderage``). The analyser itself adds ``age`` (None when unknown) and
+  ``age_source`` to every face: the name of the stage that produced ``age``, else ``"norm"`` when the
+  embedding model has an age branch, else None.
+
+A stage made for one crop template declares it as ``alignment`` (a template name); the analyser refuses
+it at construction when it aligns faces to another.
 
 Values whose name starts with ``landmarks`` are rounded to 2 decimals (pixels), others to 4.
 The names in :data:`RESERVED` are the face's own fields and cannot be used.
@@ -46,7 +52,8 @@ from facesphere.detect.base import check_per_face
 PHASES = ("landmarks", "rectify", "attributes")
 """Stage phases in the order they run (after detection, after alignment, after embedding)."""
 
-RESERVED = frozenset({"box", "score", "landmarks", "embedding", "crop", "crop_shape", "matches", "source"})
+RESERVED = frozenset({"box", "score", "landmarks", "embedding", "crop", "crop_shape", "matches", "source",
+                      "age_source"})
 
 
 @runtime_checkable

@@ -6,7 +6,8 @@ a key and sends it with every call. Bodies over ``max_request_bytes`` get 413; t
 errors get the status of :data:`ERROR_STATUS` (images over ``max_image_pixels`` 413, unreadable images
 400, photos without a face 422, unknown identities 404). Every error is JSON ``{"error": "..."}``. Faces
 carry the named extras of the analyser's stages (``facesphere.pipeline.stages``) next to box, score and
-landmarks. The OpenAPI spec is at ``/openapi.json``; its pages ``/docs`` (Swagger UI) and ``/redoc`` load their
+landmarks, and every face its ``age`` and ``age_source`` (``null`` when the service has no age estimate).
+The OpenAPI spec is at ``/openapi.json``; its pages ``/docs`` (Swagger UI) and ``/redoc`` load their
 scripts from the app itself (the assets bundled by fastapi-offline), so they work without internet. A gallery file
 SQLite cannot use answers 500 with a JSON error naming it.
 
@@ -96,6 +97,11 @@ class FaceOut(BaseModel):
     box: list[float] = Field(description="x1, y1, x2, y2 in pixels of the uploaded photo")
     score: float
     landmarks: list[list[float]] = Field(description="5 points: eyes, nose tip, mouth corners (x, y)")
+    age: float | None = Field(None, description="estimated age in years; null when the service has no estimate "
+                                                "(no age branch in the model and no age/gender estimator)")
+    age_source: str | None = Field(None, description="what estimated the age: the estimator stage's name "
+                                                     "(e.g. genderage_insightface), 'norm' (the model's age branch, "
+                                                     "OE-CNN), or null")
 
 
 class EmbeddedFace(FaceOut):
@@ -154,6 +160,8 @@ class InfoOut(BaseModel):
     identities: int
     index: str
     threshold: float | None
+    age_source: str | None = Field(description="what answers every face's age: an estimator stage's name, 'norm' "
+                                               "(the model's age branch), or null (no ages)")
     limits: dict[str, int]
 
 
@@ -266,6 +274,7 @@ def create_app(analyzer, gallery: LiveGallery, settings: ServiceSettings,
         return InfoOut(version=facesphere.__version__, model=card.name, embedding_size=card.embedding_size,
                        alignment=card.alignment, identities=len(gallery),
                        index=f"{gallery.index.kind}/{gallery.index.storage}", threshold=settings.match_threshold,
+                       age_source=analyzer.age_source,
                        limits={"max_request_bytes": settings.max_request_bytes,
                                "max_image_pixels": settings.max_image_pixels, "max_faces": settings.max_faces,
                                "max_files": settings.max_files})

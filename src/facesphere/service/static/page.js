@@ -60,7 +60,10 @@ function listFaces(faces) {
   faces.forEach((face, i) => {
     const item = $("face-template").content.firstElementChild.cloneNode(true);
     item.dataset.face = String(i);
-    item.querySelector(".face-title").textContent = `Face ${i + 1} (detection score ${face.score.toFixed(3)})`;
+    const age = face.age === null || face.age === undefined ? "" : `, age ${Math.round(face.age)} (${face.age_source})`;
+    const gender = face.gender ? `, ${face.gender}` : "";
+    item.querySelector(".face-title").textContent =
+      `Face ${i + 1} (detection score ${face.score.toFixed(3)}${age}${gender})`;
     const body = item.querySelector("tbody");
     if (!face.matches.length) body.insertRow().insertCell().textContent = "gallery is empty";
     for (const match of face.matches) {
