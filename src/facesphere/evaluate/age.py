@@ -162,7 +162,11 @@ def cacd_vs_cv_folds(same, folds, n_sub: int = 10) -> np.ndarray:
 
 def evaluate_cacd_vs(model, root: str | os.PathLike, *, align: Callable[[np.ndarray], np.ndarray | None] | None = None,
                      size: tuple[int, int] = (112, 112), preprocess=None, out_dir=None, **kwargs) -> dict:
-    """CACD-VS accuracy over the folds present (module doc); ``kwargs`` go to ``evaluate_pairset``."""
+    """CACD-VS accuracy over the folds present (module doc); ``kwargs`` go to ``evaluate_pairset``.
+
+    ``embeddings`` (one row per image of ``parse_cacd_vs(root)``, e.g. crops detected and aligned once and
+    embedded by several models) skips loading, aligning and embedding.
+    """
     from facesphere.evaluate.pairset_eval import evaluate_pairset
 
     ps = parse_cacd_vs(root)
@@ -173,6 +177,9 @@ def evaluate_cacd_vs(model, root: str | os.PathLike, *, align: Callable[[np.ndar
     report = evaluate_pairset(model, ps, preprocess=preprocess, folds=folds, out_dir=out_dir, **kwargs)
     report["cacd_folds"] = sorted(int(f) for f in np.unique(ps.folds))
     report["fold_scheme"] = "10 stratified sub-folds within the single fold" if single else "leave-one-official-fold-out"
+    if kwargs.get("embeddings") is not None:  # the caller embedded the photos, aligned its own way
+        report["alignment"] = "by the caller (embeddings given)"
+        return report
     report["alignment"] = "align callable" if align is not None else "none (centre crop: not comparable to published numbers)"
     report["align_failures"] = loader.failures
     if align is None:
