@@ -64,7 +64,7 @@ def test_synthetic_pose_target_is_masked_deterministically_and_collates():
     with pytest.raises(ValueError, match="flip"):
         SyntheticFaces(3, 4, targets=["pose"], augment=AugmentConfig(flip=0.5))
     with pytest.raises(ValueError, match="no targets"):
-        SyntheticFaces(3, 4, targets=["age"])
+        SyntheticFaces(3, 4, targets=["landmarks"])
 
 
 def test_configs_name_objectives_by_registry_or_import_path_and_refuse_the_rest():

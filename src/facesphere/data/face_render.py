@@ -134,6 +134,8 @@ def render_face(face: FaceIdentity, var: FaceVariation, image_size: tuple[int, i
         cv.ellipse(ex, face.ear_y + pitch, 0.14 * face.ear_size * squash, 0.27 * face.ear_size, face.skin_shadow)
         cv.ellipse(ex + side * 0.02, face.ear_y + pitch, 0.08 * face.ear_size * squash, 0.18 * face.ear_size, face.skin)
     cv.fill(face.outline, face.skin)
+    if face.wrinkles > 0:
+        _draw_wrinkles(cv, face, yaw, pitch)
 
     if face.beard_shape is not None:
         cv.fill(face.beard_shape, face.hair)
@@ -191,6 +193,35 @@ def _draw_hair(cv: _Canvas, face: FaceIdentity, yaw: float) -> None:
     elif face.hair_style == 3:  # long hair framing the face
         for side in (-1.0, 1.0):
             cv.fill(_quad(side * 1.04, hl, side * 0.88, hl, side * 0.95, 0.5, side * 1.15, 0.9), face.hair)
+
+
+def _draw_wrinkles(cv: _Canvas, face: FaceIdentity, yaw: float, pitch: float) -> None:
+    """Age lines at fixed places, their colour moving from skin to skin shadow with ``face.wrinkles``."""
+    w = face.wrinkles
+    color = _rgb_mix(face.skin, face.skin_shadow, w)
+    brow_top = face.eye_y + pitch - face.eye_h - face.brow_gap - face.brow_thick - max(face.brow_arch, 0.0) - abs(face.brow_slant)
+    for k in range(3):  # forehead lines, the upper ones fainter
+        y = brow_top - 0.1 - 0.085 * k
+        x, _ = _yaw_x(_T9 * (0.5 - 0.06 * k), yaw)
+        cv.polyline(np.stack([x, y + 0.025 * _T9**2], axis=1), _rgb_mix(face.skin, color, 1.0 - 0.25 * k))
+    ey = face.eye_y + pitch
+    ny = face.nose_y + pitch * 1.3
+    my = face.mouth_y + pitch * 0.8
+    for side in (-1.0, 1.0):
+        corner = side * (face.eye_x + face.eye_w + 0.03)
+        for dy in (-0.05, 0.0, 0.05):  # crow's feet fanning out from the outer eye corner
+            x0, _ = _yaw_x(corner, yaw)
+            x1, _ = _yaw_x(corner + side * 0.11, yaw)
+            cv.line(x0, ey + dy * 0.4, x1, ey + dy * 1.6, color)
+        t = np.linspace(0.0, 1.0, 6)  # nasolabial fold: nose wing to beyond the mouth corner
+        fx, _ = _yaw_x(side * (face.nose_w * 0.5 + 0.07 + (face.mouth_w - face.nose_w * 0.5) * t + 0.05 * np.sin(math.pi * t)), yaw)
+        cv.polyline(np.stack([fx, ny - 0.02 + (my + 0.04 - ny) * t], axis=1), color)
+        bx, bs = _yaw_x(side * face.eye_x, yaw)  # under-eye line
+        cv.ellipse(bx, ey + face.eye_h * 0.6, face.eye_w * 0.8 * bs, face.eye_h, color, start=30, end=150, thickness=1)
+
+
+def _rgb_mix(a: Color, b: Color, t: float) -> Color:
+    return (a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t, a[2] + (b[2] - a[2]) * t)
 
 
 def _draw_nose(cv: _Canvas, face: FaceIdentity, yaw: float, pitch: float) -> None:

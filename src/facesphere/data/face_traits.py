@@ -9,19 +9,28 @@ gaze), lighting (global gain, colour cast, directional gradient), background, cl
 noise. Lighting and colour cast are strong enough that the mean colour of an image says little about
 who it is, so a recogniser has to look at geometry and traits. :mod:`facesphere.data.face_render`
 draws them.
+
+Ageing (:func:`age_face`) renders an identity at an age in years as a pure, monotone function of the age:
+child proportions that grow into the adult ones by 18 (bigger cranium, shorter lower face, larger
+eyes set lower), and from the identity's own onsets in adulthood greying hair and brows, wrinkle
+lines (forehead, crow's feet, nasolabial folds), a sagging lower face, thinner lips, lower lids,
+larger ears and nose and a receding hairline. Each parameter moves one way as the age
+rises, so the truth of how a face changes with age is known.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 _IDENTITY_STREAM = 0x1D
 _SAMPLE_STREAM = 0x5A
+_AGEING_STREAM = 0xA9
+_AGE_STREAM = 0xA6
 
 Color = tuple[float, float, float]
 
@@ -99,6 +108,7 @@ class FaceIdentity:
     moustache: bool
     freckles: np.ndarray  # (F, 2) positions, possibly empty
     mole: tuple[float, float] | None
+    wrinkles: float = 0.0  # strength of the age lines in [0, 1]; 0 draws none (an un-aged face)
 
 
 def _mix(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
@@ -217,6 +227,109 @@ def face_identity(seed: int, identity: int) -> FaceIdentity:
         freckles=np.stack([fx, fy], axis=1) if n_freckles else np.zeros((0, 2)),
         mole=mole,
     )
+
+
+# -------------------------------------------------------------------------------------------- ageing
+
+ADULT_AGE = 18.0
+"""Age (years) by which child proportions have grown into the identity's adult ones."""
+_WHITE_HAIR = np.array([232.0, 231.0, 228.0])
+
+
+@dataclass(frozen=True)
+class AgeingTraits:
+    """How one identity ages: onsets (years) and rates, drawn from ``(seed, identity)`` on their own stream."""
+
+    grey_onset: float  # hair starts greying
+    grey_years: float  # years from onset to white
+    wrinkle_onset: float
+    wrinkle_years: float
+    recede: float  # how far the hairline recedes by old age (face units)
+    sag: float  # how much the lower face drops by old age (share of the lower face)
+
+
+@functools.lru_cache(maxsize=16384)
+def ageing_traits(seed: int, identity: int) -> AgeingTraits:
+    """The ageing traits of global ``identity`` under ``seed`` (pure, cached; independent of its face traits)."""
+    rng = np.random.default_rng([_AGEING_STREAM, int(seed), int(identity)])
+    return AgeingTraits(
+        grey_onset=float(rng.uniform(28.0, 50.0)),
+        grey_years=float(rng.uniform(20.0, 40.0)),
+        wrinkle_onset=float(rng.uniform(25.0, 40.0)),
+        wrinkle_years=float(rng.uniform(25.0, 40.0)),
+        recede=float(rng.uniform(0.0, 0.35) if rng.random() < 0.5 else 0.0),
+        sag=float(rng.uniform(0.04, 0.1)),
+    )
+
+
+def _ramp(age: float, onset: float, years: float) -> float:
+    """0 before ``onset``, rising linearly to 1 over ``years``."""
+    return min(1.0, max(0.0, (age - onset) / years))
+
+
+def _stretch(xy: np.ndarray | None, up: float, down: float) -> np.ndarray | None:
+    """Scale y by ``up`` above the face's origin (y < 0) and by ``down`` below it."""
+    if xy is None or not len(xy):
+        return xy
+    out = np.array(xy, dtype=np.float64)
+    out[:, 1] *= np.where(out[:, 1] < 0, up, down)
+    return out
+
+
+def age_face(face: FaceIdentity, traits: AgeingTraits, age: float) -> FaceIdentity:
+    """``face`` rendered at ``age`` years; every changed parameter is monotone in ``age``.
+
+    Child (age < :data:`ADULT_AGE`, ``youth`` = 1 at birth, 0 from 18): cranium up to 15% taller,
+    lower face up to 22% shorter, eyes up to 20% larger and set lower. Adult, from the identity's onsets
+    (:class:`AgeingTraits`): hair, beard and brows mix towards white, wrinkle lines darken from skin to
+    skin shadow, the lower face drops by ``sag``, lips thin by 40%, lids lower by 25% (brows stay), ears
+    and nose grow by 15% and the hairline recedes by ``recede``, each with ``senior`` (0 at 25 years, 1 at
+    80)."""
+    if not math.isfinite(age) or age < 0:
+        raise ValueError(f"age must be finite and >= 0, got {age}")
+    youth = max(0.0, 1.0 - age / ADULT_AGE)
+    senior = _ramp(age, 25.0, 55.0)
+    grey = _ramp(age, traits.grey_onset, traits.grey_years)
+    lid = 1.0 - 0.25 * senior
+    up = 1.0 + 0.15 * youth
+    down = (1.0 - 0.22 * youth) * (1.0 + traits.sag * senior)
+    hair = _mix(np.array(face.hair), _WHITE_HAIR, grey)
+    brow = _mix(np.array(face.brow), _WHITE_HAIR, 0.6 * grey)
+    eye_h = face.eye_h * (1.0 + 0.2 * youth)
+    return replace(
+        face,
+        outline=_stretch(face.outline, up, down),
+        beard_shape=_stretch(face.beard_shape, up, down),
+        hair=_rgb(hair),
+        brow=_rgb(brow),
+        lash=_rgb(_mix(np.array(face.lash), _WHITE_HAIR, 0.3 * grey)),
+        eye_y=face.eye_y * up + 0.12 * youth,
+        eye_w=face.eye_w * (1.0 + 0.2 * youth),
+        eye_h=eye_h * lid,
+        iris_r=face.iris_r * (1.0 + 0.2 * youth),
+        brow_gap=face.brow_gap + eye_h * (1.0 - lid),  # the brows stay where they were as the lids lower
+        nose_y=face.nose_y * down,
+        nose_w=face.nose_w * (1.0 + 0.15 * senior),
+        mouth_y=face.mouth_y * down,
+        lip_thick=face.lip_thick * (1.0 - 0.4 * senior),
+        ear_size=face.ear_size * (1.0 - 0.15 * youth) * (1.0 + 0.15 * senior),
+        ear_y=face.ear_y * down,
+        top=face.top * up,
+        chin_y=face.chin_y * down,
+        hairline=face.hairline - traits.recede * senior,
+        freckles=_stretch(face.freckles, up, down),
+        mole=None if face.mole is None else (face.mole[0], face.mole[1] * (up if face.mole[1] < 0 else down)),
+        wrinkles=_ramp(age, traits.wrinkle_onset, traits.wrinkle_years),
+    )
+
+
+def sample_age(seed: int, identity: int, sample: int, age_range: tuple[float, float], span: float | None) -> float:
+    """The age (years) of ``sample`` of global ``identity``: uniform over a window of ``span`` years that the
+    identity draws inside ``age_range`` (``span`` None: the whole range), pure in its arguments."""
+    low, high = float(age_range[0]), float(age_range[1])
+    width = high - low if span is None else min(float(span), high - low)
+    start = low + (high - low - width) * np.random.default_rng([_AGE_STREAM, int(seed), int(identity)]).random()
+    return float(start + width * np.random.default_rng([_AGE_STREAM, int(seed), int(identity), int(sample)]).random())
 
 
 # ------------------------------------------------------------------------------------------ variation

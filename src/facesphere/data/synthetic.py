@@ -6,6 +6,7 @@ Identities and per-sample conditions come from :mod:`facesphere.data.face_traits
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -13,13 +14,15 @@ import torch
 from torch.utils.data import Dataset
 
 from facesphere.data.face_render import render_face
-from facesphere.data.face_traits import face_identity, face_variation
+from facesphere.data.face_traits import age_face, ageing_traits, face_identity, face_variation, sample_age
 from facesphere.data.images import to_tensor
 from facesphere.data.transforms import SharedEpoch, as_transform, augment_rng
 from facesphere.data.targets import MASK_SUFFIX
 
-EXTRA_TARGETS = ("pose",)
+EXTRA_TARGETS = ("pose", "age")
 """Targets a ``SyntheticFaces`` can carry besides the label."""
+DEFAULT_AGE_RANGE = (10.0, 70.0)
+"""Ages (years) of a set that asks for the age target without giving ``age_range``."""
 _TARGET_STREAM = 0x7A
 
 
@@ -31,8 +34,14 @@ class SyntheticFaces(Dataset):
     identity ``identity_offset + label``. Held-out identities therefore come from a disjoint
     ``identity_offset`` range with the same ``seed``. ``augment`` (an ``AugmentConfig``, dict or
     ``(image, rng)`` callable) adds epoch-dependent augmentation on top of the fixed per-sample variation.
-    ``targets`` adds targets besides the label (``EXTRA_TARGETS``: ``pose``), carried by a share
-    ``target_share`` of the samples and masked out on the rest.
+    ``targets`` adds targets besides the label (``EXTRA_TARGETS``: ``pose``, ``age``), carried by a share
+    ``target_share`` of the samples and masked out on the rest (placeholder zeros, NaN for the age).
+
+    Ages: with ``age_range`` (years; default :data:`DEFAULT_AGE_RANGE` when ``age`` is a target) every
+    sample is rendered at its own age (:func:`~facesphere.data.face_traits.age_face`, monotone in the
+    age), drawn uniformly in a window of ``age_span`` years that each identity places inside the range
+    (``None``: the whole range). Without ``age_range`` and the age target, faces are rendered exactly as
+    before ages existed. Masked samples are rendered at their age all the same; only the target is hidden.
     """
 
     def __init__(
@@ -46,6 +55,8 @@ class SyntheticFaces(Dataset):
         difficulty: float = 1.0,
         targets: tuple[str, ...] | list[str] = (),
         target_share: float = 1.0,
+        age_range: tuple[float, float] | None = None,
+        age_span: float | None = None,
     ) -> None:
         if num_identities < 1 or samples_per_identity < 1:
             raise ValueError("num_identities and samples_per_identity must be >= 1")
@@ -61,6 +72,15 @@ class SyntheticFaces(Dataset):
             raise ValueError("the pose target needs augment.flip = 0: a mirrored face has the opposite yaw and roll")
         if not 0 <= target_share <= 1:
             raise ValueError(f"target_share must be in [0, 1], got {target_share}")
+        if age_range is None and "age" in targets:
+            age_range = DEFAULT_AGE_RANGE
+        if age_range is not None:
+            low, high = float(age_range[0]), float(age_range[1])
+            if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high <= 150):
+                raise ValueError(f"age_range must satisfy 0 <= min <= max <= 150 years, got {age_range}")
+            age_range = (low, high)
+        if age_span is not None and not (math.isfinite(age_span) and age_span >= 0):
+            raise ValueError(f"age_span must be a finite number of years >= 0, got {age_span}")
         height, width = int(image_size[0]), int(image_size[1])
         if height < 16 or width < 16:
             raise ValueError(f"image_size must be at least 16x16, got {image_size}")
@@ -79,6 +99,8 @@ class SyntheticFaces(Dataset):
         self.targets = tuple(targets)
         self.target_names = ("label", *self.targets)
         self.target_share = float(target_share)
+        self.age_range = age_range
+        self.age_span = None if age_span is None else float(age_span)
 
     def __len__(self) -> int:
         return self.num_identities * self.samples_per_identity
@@ -97,6 +119,8 @@ class SyntheticFaces(Dataset):
             raise IndexError(f"identity {identity} out of range [0, {self.num_identities})")
         gid = self.identity_offset + identity
         face = face_identity(self.seed, gid)
+        if self.age_range is not None:
+            face = age_face(face, ageing_traits(self.seed, gid), self._age(identity, sample))
         variation = face_variation(self.seed, gid, sample, self.difficulty)
         return render_face(face, variation, self.image_size)
 
@@ -116,6 +140,24 @@ class SyntheticFaces(Dataset):
         var = face_variation(self.seed, self.identity_offset + identity, sample, self.difficulty)
         return np.array([var.roll / 25.0, var.yaw / 0.5, var.pitch / 0.08], dtype=np.float32)
 
+    def age(self, index: int) -> float:
+        """The age (years) sample ``index`` is rendered at, whether or not its age target is masked."""
+        identity, sample = divmod(self._check_index(index), self.samples_per_identity)
+        if self.age_range is None:
+            raise ValueError("this SyntheticFaces renders no ages: give age_range or the age target")
+        return self._age(identity, sample)
+
+    def _age(self, identity: int, sample: int) -> float:
+        return sample_age(self.seed, self.identity_offset + identity, sample, self.age_range, self.age_span)
+
+    @property
+    def ages(self) -> np.ndarray:
+        """Every sample's age target, float64 (N,), NaN where masked (the data-set contract); the rendered
+        ages of all samples are ``age(i)``. Only for sets with the age target; no image is rendered."""
+        if "age" not in self.targets:
+            raise AttributeError("this SyntheticFaces has no age target")
+        return np.array([self.age(i) if self.has_targets(i) else math.nan for i in range(len(self))])
+
     def has_targets(self, index: int) -> bool:
         """Whether sample ``index`` carries the extra targets: a pure function of (seed, index)."""
         if self.target_share >= 1:
@@ -130,7 +172,7 @@ class SyntheticFaces(Dataset):
             known = self.has_targets(index)
             for name in self.targets:
                 value = getattr(self, name)(index)
-                targets[name] = value if known else np.zeros_like(value)
+                targets[name] = value if known else _placeholder(value)
                 targets[name + MASK_SUFFIX] = known
         return to_tensor(self.load_uint8(index)), targets
 
@@ -147,8 +189,14 @@ class SyntheticFaces(Dataset):
         return (
             f"SyntheticFaces(num_identities={self.num_identities}, samples_per_identity={self.samples_per_identity}, "
             f"image_size={self.image_size}, seed={self.seed}, identity_offset={self.identity_offset}, "
-            f"difficulty={self.difficulty}, targets={self.targets}, target_share={self.target_share})"
+            f"difficulty={self.difficulty}, targets={self.targets}, target_share={self.target_share}, "
+            f"age_range={self.age_range}, age_span={self.age_span})"
         )
+
+
+def _placeholder(value: Any) -> Any:
+    """The value a masked target carries: NaN for a scalar (the age), zeros of the right shape otherwise."""
+    return math.nan if isinstance(value, float) else np.zeros_like(value)
 
 
 def contact_sheet(dataset: SyntheticFaces, identities: int = 6, samples: int = 6, gap: int = 2) -> np.ndarray:

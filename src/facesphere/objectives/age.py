@@ -5,14 +5,21 @@ the norm regresses age, L_age = 1/(2M) Σ_i (f(‖x_i‖) − z_i)² over the M 
 
 Conditioning: with raw norms of 10-30 the slope's curvature is E[‖x‖²] ≈ 10²-10³, so the one SGD
 optimiser, at the backbone's learning rate, would diverge on k (lr·E[‖x‖²] > 2) while b barely moves.
-The objective therefore learns f in standardised coordinates, f(n) = c + a·(n − μ)/σ, where μ and σ are
-the norm's mean and standard deviation over the first batch with ages (all ranks), stored as buffers,
-and a, c start at that batch's closed-form least-squares fit (a = cov(n, z)/σ, c = mean z). Both
-parameters then have curvature about 1 and start at the optimum for the initial backbone; the fit runs
-once (a ``fitted`` buffer in the checkpoint), so a resumed run continues bit for bit. SGD with momentum β
-stays stable on a while weight·lr·E[((n − μ)/σ)²] < 2(1 + β): at the shipped weight 0.01 and lr ≤ 0.1 the
-norms may drift up to ~60 first-batch standard deviations from μ (a random MobileFaceNet gives σ/μ ≈ 0.24). k = a/σ and
-b = c − a·μ/σ are what :meth:`AgeFromNorm.age_branch` reports, as the fields of the model card's
+The objective therefore learns f in standardised coordinates, f(n) = c + a·(n − μ)/σ, so that both
+parameters have curvature about 1:
+
+* μ and σ, buffers, start as the norm's mean and standard deviation over the first batch with ages (all
+  ranks), and a, c at that batch's closed-form least-squares fit (a = cov(n, z)/σ, c = mean z): the age
+  term starts at its optimum for the initial backbone instead of minutes of SGD away from it.
+* The norms drift while the backbone trains (a small backbone from scratch: ~1 → ~11 within a few hundred
+  steps, which made a's curvature E[((n − μ)/σ)²] ≈ 2500 and the loss NaN with fixed first-batch statistics). So
+  before every training step μ and σ follow the batch's norms (running averages, share ``norm_momentum``)
+  and a, c are re-expressed so that f itself is unchanged (k = a/σ and b = c − a·μ/σ are kept): a change
+  of coordinates only, never a change of the function being fitted.
+
+All of this is state in the checkpoint (``fitted``, μ, σ) and a function of the batches seen, so a
+resumed run continues bit for bit; the statistics are summed over ranks, so every rank holds the same a, c.
+k = a/σ and b = c − a·μ/σ are what :meth:`AgeFromNorm.age_branch` reports, as the fields of the model card's
 ``facesphere.models.card.AgeBranch`` (plain values, since objectives and models are sibling layers: the trainer stores
 them in its checkpoints, and ``facesphere.models.runs`` puts them on the card of the trained backbone).
 """
@@ -38,11 +45,15 @@ class AgeFromNorm(Objective):
     Args:
         target: the target holding ages in years (masked-out samples add neither loss nor gradient).
         input: the model output whose raw (un-normalised) rows are x.
+        norm_momentum: each training batch's share in the running μ, σ of the norm (0: keep the first batch's).
     """
 
-    def __init__(self, context: ObjectiveContext, target: str = "age", input: str = "embedding") -> None:
+    def __init__(self, context: ObjectiveContext, target: str = "age", input: str = "embedding",
+                 norm_momentum: float = 0.1) -> None:
         super().__init__(context)
-        self.target, self.input = target, input
+        if not 0.0 <= norm_momentum <= 1.0:
+            raise ValueError(f"norm_momentum must lie in [0, 1], got {norm_momentum}")
+        self.target, self.input, self.norm_momentum = target, input, float(norm_momentum)
         self.requires = (target,)
         self.slope_per_std = nn.Parameter(torch.zeros(()))  # a: years per standard deviation of the norm
         self.age_at_mean = nn.Parameter(torch.zeros(()))  # c: the age at the mean norm
@@ -68,6 +79,8 @@ class AgeFromNorm(Objective):
                 mask = torch.ones_like(ages, dtype=torch.bool)
             if not bool(self.fitted):
                 self._fit(norms.detach(), ages, mask)
+            elif self.training and self.norm_momentum > 0:
+                self._follow(norms.detach())
             prediction = self.predict(norms)
             # A sample without an age is compared with its own detached prediction: zero loss and gradient,
             # whatever placeholder (NaN) it carries, and the graph still reaches a and c (DDP needs that).
@@ -99,6 +112,24 @@ class AgeFromNorm(Objective):
         self.fitted.fill_(True)
         logger.info("%s: age = %.4g + %.4g·(‖x‖ − %.4g)/%.4g fitted on the first %d samples with ages",
                     self.key, mean_z, covariance / std, mean_n, std, int(count))
+
+    @torch.no_grad()
+    def _follow(self, norms: Tensor) -> None:
+        """Move μ, σ toward this batch's norm statistics (all ranks) and re-express a, c so that f is unchanged."""
+        n = norms.double()
+        stats, _ = global_count(torch.stack([n.new_tensor(float(n.numel())), n.sum(), (n * n).sum()]))
+        mean = stats[1] / stats[0]
+        variance = (stats[2] / stats[0] - mean * mean).clamp(min=0.0)
+        old_mean, old_std = self.norm_mean.clone(), self.norm_std.clone()
+        share = self.norm_momentum
+        new_mean = old_mean + share * (mean - old_mean)
+        new_std = torch.sqrt((1 - share) * old_std * old_std + share * variance)
+        new_std = torch.where(new_std > 1e-6 * new_mean.abs().clamp(min=1.0), new_std, old_std)
+        slope = self.slope_per_std.double() / old_std  # k, kept
+        self.age_at_mean.copy_(self.age_at_mean.double() + slope * (new_mean - old_mean))
+        self.slope_per_std.copy_(slope * new_std)
+        self.norm_mean.copy_(new_mean)
+        self.norm_std.copy_(new_std)
 
     def age_branch(self) -> dict[str, Any]:
         """The fitted f as the fields of the card's ``AgeBranch``: slope k = a/σ, intercept b = c − a·μ/σ."""

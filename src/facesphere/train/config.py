@@ -162,10 +162,28 @@ class SyntheticSettings(Strict):
     seed: int = 0
     difficulty: float = Field(1.0, ge=0)
     identity_offset: int = Field(0, ge=0)
-    targets: list[Literal["pose"]] = Field(default_factory=list, description="targets besides the label: pose "
-                                           "(normalised roll, yaw, pitch of the rendered face; needs augment.flip=0)")
+    targets: list[Literal["pose", "age"]] = Field(default_factory=list, description="targets besides the label: pose "
+                                                  "(normalised roll, yaw, pitch of the rendered face; needs augment.flip=0), "
+                                                  "age (years; faces are then rendered aged, held-out identities too)")
     target_share: float = Field(1.0, ge=0, le=1, description="share of samples carrying those targets (the rest "
                                 "are masked out), chosen by (seed, index)")
+    age_min: float = Field(10.0, ge=0, le=150, description="with the age target: youngest age rendered (years)")
+    age_max: float = Field(70.0, ge=0, le=150, description="with the age target: oldest age rendered (years)")
+    age_span: float | None = Field(None, ge=0, description="with the age target: each identity's ages are uniform in "
+                                   "a window of this many years placed at random in [age_min, age_max]; null: the "
+                                   "whole range")
+
+    @model_validator(mode="after")
+    def _age_range(self) -> "SyntheticSettings":
+        if self.age_min > self.age_max:
+            raise ValueError(f"age_min ({self.age_min}) must not exceed age_max ({self.age_max})")
+        return self
+
+    def age_options(self) -> dict:
+        """``SyntheticFaces`` keywords for the rendered ages: none unless ``age`` is a target."""
+        if "age" not in self.targets:
+            return {}
+        return {"age_range": (self.age_min, self.age_max), "age_span": self.age_span}
 
 
 class DataConfig(Strict):

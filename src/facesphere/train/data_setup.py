@@ -21,7 +21,7 @@ def _synthetic(cfg: ExperimentConfig, augment: AugmentConfig, image_size: tuple[
     s = cfg.data.synthetic
     return SyntheticFaces(s.num_identities, s.samples_per_identity, image_size=image_size, seed=s.seed,
                           identity_offset=s.identity_offset, augment=augment, difficulty=s.difficulty,
-                          targets=s.targets, target_share=s.target_share)
+                          targets=s.targets, target_share=s.target_share, **s.age_options())
 
 
 @DATA_KINDS.register("record")
@@ -66,7 +66,8 @@ def build_eval_set(cfg: ExperimentConfig) -> SyntheticFaces:
     """Held-out synthetic identities: same generator seed, identity ids disjoint from training."""
     e, s = cfg.eval, cfg.data.synthetic
     return SyntheticFaces(e.num_identities, e.samples_per_identity, image_size=cfg.data.image_size or _backbone_input_size(cfg),
-                          seed=s.seed, identity_offset=e.identity_offset, augment=None, difficulty=s.difficulty)
+                          seed=s.seed, identity_offset=e.identity_offset, augment=None, difficulty=s.difficulty,
+                          **s.age_options())
 
 
 __all__ = ["DATA_KINDS", "build_dataset", "build_train_set", "build_eval_set"]
