@@ -17,6 +17,7 @@ from facesphere.align.templates import ARCFACE_POINTS_112
 from facesphere.align.similarity import align_similarity, umeyama
 from facesphere.evaluate.age import (
     cacd_vs_cv_folds,
+    evaluate_cacd_vs,
     fgnet_five_points,
     fgnet_identification,
     fgnet_subject_folds,
@@ -401,6 +402,10 @@ def test_fgnet_protocols_on_a_subset_match_brute_force(tmp_path):
     assert report["accuracy_mean"] == evaluate_pairset(None, pairs, embeddings=emb[keep])["accuracy_mean"]
     with pytest.raises(ValueError, match="one entry per image"):
         fgnet_identification(None, root, embeddings=emb, subset=fold[1:])
+    with pytest.raises(ValueError, match="indices into the"):
+        fgnet_verification(None, root, embeddings=emb, subset=np.array([0, len(images)]))
+    with pytest.raises(ValueError, match="embeddings for"):
+        fgnet_verification(None, root, embeddings=emb[1:], subset=fold)
 
 
 def test_five_points_and_pts_format(tmp_path):
@@ -464,6 +469,14 @@ def test_cacd_vs_several_folds(tmp_path):
     ps = parse_cacd_vs(tmp_path)
     assert ps.folds.tolist() == [1, 1, 2, 2, 4] and ps.same.tolist() == [True, False, True, False, True]
     assert cacd_vs_cv_folds(ps.same, ps.folds).tolist() == [1, 1, 2, 2, 4]
+    # embeddings given (photos aligned and embedded by the caller, e.g. once for several models): the accuracy is
+    # that of the scores, with the same folds; the files themselves are never read (they are empty here)
+    left, right = [[1, 0], [1, 0], [0, 1], [1, 0], [1, 1]], [[1, 0.1], [0, 1], [0.1, 1], [0, 1], [1, 1.2]]
+    emb = np.array(left + right)  # rows: the pairs' left photos, then their right ones (from_path_pairs' order)
+    report = evaluate_cacd_vs(None, tmp_path, embeddings=emb)
+    assert report["accuracy_mean"] == 1.0 and report["alignment"] == "by the caller (embeddings given)"
+    assert report == {**evaluate_pairset(None, ps, embeddings=emb, folds=ps.folds), "cacd_folds": [1, 2, 4],
+                      "fold_scheme": "leave-one-official-fold-out", "alignment": "by the caller (embeddings given)"}
     (folder / "1300_1.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="pair 1300"):
         parse_cacd_vs(tmp_path)

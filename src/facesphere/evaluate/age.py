@@ -302,16 +302,26 @@ def fgnet_subject_folds(images: Sequence[FGNetImage], k: int = 5, seed: int = 0)
     return fold_of[np.searchsorted(unique, subjects)]
 
 
-def _subset_indices(subset, n: int) -> np.ndarray:
-    """A boolean mask of length ``n`` or integer indices -> sorted unique indices into the ``n`` images."""
-    sel = np.asarray(subset)
-    if sel.dtype == bool:
-        if sel.shape != (n,):
-            raise ValueError(f"a boolean subset needs one entry per image ({n}), got shape {sel.shape}")
-        return np.flatnonzero(sel)
-    if sel.ndim != 1 or not np.issubdtype(sel.dtype, np.integer) or (sel.size and (sel.min() < 0 or sel.max() >= n)):
+def _fgnet_selection(root, align, subset, embeddings) -> tuple[list[FGNetImage], np.ndarray | None]:
+    """The ``parse_fgnet`` images in ``subset`` (a boolean mask over them or their indices; None: all) and their
+    rows of ``embeddings`` (one row per ``parse_fgnet`` image; None stays None)."""
+    images = parse_fgnet(root, require_points=align is None)
+    n = len(images)
+    if embeddings is not None:
+        embeddings = np.asarray(embeddings)
+        if embeddings.shape[0] != n:
+            raise ValueError(f"{embeddings.shape[0]} embeddings for {n} FG-NET images")
+    if subset is None:
+        return images, embeddings
+    keep = np.asarray(subset)
+    if keep.dtype == bool:
+        if keep.shape != (n,):
+            raise ValueError(f"a boolean subset needs one entry per image ({n}), got shape {keep.shape}")
+        keep = np.flatnonzero(keep)
+    elif keep.ndim != 1 or not np.issubdtype(keep.dtype, np.integer) or (keep.size and (keep.min() < 0 or keep.max() >= n)):
         raise ValueError(f"subset must be a boolean mask or indices into the {n} images")
-    return np.unique(sel)
+    keep = np.unique(keep)
+    return [images[k] for k in keep], None if embeddings is None else embeddings[keep]
 
 
 def fgnet_verification_pairs(images: Sequence[FGNetImage], min_age_gap: int = 10, seed: int = 0,
@@ -365,16 +375,9 @@ def fgnet_identification(model, root: str | os.PathLike, *, size: tuple[int, int
     """
     from facesphere.evaluate.identification import _cmc_from, search
 
-    images = parse_fgnet(root, require_points=align is None)
-    keep = np.arange(len(images)) if subset is None else _subset_indices(subset, len(images))
-    if embeddings is None:
-        emb = _embed_fgnet(model, [images[k] for k in keep], size, align, preprocess, embed_kwargs)
-    else:
-        emb = np.asarray(embeddings)
-        if emb.shape[0] != len(images):
-            raise ValueError(f"{emb.shape[0]} embeddings for {len(images)} FG-NET images")
-        emb = emb[keep]
-    images = [images[k] for k in keep]
+    images, emb = _fgnet_selection(root, align, subset, embeddings)
+    if emb is None:
+        emb = _embed_fgnet(model, images, size, align, preprocess, embed_kwargs)
     subjects = np.array([im.subject for im in images])
     res = search(emb, subjects, emb, subjects, distractors, exclude=np.arange(len(images)))
     n_d = 0 if distractors is None else int(np.asarray(distractors).shape[0])
@@ -401,15 +404,8 @@ def fgnet_verification(model, root: str | os.PathLike, *, min_age_gap: int = 10,
     """
     from facesphere.evaluate.pairset_eval import evaluate_pairset
 
-    images = parse_fgnet(root, require_points=align is None)
-    keep = np.arange(len(images)) if subset is None else _subset_indices(subset, len(images))
-    if embeddings is not None:
-        embeddings = np.asarray(embeddings)
-        if embeddings.shape[0] != len(images):
-            raise ValueError(f"{embeddings.shape[0]} embeddings for {len(images)} FG-NET images")
-        embeddings = embeddings[keep]
-    ps = fgnet_verification_pairs([images[k] for k in keep], min_age_gap=min_age_gap, seed=seed,
-                                  loader=fgnet_loader(size, align))
+    images, embeddings = _fgnet_selection(root, align, subset, embeddings)
+    ps = fgnet_verification_pairs(images, min_age_gap=min_age_gap, seed=seed, loader=fgnet_loader(size, align))
     report = evaluate_pairset(model, ps, preprocess=preprocess, out_dir=out_dir, embeddings=embeddings, **kwargs)
     report.update(min_age_gap=int(min_age_gap), seed=int(seed))
     return report
