@@ -17,7 +17,11 @@ from facesphere.align.templates import ARCFACE_POINTS_112
 from facesphere.align.similarity import align_similarity, umeyama
 from facesphere.evaluate.age import (
     cacd_vs_cv_folds,
+    evaluate_cacd_vs,
     fgnet_five_points,
+    fgnet_identification,
+    fgnet_subject_folds,
+    fgnet_verification,
     fgnet_verification_pairs,
     parse_cacd_vs,
     parse_fgnet,
@@ -340,6 +344,70 @@ def test_fgnet_parsing_and_landmarks():
     assert np.array_equal(again.left, pairs.left) and np.array_equal(again.right, pairs.right)
 
 
+def _fake_fgnet(root, subjects: int, rng) -> list:
+    """An FG-NET-shaped folder (names and empty landmark files only; nothing here decodes them)."""
+    (root / "images").mkdir(parents=True)
+    (root / "points").mkdir()
+    for subject in range(1, subjects + 1):
+        for age in sorted(rng.choice(70, size=int(rng.integers(1, 14)), replace=False)):
+            (root / "images" / f"{subject:03d}A{age:02d}.JPG").write_bytes(b"")
+            (root / "points" / f"{subject:03d}a{age:02d}.pts").write_text("")
+    return parse_fgnet(root)
+
+
+def test_fgnet_subject_folds_are_disjoint_cover_everyone_and_are_deterministic(tmp_path):
+    rng = np.random.default_rng(3)
+    images = _fake_fgnet(tmp_path / "fgnet", 82, rng)
+    subjects = np.array([im.subject for im in images])
+    folds = fgnet_subject_folds(images, k=5, seed=0)
+    assert folds.shape == (len(images),) and set(folds.tolist()) == set(range(5))  # every image, every fold used
+    for s in np.unique(subjects):
+        assert np.unique(folds[subjects == s]).size == 1  # subject-disjoint
+    people = [np.unique(subjects[folds == f]).size for f in range(5)]
+    assert sum(people) == 82 and sorted(people) == [16, 16, 16, 17, 17]  # evenly: sizes differ by at most one
+    assert np.array_equal(fgnet_subject_folds(images, k=5, seed=0), folds)
+    assert not np.array_equal(fgnet_subject_folds(images, k=5, seed=1), folds)
+    # a fold belongs to the person, not to the image's position in the list
+    order = rng.permutation(len(images))
+    assert np.array_equal(fgnet_subject_folds([images[i] for i in order], k=5, seed=0), folds[order])
+    with pytest.raises(ValueError, match="between 2 and the number of subjects"):
+        fgnet_subject_folds(images, k=83)
+
+
+def test_fgnet_protocols_on_a_subset_match_brute_force(tmp_path):
+    rng = np.random.default_rng(4)
+    root = tmp_path / "fgnet"
+    images = _fake_fgnet(root, 30, rng)
+    subjects = np.array([im.subject for im in images])
+    ages = np.array([im.age for im in images])
+    centres = rng.normal(size=(31, 16))
+    emb = centres[subjects] + 1.2 * rng.normal(size=(len(images), 16))  # some probes miss at rank 1
+    fold = fgnet_subject_folds(images, k=3, seed=0) == 1
+    keep = np.flatnonzero(fold)
+    got = fgnet_identification(None, root, embeddings=emb, subset=fold)
+    assert got == fgnet_identification(None, root, embeddings=emb, subset=keep)  # mask or indices alike
+    unit = emb[keep] / np.linalg.norm(emb[keep], axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    sub = subjects[keep]
+    mated = np.array([(sub == sub[i]).sum() > 1 for i in range(keep.size)])
+    hits = sub[np.argmax(sims, axis=1)] == sub
+    assert got["num_probes"] == mated.sum() and got["rank_1"] == pytest.approx(hits[mated].mean())
+    assert got["num_subjects"] == np.unique(sub).size
+    report = fgnet_verification(None, root, embeddings=emb, subset=fold, min_age_gap=10)
+    pairs = fgnet_verification_pairs([images[k] for k in keep], min_age_gap=10)
+    i, j = np.triu_indices(keep.size, 1)
+    genuine = ((sub[i] == sub[j]) & (np.abs(ages[keep][i] - ages[keep][j]) >= 10)).sum()
+    assert pairs.same.sum() == genuine and report["num_images"] == keep.size
+    assert report["accuracy_mean"] == evaluate_pairset(None, pairs, embeddings=emb[keep])["accuracy_mean"]
+    with pytest.raises(ValueError, match="one entry per image"):
+        fgnet_identification(None, root, embeddings=emb, subset=fold[1:])
+    with pytest.raises(ValueError, match="indices into the"):
+        fgnet_verification(None, root, embeddings=emb, subset=np.array([0, len(images)]))
+    with pytest.raises(ValueError, match="embeddings for"):
+        fgnet_verification(None, root, embeddings=emb[1:], subset=fold)
+
+
 def test_five_points_and_pts_format(tmp_path):
     pts = np.arange(136, dtype=float).reshape(68, 2)
     five = fgnet_five_points(pts)
@@ -401,6 +469,14 @@ def test_cacd_vs_several_folds(tmp_path):
     ps = parse_cacd_vs(tmp_path)
     assert ps.folds.tolist() == [1, 1, 2, 2, 4] and ps.same.tolist() == [True, False, True, False, True]
     assert cacd_vs_cv_folds(ps.same, ps.folds).tolist() == [1, 1, 2, 2, 4]
+    # embeddings given (photos aligned and embedded by the caller, e.g. once for several models): the accuracy is
+    # that of the scores, with the same folds; the files themselves are never read (they are empty here)
+    left, right = [[1, 0], [1, 0], [0, 1], [1, 0], [1, 1]], [[1, 0.1], [0, 1], [0.1, 1], [0, 1], [1, 1.2]]
+    emb = np.array(left + right)  # rows: the pairs' left photos, then their right ones (from_path_pairs' order)
+    report = evaluate_cacd_vs(None, tmp_path, embeddings=emb)
+    assert report["accuracy_mean"] == 1.0 and report["alignment"] == "by the caller (embeddings given)"
+    assert report == {**evaluate_pairset(None, ps, embeddings=emb, folds=ps.folds), "cacd_folds": [1, 2, 4],
+                      "fold_scheme": "leave-one-official-fold-out", "alignment": "by the caller (embeddings given)"}
     (folder / "1300_1.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="pair 1300"):
         parse_cacd_vs(tmp_path)

@@ -22,6 +22,11 @@ the probe and all 1,001 others the gallery (optionally ∪ distractors). That is
 with an age gap >= ``min_age_gap``, and as many different-person pairs with the same minimum gap
 (so only identity differs between the classes), drawn uniformly with a fixed seed.
 
+Fine-tuning on FG-NET (the leave-one-person-out protocol above, coarsened to k folds of people) needs
+people the model never trained on: ``fgnet_subject_folds`` splits the 82 subjects into k
+subject-disjoint folds, and ``subset=`` restricts ``fgnet_identification`` / ``fgnet_verification`` to one
+fold's images (``fgnet_verification_pairs`` takes that fold's image list).
+
 Alignment without a detector: FG-NET's 68 points reduce to the 5 ArcFace points
 (``fgnet_five_points``) and ``align_similarity`` warps with the least-squares similarity (Umeyama)
 onto the ArcFace 112x112 template (``facesphere.align.similarity``).
@@ -58,6 +63,7 @@ __all__ = [
     "fgnet_five_points",
     "fgnet_identification",
     "fgnet_loader",
+    "fgnet_subject_folds",
     "fgnet_verification",
     "fgnet_verification_pairs",
     "parse_cacd_vs",
@@ -156,7 +162,11 @@ def cacd_vs_cv_folds(same, folds, n_sub: int = 10) -> np.ndarray:
 
 def evaluate_cacd_vs(model, root: str | os.PathLike, *, align: Callable[[np.ndarray], np.ndarray | None] | None = None,
                      size: tuple[int, int] = (112, 112), preprocess=None, out_dir=None, **kwargs) -> dict:
-    """CACD-VS accuracy over the folds present (module doc); ``kwargs`` go to ``evaluate_pairset``."""
+    """CACD-VS accuracy over the folds present (module doc); ``kwargs`` go to ``evaluate_pairset``.
+
+    ``embeddings`` (one row per image of ``parse_cacd_vs(root)``, e.g. crops detected and aligned once and
+    embedded by several models) skips loading, aligning and embedding.
+    """
     from facesphere.evaluate.pairset_eval import evaluate_pairset
 
     ps = parse_cacd_vs(root)
@@ -167,6 +177,9 @@ def evaluate_cacd_vs(model, root: str | os.PathLike, *, align: Callable[[np.ndar
     report = evaluate_pairset(model, ps, preprocess=preprocess, folds=folds, out_dir=out_dir, **kwargs)
     report["cacd_folds"] = sorted(int(f) for f in np.unique(ps.folds))
     report["fold_scheme"] = "10 stratified sub-folds within the single fold" if single else "leave-one-official-fold-out"
+    if kwargs.get("embeddings") is not None:  # the caller embedded the photos, aligned its own way
+        report["alignment"] = "by the caller (embeddings given)"
+        return report
     report["alignment"] = "align callable" if align is not None else "none (centre crop: not comparable to published numbers)"
     report["align_failures"] = loader.failures
     if align is None:
@@ -272,6 +285,45 @@ def fgnet_loader(size: tuple[int, int] = (112, 112), align: Callable[[np.ndarray
     return load
 
 
+def fgnet_subject_folds(images: Sequence[FGNetImage], k: int = 5, seed: int = 0) -> np.ndarray:
+    """Fold id (0..k-1) per image, subject-disjoint: the sorted subjects, permuted with ``seed``, cut into ``k``
+    contiguous runs whose sizes differ by at most one (FG-NET: 82 people -> 17, 16, 17, 16, 16).
+
+    For fine-tuning on FG-NET (train on k-1 folds, test on the people of the k-th) every photo of a person
+    lands in the same fold, so no test identity is seen in training.
+    """
+    subjects = np.array([im.subject for im in images], dtype=np.int64)
+    unique = np.unique(subjects)
+    if not 2 <= k <= unique.size:
+        raise ValueError(f"k must be between 2 and the number of subjects ({unique.size}), got {k}")
+    order = np.random.default_rng(seed).permutation(unique.size)
+    fold_of = np.empty(unique.size, dtype=np.int64)
+    fold_of[order] = np.arange(unique.size) * k // unique.size
+    return fold_of[np.searchsorted(unique, subjects)]
+
+
+def _fgnet_selection(root, align, subset, embeddings) -> tuple[list[FGNetImage], np.ndarray | None]:
+    """The ``parse_fgnet`` images in ``subset`` (a boolean mask over them or their indices; None: all) and their
+    rows of ``embeddings`` (one row per ``parse_fgnet`` image; None stays None)."""
+    images = parse_fgnet(root, require_points=align is None)
+    n = len(images)
+    if embeddings is not None:
+        embeddings = np.asarray(embeddings)
+        if embeddings.shape[0] != n:
+            raise ValueError(f"{embeddings.shape[0]} embeddings for {n} FG-NET images")
+    if subset is None:
+        return images, embeddings
+    keep = np.asarray(subset)
+    if keep.dtype == bool:
+        if keep.shape != (n,):
+            raise ValueError(f"a boolean subset needs one entry per image ({n}), got shape {keep.shape}")
+        keep = np.flatnonzero(keep)
+    elif keep.ndim != 1 or not np.issubdtype(keep.dtype, np.integer) or (keep.size and (keep.min() < 0 or keep.max() >= n)):
+        raise ValueError(f"subset must be a boolean mask or indices into the {n} images")
+    keep = np.unique(keep)
+    return [images[k] for k in keep], None if embeddings is None else embeddings[keep]
+
+
 def fgnet_verification_pairs(images: Sequence[FGNetImage], min_age_gap: int = 10, seed: int = 0,
                              n_folds: int = 10, max_genuine: int | None = None, loader=None, name: str = "fgnet_cross_age"):
     """Cross-age pairs over FG-NET images as a ``PairSet`` (module doc); folds = position mod ``n_folds``.
@@ -312,19 +364,20 @@ def _embed_fgnet(model, images, size, align, preprocess, embed_kwargs) -> np.nda
 
 
 def fgnet_identification(model, root: str | os.PathLike, *, size: tuple[int, int] = (112, 112), align=None,
-                         preprocess=None, distractors=None, embeddings: np.ndarray | None = None,
+                         preprocess=None, distractors=None, embeddings: np.ndarray | None = None, subset=None,
                          **embed_kwargs) -> dict:
     """Leave-one-image-out identification on FG-NET (module doc): rank-1/5/10 and the CMC.
 
     Also splits rank-1 by the probe's age (0-9, 10-19, ..., 60+) since children are the hard case.
-    ``embeddings`` (one row per ``parse_fgnet`` image) skips the embedding pass.
+    ``embeddings`` (one row per ``parse_fgnet`` image) skips the embedding pass. ``subset`` (a boolean mask
+    over the ``parse_fgnet`` images, or their indices, e.g. ``fgnet_subject_folds(...) == f``) restricts
+    probes and gallery to those images: the test fold's people after fine-tuning on the others.
     """
     from facesphere.evaluate.identification import _cmc_from, search
 
-    images = parse_fgnet(root, require_points=align is None)
-    emb = _embed_fgnet(model, images, size, align, preprocess, embed_kwargs) if embeddings is None else np.asarray(embeddings)
-    if emb.shape[0] != len(images):
-        raise ValueError(f"{emb.shape[0]} embeddings for {len(images)} FG-NET images")
+    images, emb = _fgnet_selection(root, align, subset, embeddings)
+    if emb is None:
+        emb = _embed_fgnet(model, images, size, align, preprocess, embed_kwargs)
     subjects = np.array([im.subject for im in images])
     res = search(emb, subjects, emb, subjects, distractors, exclude=np.arange(len(images)))
     n_d = 0 if distractors is None else int(np.asarray(distractors).shape[0])
@@ -343,12 +396,16 @@ def fgnet_identification(model, root: str | os.PathLike, *, size: tuple[int, int
 
 def fgnet_verification(model, root: str | os.PathLike, *, min_age_gap: int = 10, seed: int = 0,
                        size: tuple[int, int] = (112, 112), align=None, preprocess=None, out_dir=None,
-                       **kwargs) -> dict:
-    """Cross-age verification on FG-NET pairs (``fgnet_verification_pairs``), via ``evaluate_pairset``."""
+                       subset=None, embeddings: np.ndarray | None = None, **kwargs) -> dict:
+    """Cross-age verification on FG-NET pairs (``fgnet_verification_pairs``), via ``evaluate_pairset``.
+
+    ``subset`` (mask or indices over the ``parse_fgnet`` images) builds the pairs among those images only;
+    ``embeddings`` (one row per ``parse_fgnet`` image) skips the embedding pass.
+    """
     from facesphere.evaluate.pairset_eval import evaluate_pairset
 
-    images = parse_fgnet(root, require_points=align is None)
+    images, embeddings = _fgnet_selection(root, align, subset, embeddings)
     ps = fgnet_verification_pairs(images, min_age_gap=min_age_gap, seed=seed, loader=fgnet_loader(size, align))
-    report = evaluate_pairset(model, ps, preprocess=preprocess, out_dir=out_dir, **kwargs)
+    report = evaluate_pairset(model, ps, preprocess=preprocess, out_dir=out_dir, embeddings=embeddings, **kwargs)
     report.update(min_age_gap=int(min_age_gap), seed=int(seed))
     return report
