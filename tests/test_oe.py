@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from test_heads import ref_cos, ref_lambda, ref_psi
 
-from facesphere.data import SyntheticFaces
 from facesphere.heads import HEADS, build_head
 from facesphere.models.card import AgeBranch
 from facesphere.models.export import export_model
@@ -18,7 +17,6 @@ from facesphere.models.store import load_model
 from facesphere.objectives import OBJECTIVES, ObjectiveContext, build_objective
 from facesphere.objectives.age import AgeFromNorm
 from facesphere.train.config import load_config
-from facesphere.train.data_setup import DATA_KINDS
 from facesphere.train.trainer import InitError, Trainer, build_optimizer, read_metrics
 
 # ----------------------------------------------------------------------------------------------- the head
@@ -199,32 +197,9 @@ def test_masked_only_batches_give_zero_loss_and_no_fit():
 
 # ----------------------------------------------------------------------------------------------- through the trainer
 
-@DATA_KINDS.register("test_aged_synthetic")
-def _aged(cfg, augment, image_size):
-    """Synthetic identities whose age is 18 + 3·label years, every third sample without an age (masked)."""
-    s = cfg.data.synthetic
-    faces = SyntheticFaces(s.num_identities, s.samples_per_identity, image_size=image_size, seed=s.seed,
-                           augment=augment)
-
-    class Aged(torch.utils.data.Dataset):
-        num_classes, labels, target_names = faces.num_classes, faces.labels, ("label", "age")
-
-        def __len__(self):
-            return len(faces)
-
-        def set_epoch(self, epoch):
-            faces.set_epoch(epoch)
-
-        def __getitem__(self, index):
-            image, targets = faces[index]
-            known = index % 3 != 0
-            return image, {**targets, "age": 18.0 + 3 * targets["label"] if known else float("nan"), "age_mask": known}
-
-    return Aged()
-
-
 TINY = ["model.backbone=sphereface4", "model.backbone_args={embedding_size: 16, input_size: [32, 32]}",
-        "model.head=oe", "model.head_args={scale: 16.0}", "data.kind=test_aged_synthetic",
+        "model.head=oe", "model.head_args={scale: 16.0}", "data.kind=synthetic", "data.synthetic.targets=[age]",
+        "data.synthetic.target_share=0.7",
         "data.synthetic.num_identities=8", "data.synthetic.samples_per_identity=4", "data.batch_size=8",
         "data.num_workers=0", "optim.lr=0.01", "train.log_every=1", "train.tensorboard=false", "train.progress=false",
         "eval.enabled=false", "objectives=[{name: recognition}, {name: age_from_norm, label: age, weight: 0.01}]"]
@@ -242,16 +217,15 @@ def test_an_oe_run_logs_both_terms_and_exports_its_age_branch(tmp_path):
     _, card = load_model(tmp_path / "model")
     assert card.age_branch is not None and card.age_branch == exported.card.age_branch
     objective = trainer.model.objectives["age"]
-    norms = torch.tensor([5.0, 12.5, 31.0])
-    torch.testing.assert_close(torch.as_tensor(card.age_branch.predict(norms), dtype=torch.float32),
-                               objective.predict(norms).detach(), rtol=1e-5, atol=1e-4)
+    norms = objective.norm_mean + objective.norm_std * torch.tensor([-2.0, 0.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(card.age_branch.predict(norms), objective.predict(norms).detach(), rtol=1e-9, atol=1e-9)
     plain = load_config(None, TINY + [f"output_dir={tmp_path}", "name=plain", "train.steps=1", "objectives=[]"])
     Trainer(plain).fit()
     assert export_model(tmp_path / "plain", tmp_path / "plain_model").card.age_branch is None
 
 
 def test_an_age_objective_on_data_without_ages_is_refused_at_startup(tmp_path):
-    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=x", "data.kind=synthetic"])
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=x", "data.synthetic.targets=[]"])
     with pytest.raises(ValueError, match=r"objective 'age' needs targets \['age'\]"):
         Trainer(cfg)
 
@@ -272,7 +246,6 @@ def test_fine_tuning_starts_from_the_init_weights_and_resumes_bit_exactly(tmp_pa
                        "train.checkpoint_every=3"]
     tuned = Trainer(load_config(None, settings + ["name=straight"]))
     tuned.fit()
-    _, card = load_model(tmp_path / "pre_model")
     first = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000003.pt", weights_only=True)
     assert first["card"]["age_branch"]["kind"] == "norm_linear"
 

@@ -239,7 +239,7 @@ def test_partial_fc_two_processes_follow_one_and_resume_on_either(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["tiny", "oe_cnn_fgnet"])
+@pytest.mark.parametrize("recipe", ["tiny", "oe_cnn"])
 def test_partial_fc_sampled_resume_is_exact(tmp_path, recipe):
     """r = 0.5: sampling is seeded by the step, so a resumed 2-process run repeats the uninterrupted one exactly
     (also for OE-CNN: its margin head sharded by Partial FC, its age term fitted on both ranks' first batches)."""
@@ -249,7 +249,8 @@ def test_partial_fc_sampled_resume_is_exact(tmp_path, recipe):
         overrides = _pfc_overrides(tmp_path, 0.5)
     else:
         config = recipe
-        overrides = sets(SMALL_OE + aged_list_and_model(tmp_path / "data") + [
+        overrides = sets(SMALL_OE + [
+            "data.synthetic.num_identities=8", "data.synthetic.samples_per_identity=4", "optim.lr=0.005",
             f"output_dir={tmp_path}", "train.steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=3",
             "data.num_workers=0", "model.partial_fc.enabled=true", "model.partial_fc.sample_rate=0.5"])
     run(TORCHRUN + ["train", str(config), *overrides, "--set", "name=straight"])

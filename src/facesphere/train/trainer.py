@@ -289,7 +289,9 @@ class Trainer:
         self.config_history: list[dict[str, Any]] = []  # earlier configs of this run (see facesphere.train.compat)
 
     def _check_targets(self) -> None:
-        """Every objective's targets must be among the data set's ``target_names`` (when it declares them)."""
+        """Every objective's targets must be among the data set's ``target_names`` (when it declares them): a missing
+        one (an age objective on data without ages) is a one-line error before anything is written. Targets that no
+        objective reads (ages under a plain recognition run) are ignored, and the log says so once."""
         offered = getattr(self.train_set, "target_names", None)
         if offered is None:
             return
