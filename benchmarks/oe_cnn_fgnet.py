@@ -61,8 +61,8 @@ GENDERAGE = DATA / "weights/genderage_insightface"
 RETINAFACE = DATA / "weights/retinaface_mnet025_biubug6/official_release/mobilenet0.25_Final.pth"
 CONFIG = Path(__file__).resolve().parents[1] / "src/facesphere/configs/oe_cnn_fgnet.yaml"
 MODELS = {"pretrained": "(a) pretrained y1", "arcface": "(b) y1 + ArcFace", "oe": "(c) y1 + OE head + age"}
-TUNING = """Recipe tuning (fold 0 only; its test people therefore also chose the recipe, so folds 1-4 are given apart
-below). The machine's 2 cores were shared with other jobs (3-5 images/s in training), which allowed 20 steps of batch
+TUNING = """Recipe tuning (fold 0 only; its test people therefore also chose the recipe, which is why folds 1-4 are given apart
+also). The machine's 2 cores were shared with other jobs (3-5 images/s in training), which allowed 20 steps of batch
 32 (640 images, under one pass over the ~800 training photos) per fine-tune. Embeddings without flip; fold 0 test people:
 
 | try | head, overrides (all: 20 steps, batch 32, SGD lr 0.01, cosine) | rank-1 % | verification % | r(‖x‖, age) | norm-line MAE | branch MAE |
