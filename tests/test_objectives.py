@@ -12,7 +12,7 @@ from torch.utils.data import default_collate
 
 from facesphere.data import AugmentConfig, SyntheticFaces
 from facesphere.heads import build_head
-from facesphere.models.runs import backbone_from_checkpoint, load_checkpoint
+from facesphere.models.runs import load_checkpoint
 from facesphere.objectives import ObjectiveContext, Recognition, Regression
 from facesphere.train.config import ConfigError, load_config
 from facesphere.train.trainer import Trainer, read_metrics
@@ -130,38 +130,6 @@ def test_an_objective_needing_a_missing_target_is_refused(tmp_path):
     cfg = load_config(None, POSE + [REGRESSION.replace("target: pose", "target: age"), f"output_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"needs targets \['age'\]"):
         Trainer(cfg)
-
-
-@pytest.mark.slow
-def test_regression_resumes_exactly_after_sigkill_and_two_processes_follow_one(tmp_path):
-    """Pose regression only (no classifier) through the CLI: SIGKILL + resume repeats the uninterrupted losses
-    bit for bit; 2 gloo processes follow 1 process within float32 rounding (sphereface4 has no batch norm)."""
-    config = tmp_path / "pose.yaml"
-    config.write_text("{}\n")
-    common = ["train", str(config), *sets(POSE + [REGRESSION, f"output_dir={tmp_path}", "train.steps=10",
-                                                  "train.checkpoint_every=3"])]
-    run(cli(*common, "--set", "name=straight"))
-    kill_after_first_checkpoint(cli(*common, "--set", "name=killed", "--set", "data.num_workers=1"),
-                                tmp_path / "killed", 10)
-    run(cli(*common, "--set", "name=killed", "--set", "data.num_workers=1", "--resume", "latest"))
-    run(TORCHRUN + [*common, "--set", "name=two"])
-
-    straight = read_metrics(tmp_path / "straight" / "metrics.csv")
-    assert [r["step"] for r in straight] == list(range(1, 11)) and "loss/regression" in straight[0]
-    losses = [r["loss"] for r in straight]
-    assert len(set(losses)) == 10, "the loss must move for the comparison to mean anything"
-    assert [r["loss"] for r in read_metrics(tmp_path / "killed" / "metrics.csv")] == losses
-    two = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.csv")]
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(losses), rtol=1e-5, atol=1e-6)
-
-    checkpoint = tmp_path / "killed" / "checkpoints" / "step_00000010.pt"
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000010.pt", weights_only=True)["model"]
-    b = torch.load(checkpoint, weights_only=True)["model"]
-    assert "objectives.regression.readout.weight" in a
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    backbone, _, info = backbone_from_checkpoint(checkpoint)
-    assert info["step"] == 10 and sum(p.numel() for p in backbone.parameters()) > 0
 
 
 # --- a dense regression (a map per image, as PRNet's position maps) through the same loop -------------------------
