@@ -66,7 +66,7 @@ def _check(run) -> None:
 @pytest.mark.slow
 def test_checkpoints_config_and_metrics_survive_kill_9_at_random_moments(tmp_path):
     run = tmp_path / "run"
-    result = kill_loop(WRITER.format(run=str(run), side=SIDE), lambda _: _check(run), runs=10, max_delay_s=0.5)
+    result = kill_loop(WRITER.format(run=str(run), side=SIDE), lambda _: _check(run), runs=6, max_delay_s=0.5)
     print(f"\ncheckpoint kill loop: {result}")
     assert result.mid_write >= result.runs // 2 and result.writes >= result.runs, result
     assert latest_checkpoint(run / "checkpoints") is not None

@@ -73,7 +73,7 @@ def test_a_killed_model_folder_save_leaves_the_old_or_the_new_model(tmp_path, ex
         seen.add(card.name)
 
     writer = WRITER.format(folder=str(folder), exchange=exchange, versions=VERSIONS)
-    result = kill_loop(writer, check, runs=8 if exchange else 4, max_delay_s=1.5)
+    result = kill_loop(writer, check, runs=6 if exchange else 3, max_delay_s=1.5)
     print(f"kill loop: {result}")
     assert result.mid_write >= result.runs // 2 and result.writes >= result.runs, result
     assert seen == {"A", "B"}
