@@ -45,6 +45,9 @@ AgeModelOpt = typer.Option(None, "--age-model", help="InsightFace gender/age mod
                            "model-0000.params): adds age and gender to every face (its age wins over the embedding "
                            "model's age branch); arcface_112x112 crops only; InsightFace's terms: non-commercial "
                            "research")
+RectifierOpt = typer.Option(None, "--rectifier", help="a gridface / stn model (model folder, run folder or "
+                            "checkpoint) whose rectifier warps each aligned crop before the embedder; every face gets "
+                            "`rectification` (ok, or degenerate: the aligned crop was kept)")
 IndexOpt = typer.Option("auto", "--index", help="search index kind: auto, flat, hnsw or ivfpq (gallery.INDEX_KINDS)")
 StorageOpt = typer.Option("fp32", "--storage", help="index storage: fp32, fp16 or int8")
 
@@ -105,10 +108,10 @@ def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_we
            landmarks68: Optional[Path] = Landmarks68Opt, landmarker: Optional[str] = LandmarkerOpt,
            landmarker_weights: Optional[Path] = LandmarkerWeightsOpt, score: Optional[float] = ScoreOpt,
            min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt,
-           age_model: Optional[Path] = AgeModelOpt, threads: Optional[int] = ThreadsOpt,
-           out: Optional[Path] = OutOpt) -> None:
+           age_model: Optional[Path] = AgeModelOpt, rectifier: Optional[Path] = RectifierOpt,
+           threads: Optional[int] = ThreadsOpt, out: Optional[Path] = OutOpt) -> None:
     """Faces in each image: box, score, 5 landmarks (and the landmarker's outputs, e.g. landmarks68; with
-    --age-model, age and gender), as JSON."""
+    --age-model, age and gender; with --rectifier, rectification), as JSON."""
     with user_errors():
         if out is not None:
             check_writable(out)
@@ -116,7 +119,7 @@ def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_we
                                        detector_options=detector_option, landmarker=landmarker,
                                        landmarker_weights=landmarker_weights, score_threshold=score,
                                        min_face_size=min_face, max_faces=max_faces, threads=threads,
-                                       age_model=age_model)
+                                       age_model=age_model, rectifier=rectifier)
         sources, skipped = _sources(inputs)
         results = analyzer.analyze(sources, embed=False)
         _summary(results)
@@ -164,15 +167,17 @@ def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model"
           flip: bool = typer.Option(True, "--flip/--no-flip", help="flip-sum test-time augmentation"),
           score: Optional[float] = ScoreOpt, min_face: Optional[float] = MinFaceOpt,
           max_faces: Optional[int] = MaxFacesOpt, age_model: Optional[Path] = AgeModelOpt,
-          threads: Optional[int] = ThreadsOpt, out: Optional[Path] = OutOpt) -> None:
+          rectifier: Optional[Path] = RectifierOpt, threads: Optional[int] = ThreadsOpt,
+          out: Optional[Path] = OutOpt) -> None:
     """Unit-length embeddings of every face, with boxes, landmarks and age (null when neither the model's age
-    branch nor --age-model gives one), as JSON."""
+    branch nor --age-model gives one; with --rectifier, rectification), as JSON."""
     with user_errors():
         if out is not None:
             check_writable(out)
         analyzer = analyzer_from_flags(detector, detector_weights, model,
                                        detector_options=detector_option, score_threshold=score, min_face_size=min_face,
-                                       max_faces=max_faces, threads=threads, flip=flip, age_model=age_model)
+                                       max_faces=max_faces, threads=threads, flip=flip, age_model=age_model,
+                                       rectifier=rectifier)
         sources, skipped = _sources(inputs)
         results = analyzer.analyze(sources)
         _summary(results)
