@@ -1,4 +1,4 @@
-"""``facesphere detect | align | embed | verify | draw | calibrate``: the face pipeline on files and folders.
+"""``facesphere detect | align | embed | verify | draw | rectify | calibrate``: the face pipeline on files and folders.
 
 Inputs are image files or folders (searched recursively for images). Results are JSON (stdout, or
 ``--out``); an input that cannot be read gets an ``error`` entry and the others are still processed; a
@@ -239,6 +239,37 @@ def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-d
             write_png(out_dir / f"{index:05d}_{source.stem}.png", draw_faces(image, result.faces))
         _summary(results)
         logger.info("drawings written to %s", out_dir)
+    _exit_unless_any_read(results)
+
+
+def rectify(inputs: list[Path] = Inputs,
+            model: Path = typer.Option(..., "--model", help="a gridface / stn model (its rectifier is drawn), or, with "
+                                       f"--rectifier, the embedding model the rectifier serves; {MODEL_HELP}"),
+            out_dir: Path = typer.Option(..., "--out", help="folder for the PNGs"),
+            rectifier: Optional[Path] = typer.Option(None, "--rectifier", help="a gridface / stn model whose "
+                                                     "rectifier is put in front of --model"),
+            detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+            detector_option: list[str] = DetectorOptionsOpt, score: Optional[float] = ScoreOpt,
+            min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt,
+            threads: Optional[int] = ThreadsOpt) -> None:
+    """Pictures of the rectification, one PNG per face: the aligned crop with the grid of cells drawn where each
+    samples from | the rectified crop; a JSON summary on stdout (rectification and picture per face)."""
+    from facesphere.pipeline import AnalyzerSpec
+    from facesphere.pipeline.build import rectifier_pictures_setup
+    from facesphere.pipeline.drawing import write_rectification_pictures
+    from facesphere.utils.overrides import parse_options
+
+    with user_errors():
+        check_writable(out_dir, folder=True)
+        spec = AnalyzerSpec(detector=detector, detector_weights=detector_weights,
+                            detector_options=parse_options(detector_option), model=model, rectifier=rectifier,
+                            score_threshold=score, min_face_size=min_face, max_faces=max_faces, threads=threads)
+        analyzer, stage = rectifier_pictures_setup(spec)
+        sources, skipped = _sources(inputs)
+        results, payload = write_rectification_pictures(analyzer, stage, sources, out_dir)
+        _summary(results)
+        logger.info("pictures of the %s written to %s", stage.describe(), out_dir)
+        emit(payload + skipped, None)
     _exit_unless_any_read(results)
 
 

@@ -121,6 +121,26 @@ def build_analyzer(spec: AnalyzerSpec | None = None, stages: Sequence[Stage] = (
                         max_faces=spec.max_faces, alignment=alignment)
 
 
+def rectifier_pictures_setup(spec: AnalyzerSpec):
+    """(analyser, rectifier) for pictures of a rectification: the rectifier is ``spec.rectifier``'s, checked against
+    ``spec.model``'s card as :class:`FaceAnalyzer` checks it, or else ``spec.model``'s own (a gridface / stn model);
+    the analyser cuts the crops the rectifier takes and has no rectify stage (the pictures run it)."""
+    from facesphere.models.rectifier import load_rectifier
+    from facesphere.pipeline.stages import check_rectify_stages
+
+    if spec.model is None:
+        raise ValueError("pictures of a rectification need a model (a gridface / stn model, or an embedding model "
+                         "and a rectifier)")
+    if spec.rectifier is None:
+        rectifier = load_rectifier(spec.model, device=spec.device)
+        analyzer = build_analyzer(spec.model_copy(update={"model": None, "alignment": rectifier.alignment}))
+        return analyzer, rectifier
+    rectifier = load_rectifier(spec.rectifier, device=spec.device)
+    analyzer = build_analyzer(spec.model_copy(update={"rectifier": None}))
+    check_rectify_stages([rectifier], analyzer.embedder.card)
+    return analyzer, rectifier
+
+
 def open_set_threshold(card: ModelCard, threshold: str | os.PathLike | Threshold | None = None,
                        value: float | None = None) -> float | None:
     """The cosine threshold for open-set decisions: a calibrated file checked against ``card``, or a plain value."""
@@ -173,4 +193,5 @@ class PeopleFolder:
             yield found
 
 
-__all__ = ["MODEL_FORMS", "AnalyzerSpec", "PeopleFolder", "PersonPhotos", "build_analyzer", "open_set_threshold"]
+__all__ = ["MODEL_FORMS", "AnalyzerSpec", "PeopleFolder", "PersonPhotos", "build_analyzer", "open_set_threshold",
+           "rectifier_pictures_setup"]
