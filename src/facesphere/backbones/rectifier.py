@@ -323,9 +323,10 @@ class GridFace(Backbone):
     """
 
     def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict | None = None, grid: int = 4,
-                 freeze_recognizer: bool = False) -> None:
+                 freeze_recognizer: bool = False, embedding_size=None, input_size=None) -> None:
         super().__init__()
-        self.recognizer: Backbone = BACKBONES.build(recognizer, **dict(recognizer_args or {}))
+        extra = {k: v for k, v in (("embedding_size", embedding_size), ("input_size", input_size)) if v is not None}
+        self.recognizer: Backbone = BACKBONES.build(recognizer, **{**dict(recognizer_args or {}), **extra})
         self.input_size = tuple(self.recognizer.input_size)
         self.embedding_size = self.recognizer.embedding_size
         self.grid = int(grid)

@@ -181,11 +181,14 @@ class FaceAnalyzer:
         if not all_faces:
             return results
         crops = np.stack([f.crop for f in all_faces])
-        rectified, produced = self._rectify(crops)
+        embed = embed and self.embedder is not None
+        rectified, produced = crops, {}
+        if embed or any(stage.outputs for stage in self._phases["rectify"]):  # unembedded: only to report
+            rectified, produced = self._rectify(crops)
         for i, face in enumerate(all_faces):
             face.extras.update({name: values[i] for name, values in produced.items()})
         embeddings = ages = None
-        if embed and self.embedder is not None:
+        if embed:
             embeddings, ages = self._embed(rectified)
             for face, vector in zip(all_faces, embeddings):
                 face.embedding = vector

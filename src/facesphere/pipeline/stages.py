@@ -13,8 +13,8 @@
   - ``rectify``: ``run(crops) -> crops`` or ``-> (crops, {name: (M, ...) values})`` (a stage with
     outputs), aligned (M, H, W, 3) uint8 RGB crops in, crops of the same shape out, just before the
     embedder sees them (e.g. GridFace's local homographies, arXiv 1808.06210 Sec. 3.2,
-    ``facesphere.models.rectifier``). It runs on every face, also when faces are not embedded (``detect``);
-    ``FaceAnalyzer.embed_crops`` applies it too, so ``Face.crop`` stays the aligned crop and
+    ``facesphere.models.rectifier``). When faces are not embedded (``detect``) the rectify stages run only
+    if one of them has outputs to report. ``FaceAnalyzer.embed_crops`` applies them too, so ``Face.crop`` stays the aligned crop and
     ``embed_crops(face.crop)`` gives ``face.embedding``. A rectifier that declares ``input_spec`` (the
     crops it takes: size, colour order, mean/std, alignment) must take exactly what the embedder's card
     expects, and none may stand in front of an embedder whose card has a ``rectifier`` (it rectifies
