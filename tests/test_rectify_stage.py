@@ -166,3 +166,22 @@ def test_cli_pictures_and_detect_report(models, tmp_path):
     answer = runner.invoke(app, ["embed", *base, "--model", str(models["gridface"]), "--rectifier",
                                  str(models["gridface"])])
     assert answer.exit_code == 2 and "rectifies inside" in answer.output
+
+
+def test_rest_answers_carry_the_rectification(models, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from facesphere.pipeline import AnalyzerSpec
+    from facesphere.service import ServiceSettings, build_app
+
+    key = "k" * 40
+    spec = AnalyzerSpec(detector="scrfd", detector_weights=require_data(SCRFD), model=models["plain"],
+                        rectifier=models["gridface"])
+    app = build_app(spec, tmp_path / "gallery.sqlite", ServiceSettings(api_keys=[key], max_faces=2))
+    with TestClient(app, headers={"X-API-Key": key}) as client:
+        photo = require_data(IMAGE).read_bytes()
+        for route in ("/v1/detect", "/v1/embed"):
+            answer = client.post(route, files={"image": ("face.jpg", photo, "image/jpeg")})
+            assert answer.status_code == 200, answer.text
+            faces = answer.json()["faces"]
+            assert faces and all(f["rectification"] == {"status": "ok", "cells": 0} for f in faces), route
