@@ -101,6 +101,8 @@ def test_gradcheck_warp_and_continuity():
     torch.manual_seed(0)
     x = torch.randn(1, 1, 6, 6, dtype=torch.float64, requires_grad=True)
     hom = torch.stack([_homography(s, 0.1) for s in range(4)])[None]  # (1, 4, 3, 3), non-integer sampling points
+    with torch.inference_mode():  # the per-size caches built here stay usable by autograd afterwards
+        warp_cells(x.detach(), hom, 2), continuity_loss(hom, 2, (6, 6))
     hom.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: warp_cells(a, b, 2), (x, hom))
     assert torch.autograd.gradcheck(lambda b: continuity_loss(b, 2, (6, 6)), (hom,))
@@ -235,9 +237,10 @@ def test_freeze_recognizer_semantics():
     model.rectifier.localiser.head.bias.data.normal_(0, 1)  # a non-identity warp, so the embedding depends on it
     out = model(torch.randn(4, 3, 32, 32))
     out["embedding"].square().sum().backward()
-    assert all(torch.equal(v, model.recognizer.state_dict()[k]) for k, v in stats.items())  # BN stats untouched
+    after = model.recognizer.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in stats.items())  # BN running statistics untouched
     assert model.rectifier.localiser.head.weight.grad.abs().sum() > 0
-    unfrozen = build_backbone("gridface", **SMALL, grid=2).train()
+    unfrozen = build_backbone("gridface", **SMALL, grid=2)
     assert unfrozen.recognizer.training and all(p.requires_grad for p in unfrozen.recognizer.parameters())
 
 
