@@ -325,10 +325,12 @@ class GridFace(Backbone):
     ``freeze_recognizer`` fixes the recogniser (no gradients, BN statistics frozen: always in eval mode).
     """
 
-    def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict | None = None, grid: int = 4,
-                 freeze_recognizer: bool = False) -> None:
+    # ``recognizer_args`` defaults to {} (never mutated), not None, so that a config that omits it and a card that
+    # records it empty resolve to the same arguments.
+    def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict = {},  # noqa: B006
+                 grid: int = 4, freeze_recognizer: bool = False) -> None:
         super().__init__()
-        self.recognizer: Backbone = BACKBONES.build(recognizer, **dict(recognizer_args or {}))
+        self.recognizer: Backbone = BACKBONES.build(recognizer, **dict(recognizer_args))
         self.input_size = tuple(self.recognizer.input_size)
         self.embedding_size = self.recognizer.embedding_size
         self.grid = int(grid)
@@ -375,7 +377,7 @@ class GridFace(Backbone):
 class GlobalSTN(GridFace):
     """The baseline: one global homography (a plain spatial transformer), i.e. GridFace with grid 1."""
 
-    def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict | None = None,
+    def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict = {},  # noqa: B006
                  freeze_recognizer: bool = False) -> None:
         super().__init__(recognizer, recognizer_args, grid=1, freeze_recognizer=freeze_recognizer)
 
