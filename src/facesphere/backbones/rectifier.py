@@ -92,13 +92,15 @@ def homographies_from_deltas(deltas: Tensor, grid: int, size: tuple[int, int]) -
     return eye + STEP * (frames @ deltas @ inverses)
 
 
-@lru_cache(maxsize=32)
-def _pixel_layout(grid: int, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+@lru_cache(maxsize=64)
+@torch.inference_mode(False)  # cached tensors must stay usable by autograd even if first built under inference
+def _pixel_layout(grid: int, size: tuple[int, int], device: torch.device, dtype: torch.dtype
+                  ) -> tuple[Tensor, Tensor]:
     """Per-cell pixel coordinates padded to equal blocks, and the index putting them back in image order.
 
     Returns ``points`` (n*n, Ly*Lx, 2) float (x, y) with Ly, Lx the largest cell height/width (smaller
     cells repeat their last row/column), and ``order`` (H*W,) long: flat index into (n*n * Ly*Lx) of
-    every output pixel in row-major image order. On the CPU; callers move them.
+    every output pixel in row-major image order. Cached per device and dtype: built once, not per batch.
     """
     height, width = size
 
@@ -118,7 +120,7 @@ def _pixel_layout(grid: int, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
     points = torch.stack([px, py], dim=-1).reshape(grid * grid, ly * lx, 2)
     cell = row[:, None] * grid + col[None, :]
     order = (cell * ly + iy[:, None]) * lx + ix[None, :]
-    return points, order.reshape(-1)
+    return points.to(device, dtype), order.reshape(-1).to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,12 +142,12 @@ def warp_cells(images: Tensor, homographies: Tensor, grid: int) -> Tensor:
         raise ValueError(f"expected homographies of shape ({n_img}, {grid * grid}, 3, 3), "
                          f"got {tuple(homographies.shape)}")
     dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    points, order = _pixel_layout(grid, (height, width))
+    points, order = _pixel_layout(grid, (height, width), images.device, dtype)
     with torch.autocast(images.device.type, enabled=False):
         hom = homographies.to(dtype).reshape(n_img * grid * grid, 3, 3)
-        pts = points.to(images.device, dtype).repeat(n_img, 1, 1)  # (N*n*n, Ly*Lx, 2)
+        pts = points.repeat(n_img, 1, 1)  # (N*n*n, Ly*Lx, 2)
         mapped = transform_points(hom, pts).reshape(n_img, -1, 2)
-        mapped = mapped[:, order.to(images.device)].reshape(n_img, height, width, 2)
+        mapped = mapped[:, order].reshape(n_img, height, width, 2)
         sampling = normalize_pixel_coordinates(mapped, height, width)
         out = F.grid_sample(images.to(dtype), sampling, mode="bilinear", padding_mode="zeros", align_corners=True)
     if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
@@ -160,6 +162,7 @@ def _project(homographies: Tensor, points: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=32)
+@torch.inference_mode(False)
 def _shared_corners(grid: int) -> tuple[Tensor, Tensor]:
     """Pairs of (cell * 4 + corner) indices naming the same grid vertex in two neighbouring cells.
 
@@ -322,11 +325,12 @@ class GridFace(Backbone):
     ``freeze_recognizer`` fixes the recogniser (no gradients, BN statistics frozen: always in eval mode).
     """
 
-    def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict | None = None, grid: int = 4,
-                 freeze_recognizer: bool = False, embedding_size=None, input_size=None) -> None:
+    # ``recognizer_args`` defaults to {} (never mutated), not None, so that a config that omits it and a card that
+    # records it empty resolve to the same arguments.
+    def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict = {},  # noqa: B006
+                 grid: int = 4, freeze_recognizer: bool = False) -> None:
         super().__init__()
-        extra = {k: v for k, v in (("embedding_size", embedding_size), ("input_size", input_size)) if v is not None}
-        self.recognizer: Backbone = BACKBONES.build(recognizer, **{**dict(recognizer_args or {}), **extra})
+        self.recognizer: Backbone = BACKBONES.build(recognizer, **dict(recognizer_args))
         self.input_size = tuple(self.recognizer.input_size)
         self.embedding_size = self.recognizer.embedding_size
         self.grid = int(grid)
@@ -373,7 +377,7 @@ class GridFace(Backbone):
 class GlobalSTN(GridFace):
     """The baseline: one global homography (a plain spatial transformer), i.e. GridFace with grid 1."""
 
-    def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict | None = None,
+    def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict = {},  # noqa: B006
                  freeze_recognizer: bool = False) -> None:
         super().__init__(recognizer, recognizer_args, grid=1, freeze_recognizer=freeze_recognizer)
 
