@@ -18,6 +18,7 @@ backbone's input is ``(x - mean) / std``; raw pixels are ``mean = 0, std = 1``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from typing import Any, Literal
@@ -337,15 +338,27 @@ class ModelCard(BaseModel):
     # -- building and describing ------------------------------------------------------------------
 
     def build_backbone(self) -> torch.nn.Module:
-        """The card's backbone with freshly initialised weights (``store.load_model`` fills them)."""
-        from facesphere.backbones import build_backbone
+        """The card's backbone with freshly initialised weights (``store.load_model`` fills them).
 
-        return build_backbone(self.backbone, embedding_size=self.embedding_size, input_size=self.input_size,
-                              **self.backbone_args)
+        The card's input and embedding sizes go to the constructor when it takes them; a wrapper that does not
+        (GridFace: its recogniser's sizes are in ``backbone_args.recognizer_args``) must come out with them."""
+        from facesphere.backbones import BACKBONES, build_backbone
+
+        parameters = inspect.signature(BACKBONES.get(self.backbone)).parameters
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        sizes = {k: v for k, v in (("embedding_size", self.embedding_size), ("input_size", self.input_size))
+                 if takes_all or k in parameters}
+        backbone = build_backbone(self.backbone, **sizes, **self.backbone_args)
+        built = (tuple(int(v) for v in backbone.input_size), int(backbone.embedding_size))
+        if built != (tuple(self.input_size), self.embedding_size):
+            raise ValueError(f"card {self.name!r}: {self.backbone}({_describe_args(self.backbone_args)}) takes "
+                             f"{built[0]} input to {built[1]}-d embeddings, the card says {tuple(self.input_size)} -> "
+                             f"{self.embedding_size}")
+        return backbone
 
     def describe(self) -> str:
         """A few human-readable lines: architecture, expected input, provenance, published figures."""
-        args = ", ".join(f"{k}={_describe_arg(v)}" for k, v in sorted(self.backbone_args.items()))
+        args = _describe_args(self.backbone_args)
         lines = [
             f"{self.name}: {self.backbone}({args}), {self.embedding_size}-d embeddings",
             f"  input:     {self.input_spec.describe()}",
@@ -371,10 +384,9 @@ class ModelCard(BaseModel):
 
 
 
-def _describe_arg(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}={v}" for k, v in sorted(value.items())) + "}"
-    return str(value)
+def _describe_args(args: dict[str, Any]) -> str:
+    """``k=v, ...`` in name order; a nested dict as ``{k=v, ...}``."""
+    return ", ".join(f"{k}={'{' + _describe_args(v) + '}' if isinstance(v, dict) else v}" for k, v in sorted(args.items()))
 
 
 def _card_arg(value: Any) -> bool:
