@@ -222,7 +222,8 @@ def valid(tmp_path_factory) -> dict[str, Path]:
     files["model"] = save_model(root / "y1", backbone, card)
     grid_args = {"recognizer": "mobilefacenet", "recognizer_args": {"embedding_size": 32}, "grid": 2}
     gridface = build_backbone("gridface", **grid_args)
-    files["gridface"] = save_model(root / "gridface", gridface, training_card(gridface, "gridface", "gridface", grid_args))
+    files["gridface"] = save_model(root / "gridface", gridface,
+                                   training_card(gridface, "gridface", "gridface", grid_args))
     with Gallery(root / "gallery.db", card) as gallery:
         vector = np.random.default_rng(0).standard_normal(card.embedding_size).astype(np.float32)
         gallery.enrol("alice", [vector / np.linalg.norm(vector)])
@@ -432,8 +433,8 @@ def test_bad_input_is_refused_in_one_line(row: Row, valid, tmp_path, capfd, monk
     where.mkdir()
     bad = make_bad(row, valid, where)
     argv = build_argv(row, valid, where, bad)
-    shared = [valid["model"], valid["gridface"], valid["gallery"], valid["rec"], valid["threshold"], valid["keys"], valid["pairs"],
-              valid["config"], valid["people"], valid["eval_pairs"].parent]
+    shared = [valid["model"], valid["gridface"], valid["gallery"], valid["rec"], valid["threshold"], valid["keys"],
+              valid["pairs"], valid["config"], valid["people"], valid["eval_pairs"].parent]
     before = _snapshot(tmp_path, *shared)
     if row.bad in SUBPROCESS_CLASSES or row.id in SUBPROCESS_PROOF:
         code, stderr = run_subprocess(argv, tmp_path)

@@ -37,15 +37,17 @@ def models(tmp_path_factory):
     torch.manual_seed(0)
     gridface = build_backbone("gridface", **GRID_ARGS).eval()
     plain = build_backbone("mobilefacenet", embedding_size=32).eval()
-    return {"gridface": save_model(root / "gridface", gridface, training_card(gridface, "tiny-grid", "gridface", GRID_ARGS)),
-            "plain": save_model(root / "plain", plain, training_card(plain, "tiny-plain", "mobilefacenet",
-                                                                     {"embedding_size": 32}))}
+    grid_card = training_card(gridface, "tiny-grid", "gridface", GRID_ARGS)
+    plain_card = training_card(plain, "tiny-plain", "mobilefacenet", {"embedding_size": 32})
+    return {"gridface": save_model(root / "gridface", gridface, grid_card),
+            "plain": save_model(root / "plain", plain, plain_card)}
 
 
 def _crops(count: int, seed: int = 0) -> np.ndarray:
     """Smooth random 112x112 RGB crops (low-frequency noise, so bilinear sampling differences stay small)."""
     small = np.random.default_rng(seed).integers(0, 256, (count, 14, 14, 3)).astype(np.float32)
-    return np.stack([cv2.resize(c, (112, 112), interpolation=cv2.INTER_CUBIC) for c in small]).clip(0, 255).round().astype(np.uint8)
+    smooth = np.stack([cv2.resize(c, (112, 112), interpolation=cv2.INTER_CUBIC) for c in small])
+    return smooth.clip(0, 255).round().astype(np.uint8)
 
 
 class _Fixed(torch.nn.Module):

@@ -386,7 +386,8 @@ class ModelCard(BaseModel):
 
 def _describe_args(args: dict[str, Any]) -> str:
     """``k=v, ...`` in name order; a nested dict as ``{k=v, ...}``."""
-    return ", ".join(f"{k}={'{' + _describe_args(v) + '}' if isinstance(v, dict) else v}" for k, v in sorted(args.items()))
+    return ", ".join(f"{k}={'{' + _describe_args(v) + '}' if isinstance(v, dict) else v}"
+                     for k, v in sorted(args.items()))
 
 
 def _card_arg(value: Any) -> bool:

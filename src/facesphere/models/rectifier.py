@@ -53,7 +53,8 @@ class Rectified:
 
     def report(self) -> list[dict[str, object]]:
         """The per-face ``rectification`` output."""
-        return [{"status": "degenerate" if cells else "ok", "cells": int(cells)} for cells in self.degenerate.sum(axis=1)]
+        return [{"status": "degenerate" if cells else "ok", "cells": int(cells)}
+                for cells in self.degenerate.sum(axis=1)]
 
 
 class RectifyStage:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -76,8 +77,6 @@ def write_rectification_pictures(analyzer, rectifier, sources: Sequence, out_dir
 
     ``analyzer`` cuts the aligned crops (without a rectify stage of its own), ``rectifier`` is a
     :class:`facesphere.models.rectifier.RectifyStage`."""
-    from pathlib import Path
-
     out_dir = Path(out_dir)
     results, payload = [], []
     for index, source in enumerate(sources):  # one photo at a time: each is decoded once

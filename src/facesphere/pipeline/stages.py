@@ -14,10 +14,10 @@
     outputs), aligned (M, H, W, 3) uint8 RGB crops in, crops of the same shape out, just before the
     embedder sees them (e.g. GridFace's local homographies, arXiv 1808.06210 Sec. 3.2,
     ``facesphere.models.rectifier``). When faces are not embedded (``detect``) the rectify stages run only
-    if one of them has outputs to report. ``FaceAnalyzer.embed_crops`` applies them too, so ``Face.crop`` stays the aligned crop and
-    ``embed_crops(face.crop)`` gives ``face.embedding``. A rectifier that declares ``input_spec`` (the
-    crops it takes: size, colour order, mean/std, alignment) must take exactly what the embedder's card
-    expects, and none may stand in front of an embedder whose card has a ``rectifier`` (it rectifies
+    if one of them has outputs to report. ``FaceAnalyzer.embed_crops`` applies them too, so ``Face.crop``
+    stays the aligned crop and ``embed_crops(face.crop)`` gives ``face.embedding``. A rectifier that
+    declares ``input_spec`` (the crops it takes: size, colour order, mean/std, alignment) must take exactly
+    what the embedder's card expects, and none may stand in front of an embedder whose card has a ``rectifier`` (it rectifies
     inside): the analyser refuses both at construction (:func:`check_rectify_stages`). A face the
     rectifier cannot rectify (degenerate homographies) keeps its aligned crop and is reported, never
     passed on as a garbage crop;
@@ -134,4 +134,5 @@ def json_value(name: str, value: Any) -> Any:
     return value
 
 
-__all__ = ["PHASES", "RESERVED", "Stage", "check_rectify_stages", "check_stages", "json_value", "round_pixels", "stage_outputs"]
+__all__ = ["PHASES", "RESERVED", "Stage", "check_rectify_stages", "check_stages", "json_value", "round_pixels",
+           "stage_outputs"]
