@@ -75,6 +75,19 @@ def test_card_keeps_recognizer_args_and_rectifier_round_trip(models):
         ModelCard.model_validate({**card.model_dump(), "backbone_args": {"a": {"b": {"c": 1}}}})
 
 
+def test_a_training_run_is_a_rectifier_too(models, tmp_path):
+    """A run folder's newest checkpoint gets its card from the backbone (``card_fields``): the rectifier is on it."""
+    backbone = load_model(models["gridface"])[0]
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"config": {"name": "run", "model": {"backbone": "gridface", "backbone_args": GRID_ARGS}}, "step": 3,
+                "model": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}},
+               tmp_path / "checkpoints" / "step_00000003.pt")
+    stage = load_rectifier(tmp_path)
+    assert stage.card.rectifier.grid == 2 and stage.card.backbone_args["recognizer_args"] == {"embedding_size": 32}
+    crops = _crops(1)
+    assert np.abs(stage.run(crops)[0].astype(int) - crops).max() <= 1
+
+
 def test_identity_rectifier_returns_the_crops(models):
     stage = load_rectifier(models["gridface"])
     crops = _crops(3)
