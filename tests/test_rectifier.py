@@ -141,12 +141,12 @@ def test_warp_under_autocast_and_channels_last():
 @settings(max_examples=25)  # each example builds homographies at three grids; 25 keep it ~1 s
 @given(st.integers(0, 10_000), st.sampled_from([2, 3, 4]))
 def test_continuity_is_zero_for_a_global_homography_through_the_cell_parametrisation(seed, grid):
-    """A global H expressed in each cell's own frame (Δ_k = B_k^-1 (H - I) B_k / STEP) gives cells that agree at
+    """A global H expressed in each cell's own frame (Δ_k = L^-1 (H - I) R_k^-1 / STEP) gives cells that agree at
     every shared corner: the loss is 0 (to rounding), and the cells reproduce H."""
     size = (28, 36)
     hom = _homography(seed)
-    frames, inverses = cell_frames(grid, size, dtype=torch.float64)
-    deltas = (inverses @ (hom - torch.eye(3, dtype=torch.float64)) @ frames / STEP)[None]
+    left, right = cell_frames(grid, size, dtype=torch.float64)
+    deltas = (torch.linalg.inv(left) @ (hom - torch.eye(3, dtype=torch.float64)) @ torch.linalg.inv(right) / STEP)[None]
     cells = homographies_from_deltas(deltas, grid, size)
     assert torch.allclose(cells, hom.expand_as(cells), atol=1e-10)
     assert float(continuity_loss(cells, grid, size)[0]) < 1e-20
@@ -229,7 +229,7 @@ def test_training_recovers_a_known_translation():
     shifted = warp_cells(clean, torch.linalg.inv(shift), 1)  # shifted(p) = clean(p - t)
     model = build_backbone("gridface", recognizer="sphereface4", recognizer_args=SMALL["recognizer_args"], grid=2,
                            freeze_recognizer=True).train()
-    opt = torch.optim.Adam(model.rectifier.localiser.head.parameters(), lr=0.5)
+    opt = torch.optim.Adam(model.rectifier.localiser.head.parameters(), lr=0.05)
     inner = slice(4, 28)  # away from the zero-padded border
     losses = []
     for _ in range(11):
