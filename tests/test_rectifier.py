@@ -23,6 +23,7 @@ from facesphere.backbones.rectifier import (
     homographies_from_deltas,
     warp_cells,
 )
+from facesphere.evaluate.embeddings import extract_embeddings
 from facesphere.models.card import ModelCard
 from facesphere.models.torch_embedder import TorchEmbedder
 
@@ -111,7 +112,8 @@ def test_gradcheck_warp_and_continuity():
 
 
 def test_warp_under_autocast_and_channels_last():
-    """Sampling-grid math stays float32 under autocast; channels_last input gives channels_last output."""
+    """Sampling-grid math stays float32 under autocast; channels_last input gives channels_last output; a
+    channels_last GridFace trains under bfloat16 autocast."""
     x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     hom = torch.eye(3).repeat(2, 4, 1, 1)
     hom[..., 0, 2] = 0.37
@@ -123,6 +125,14 @@ def test_warp_under_autocast_and_channels_last():
         rectified, h = rect(x)
         assert h.dtype == torch.float32 and torch.allclose(warp_cells(x, hom, 2), ref)
     assert rectified.shape == x.shape
+    # frozen recogniser: its BN uses running statistics (in training mode a batch of 2 normalises the gradient away)
+    model = build_backbone("gridface", **SMALL, grid=2, freeze_recognizer=True).to(memory_format=torch.channels_last)
+    model.rectifier.localiser.head.bias.data.normal_(0, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert out["homographies"].dtype == torch.float32 and out["rectified"].dtype == torch.float32
+    out["embedding"].float().square().sum().backward()
+    assert model.rectifier.localiser.head.weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- continuity
@@ -131,12 +141,12 @@ def test_warp_under_autocast_and_channels_last():
 @settings(max_examples=25)  # each example builds homographies at three grids; 25 keep it ~1 s
 @given(st.integers(0, 10_000), st.sampled_from([2, 3, 4]))
 def test_continuity_is_zero_for_a_global_homography_through_the_cell_parametrisation(seed, grid):
-    """A global H expressed in each cell's own frame (Δ_k = B_k^-1 (H - I) B_k / STEP) gives cells that agree at
+    """A global H expressed in each cell's own frame (Δ_k = L^-1 (H - I) R_k^-1 / STEP) gives cells that agree at
     every shared corner: the loss is 0 (to rounding), and the cells reproduce H."""
     size = (28, 36)
     hom = _homography(seed)
-    frames, inverses = cell_frames(grid, size, dtype=torch.float64)
-    deltas = (inverses @ (hom - torch.eye(3, dtype=torch.float64)) @ frames / STEP)[None]
+    left, right = cell_frames(grid, size, dtype=torch.float64)
+    deltas = (torch.linalg.inv(left) @ (hom - torch.eye(3, dtype=torch.float64)) @ torch.linalg.inv(right) / STEP)[None]
     cells = homographies_from_deltas(deltas, grid, size)
     assert torch.allclose(cells, hom.expand_as(cells), atol=1e-10)
     assert float(continuity_loss(cells, grid, size)[0]) < 1e-20
@@ -194,14 +204,18 @@ def test_gridface_and_stn_are_registered_and_describe_themselves():
         model(torch.randn(1, 3, 30, 30))
 
 
-def test_torch_embedder_reads_the_embedding_of_a_dict_output():
+def test_embedders_read_the_embedding_of_a_dict_output():
     model = build_backbone("gridface", **SMALL, grid=2).eval()
     card = ModelCard(name="g", backbone="gridface", input_size=(32, 32), colour_order="RGB", mean=(127.5,) * 3,
                      std=(128.0,) * 3, alignment="arcface_112x112", embedding_size=16, licence="test", source="test")
     batch = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    got = TorchEmbedder(model, card).run(batch)
+    model.rectifier.localiser.head.bias.data.normal_(0, 1)  # a non-identity warp: the embedding depends on it
     with torch.no_grad():
-        assert np.allclose(got, model.recognizer(torch.from_numpy(batch)).numpy(), atol=1e-4)  # identity at init
+        want = model.recognizer(model.rectifier(torch.from_numpy(batch))[0]).numpy()
+    assert np.allclose(TorchEmbedder(model, card).run(batch), want, atol=1e-4)
+    got = extract_embeddings(model, torch.utils.data.TensorDataset(torch.from_numpy(batch)), flip=False,
+                             normalize=False, progress=False)  # the evaluation path
+    assert np.allclose(got, want, atol=1e-4)
 
 
 def test_training_recovers_a_known_translation():
@@ -215,7 +229,7 @@ def test_training_recovers_a_known_translation():
     shifted = warp_cells(clean, torch.linalg.inv(shift), 1)  # shifted(p) = clean(p - t)
     model = build_backbone("gridface", recognizer="sphereface4", recognizer_args=SMALL["recognizer_args"], grid=2,
                            freeze_recognizer=True).train()
-    opt = torch.optim.Adam(model.rectifier.localiser.head.parameters(), lr=0.5)
+    opt = torch.optim.Adam(model.rectifier.localiser.head.parameters(), lr=0.05)
     inner = slice(4, 28)  # away from the zero-padded border
     losses = []
     for _ in range(11):
@@ -244,7 +258,7 @@ def test_freeze_recognizer_semantics():
     assert unfrozen.recognizer.training and all(p.requires_grad for p in unfrozen.recognizer.parameters())
 
 
-def test_eval_falls_back_to_the_input_on_degenerate_cells_and_training_refuses_nan(caplog):
+def test_eval_falls_back_to_the_input_on_degenerate_cells_and_training_refuses_nan(caplog, monkeypatch):
     model = build_backbone("gridface", **SMALL, grid=2).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -256,6 +270,17 @@ def test_eval_falls_back_to_the_input_on_degenerate_cells_and_training_refuses_n
         assert torch.equal(out["homographies"], torch.eye(3).expand(3, 4, 3, 3))
         assert torch.allclose(out["embedding"], model.recognizer(x))
         assert "3 of 3 faces" in caplog.text
+        hom = torch.eye(3).repeat(2, 4, 1, 1)  # a mixed batch: sample 0 mildly shifted, sample 1 with a mirrored cell
+        hom[0, :, 0, 2] = 0.5
+        hom[1, 3, 0, 0] = -1.0
+        monkeypatch.setattr(model.rectifier, "homographies", lambda images: hom)
+        out = model(x[:2])
+        assert out["degenerate"].tolist() == [False, True]
+        assert torch.allclose(out["rectified"][0], warp_cells(x[:1], hom[:1], 2)[0])
+        assert torch.equal(out["rectified"][1], x[1])
+        assert torch.equal(out["homographies"][0], hom[0])
+        assert torch.equal(out["homographies"][1], torch.eye(3).expand(4, 3, 3))
+        monkeypatch.undo()
         model.rectifier.localiser.head.bias[0] = float("nan")
         model.train()
         with pytest.raises(RectifierDiverged, match="non-finite homographies for 3 of 3"):
