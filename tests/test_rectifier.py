@@ -285,3 +285,25 @@ def test_eval_falls_back_to_the_input_on_degenerate_cells_and_training_refuses_n
         model.train()
         with pytest.raises(RectifierDiverged, match="non-finite homographies for 3 of 3"):
             model(x)
+
+
+@pytest.mark.slow  # one ONNX export (~10 s)
+def test_onnx_export_keeps_the_rectifier_and_its_degenerate_fallback(tmp_path):
+    from facesphere.models.card import training_card
+    from facesphere.models.export_onnx import export_onnx
+    from facesphere.models.onnx_runtime import OnnxEmbedder
+
+    torch.manual_seed(0)
+    model = build_backbone("gridface", **SMALL, grid=2).eval()
+    with torch.no_grad():  # large localiser weights: grey crops stay near the identity, noise crops fold
+        torch.manual_seed(1)
+        model.rectifier.localiser.head.weight.normal_(0, 90)
+    crops = np.random.default_rng(0).integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
+    crops[::2] = 127
+    card = training_card(model, "gridface-onnx", "gridface", {"recognizer": "mobilefacenet", "grid": 2,
+                                                             "recognizer_args": {"embedding_size": 16}})
+    degenerate = model(card.normalise(torch.from_numpy(crops).permute(0, 3, 1, 2)))["degenerate"]
+    assert 0 < int(degenerate.sum()) < len(crops)  # both branches of the fallback are in the batch
+    onnx = OnnxEmbedder(export_onnx(model, card, tmp_path / "gridface.onnx"))
+    assert onnx.card.rectifier == card.rectifier
+    np.testing.assert_allclose(onnx.embed(crops), TorchEmbedder(model, card).embed(crops), atol=1e-5)

@@ -72,12 +72,13 @@ def cell_frames(grid: int, size: tuple[int, int], device=None, dtype=torch.float
     """(L (3, 3), R (n*n, 3, 3)) with H_k = I + STEP * L Δ_k R_k: L = S, R_k = S^-1 T_k^-1 (module docstring)."""
     height, width = size
     scale = torch.diag(torch.tensor([width, height, 1.0], dtype=torch.float64))
+    inverse = torch.diag(torch.tensor([1.0 / width, 1.0 / height, 1.0], dtype=torch.float64))  # no inv op to export
     right = torch.zeros(grid * grid, 3, 3, dtype=torch.float64)
     for r in range(grid):
         for c in range(grid):
             to_local = torch.tensor([[1, 0, -c * width / grid], [0, 1, -r * height / grid], [0, 0, 1]],
                                     dtype=torch.float64)  # T_k^-1: global output pixel -> the cell's local pixel
-            right[r * grid + c] = torch.linalg.inv(scale) @ to_local
+            right[r * grid + c] = inverse @ to_local
     return scale.to(device, dtype), right.to(device, dtype)
 
 
@@ -132,14 +133,17 @@ def _pixel_layout(grid: int, size: tuple[int, int], device: torch.device, dtype:
 # Warping, continuity, degeneracy
 
 
-def warp_cells(images: Tensor, homographies: Tensor, grid: int) -> Tensor:
+def warp_cells(images: Tensor, homographies: Tensor, grid: int,
+               layout: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Rectify ``images`` (N, C, H, W): each output pixel sampled through its own cell's homography.
 
     ``homographies`` is (N, n*n, 3, 3) (output pixel -> input pixel). One sampling grid (N, H, W, 2)
     is built with kornia's ``transform_points`` on every cell's pixels at once, then one bilinear
     ``grid_sample`` (``align_corners=True``: pixel centres at -1 and 1, zero padding). The grid math
     runs in float32 (float64 stays float64) even under autocast; the result has the input's dtype
-    and memory format. Differentiable in both arguments.
+    and memory format. Differentiable in both arguments. ``layout``: the ``(points, order)`` of this grid
+    and size, precomputed (a :class:`Rectifier` keeps them as buffers, so an exported graph holds them as
+    constants); default: built once per grid, size, device and dtype.
     """
     n_img, _, height, width = images.shape
     _check_grid(grid, (height, width))
@@ -147,7 +151,7 @@ def warp_cells(images: Tensor, homographies: Tensor, grid: int) -> Tensor:
         raise ValueError(f"expected homographies of shape ({n_img}, {grid * grid}, 3, 3), "
                          f"got {tuple(homographies.shape)}")
     dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    points, order = _pixel_layout(grid, (height, width), images.device, dtype)
+    points, order = layout or _pixel_layout(grid, (height, width), images.device, dtype)
     with torch.autocast(images.device.type, enabled=False):
         hom = homographies.to(dtype).reshape(n_img * grid * grid, 3, 3)
         pts = points.repeat(n_img, 1, 1)  # (N*n*n, Ly*Lx, 2)
@@ -301,6 +305,9 @@ class Rectifier(nn.Module):
         self.grid = int(grid)
         _check_grid(self.grid, self.input_size)
         self.localiser = Localiser(self.grid)
+        points, order = _pixel_layout(self.grid, self.input_size, torch.device("cpu"), torch.float64)
+        self.register_buffer("layout_points", points.clone(), persistent=False)  # follows .to(device)
+        self.register_buffer("layout_order", order.clone(), persistent=False)
 
     def homographies(self, images: Tensor) -> Tensor:
         """The predicted cell homographies (N, n*n, 3, 3), float32 (float64 for float64 input)."""
@@ -312,7 +319,8 @@ class Rectifier(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         homographies = self.homographies(images)
-        return warp_cells(images, homographies, self.grid), homographies
+        points = self.layout_points.to(homographies.dtype)
+        return warp_cells(images, homographies, self.grid, (points, self.layout_order)), homographies
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,16 +372,15 @@ class GridFace(Backbone):
                 raise RectifierDiverged(f"rectifier diverged: non-finite homographies for {int(bad.sum())} of "
                                         f"{images.shape[0]} images")
             degenerate = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
-        else:
+        else:  # branch-free, so an exported graph (ONNX) keeps the fallback; only the warning needs eager mode
             degenerate = degenerate_cells(homographies, self.grid, self.input_size).any(dim=1)
-            count = int(degenerate.sum())
-            if count:
+            keep = degenerate[:, None, None, None]
+            rectified = torch.where(keep, images.to(rectified.dtype), rectified)
+            eye = torch.eye(3, device=homographies.device, dtype=homographies.dtype)
+            homographies = torch.where(keep, eye.expand_as(homographies), homographies)
+            if not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and bool(degenerate.any()):
                 logger.warning("rectifier: %d of %d faces have degenerate cell homographies; they are embedded "
-                               "un-rectified", count, images.shape[0])
-                keep = degenerate[:, None, None, None]
-                rectified = torch.where(keep, images.to(rectified.dtype), rectified)
-                eye = torch.eye(3, device=homographies.device, dtype=homographies.dtype)
-                homographies = torch.where(keep, eye.expand_as(homographies), homographies)
+                               "un-rectified", int(degenerate.sum()), images.shape[0])
         return {"embedding": self.recognizer(rectified), "rectified": rectified, "homographies": homographies,
                 "degenerate": degenerate}
 

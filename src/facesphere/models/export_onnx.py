@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from facesphere.backbones.base import embedding_of
 from facesphere.backbones.fuse import fuse_batchnorm
 from facesphere.models.card import ModelCard
 from facesphere.models.torch_embedder import check_backbone_matches_card
@@ -101,6 +102,17 @@ def _check_graph(proto, card: ModelCard, where: str) -> None:
         raise OnnxExportError(f"{where}: output shape is {got_out}, expected [{BATCH_AXIS}, {card.embedding_size}]")
 
 
+class _EmbeddingOnly(nn.Module):
+    """The graph's one output: the embedding, also of a backbone returning a dict (a rectifier's GridFace)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return embedding_of(self.backbone(images))
+
+
 def export_onnx(backbone: nn.Module, card: ModelCard, path: str | os.PathLike, opset: int | None = None,
                 fold_bn: bool = True) -> Path:
     """Write ``backbone`` (described by ``card``) to ``path`` as one ONNX file; returns the path.
@@ -112,7 +124,7 @@ def export_onnx(backbone: nn.Module, card: ModelCard, path: str | os.PathLike, o
 
     check_backbone_matches_card(backbone, card)
     model = fuse_batchnorm(backbone) if fold_bn else copy.deepcopy(backbone).eval()
-    model = model.to(device="cpu", dtype=torch.float32)
+    model = _EmbeddingOnly(model.to(device="cpu", dtype=torch.float32)).eval()
     h, w = card.input_size
     example = torch.zeros(2, 3, h, w)  # batch 2: a batch of 1 would be specialised as a constant
     path = Path(path)
