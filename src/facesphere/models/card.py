@@ -214,7 +214,7 @@ class ModelCard(BaseModel):
     format_version: Literal[1] = 1
     name: str = Field(min_length=1)
     backbone: str = Field(min_length=1)
-    backbone_args: dict[str, Scalar | dict[str, Scalar]] = Field(default_factory=dict)
+    backbone_args: dict[str, Scalar | dict[str, Scalar | tuple[int, ...]]] = Field(default_factory=dict)
     input_size: tuple[int, int]
     colour_order: ColourOrder
     mean: tuple[float, float, float]
@@ -391,10 +391,15 @@ def _describe_args(args: dict[str, Any]) -> str:
 
 
 def _card_arg(value: Any) -> bool:
-    """A value a card can hold as a backbone argument: a scalar, or one level of ``{str: scalar}``."""
+    """A value a card can hold as a backbone argument: a scalar, or one level of ``{str: scalar or int sequence}``
+    (a wrapper's inner backbone arguments, e.g. GridFace's ``recognizer_args`` with its ``input_size``)."""
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_scalar(v) for k, v in value.items())
+        return all(isinstance(k, str) and (_is_scalar(v) or _int_sequence(v)) for k, v in value.items())
     return _is_scalar(value)
+
+
+def _int_sequence(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 def training_card(backbone: torch.nn.Module, name: str, backbone_name: str, backbone_args: dict[str, Any] | None = None,
@@ -403,8 +408,8 @@ def training_card(backbone: torch.nn.Module, name: str, backbone_name: str, back
 
     A backbone with ``card_fields()`` adds the card fields it names (GridFace: its ``rectifier``)."""
     size = tuple(int(v) for v in backbone.input_size)
-    args = {k: v for k, v in (backbone_args or {}).items()
-            if k not in ("input_size", "embedding_size") and _card_arg(v)}
+    args = {k: ({n: tuple(a) if isinstance(a, list) else a for n, a in v.items()} if isinstance(v, dict) else v)
+            for k, v in (backbone_args or {}).items() if k not in ("input_size", "embedding_size") and _card_arg(v)}
     fields = backbone.card_fields() if callable(getattr(backbone, "card_fields", None)) else {}
     try:
         alignment = template_for_size(size).name
