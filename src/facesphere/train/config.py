@@ -82,7 +82,9 @@ class ModelConfig(Strict):
     init: Path | None = Field(None, description="fine-tune: start the backbone from this model folder, imported "
                               "weights folder, run folder or checkpoint (read at step 0 only; a resume continues "
                               "from its checkpoint). Its backbone, arguments, input and weights' shapes must "
-                              "match model.backbone and model.backbone_args")
+                              "match model.backbone and model.backbone_args; for a backbone wrapping a recogniser "
+                              "(gridface, stn) it may instead be a model of backbone_args.recognizer (with "
+                              "recognizer_args), loaded into the recogniser")
 
     @model_validator(mode="after")
     def _known_components(self) -> "ModelConfig":
