@@ -63,10 +63,16 @@ class FrozenModel:
             self.module.to(like.device)
         return self.module.eval()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters, which its inputs are cast to."""
+        return next((p.dtype for p in self.module.parameters()), torch.float32)
+
     def __call__(self, images: Tensor) -> Tensor:
-        """The model's embedding of ``images`` without gradients (a backbone's dict is read at ``"embedding"``)."""
+        """The model's embedding of ``images`` (cast to its dtype) without gradients (a backbone's dict is read at
+        ``"embedding"``)."""
         with torch.no_grad():
-            out = self.follow(images)(images)
+            out = self.follow(images)(images.to(self.dtype))
         return out["embedding"] if isinstance(out, dict) else out
 
 

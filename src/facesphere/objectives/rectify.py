@@ -84,7 +84,7 @@ class CanonicalPrior(Objective):
             x = _float(x)
             dae = self._dae.follow(x)
             with torch.no_grad():
-                reconstruction = dae.reconstruct(x.to(next(dae.parameters()).dtype)).to(x.dtype)
+                reconstruction = dae.reconstruct(x.to(self._dae.dtype)).to(x.dtype)
             loss = 0.5 * (x - reconstruction).square().mean() / (self.sigma * self.sigma)
         return {self.key: loss}
 
@@ -119,7 +119,7 @@ class AlignedEmbedding(Objective):
         aligned = targets[self.target]
         with torch.autocast(device_type=embedding.device.type, enabled=False):
             embedding = _float(embedding)
-            teacher = self._teacher(aligned.to(embedding.dtype)).to(embedding.dtype)
+            teacher = self._teacher(aligned).to(embedding.dtype)
             if mask is None:
                 mask = torch.ones(embedding.shape[0], dtype=torch.bool, device=embedding.device)
             else:
