@@ -156,6 +156,19 @@ class AugmentSettings(Strict):
     brightness: float = Field(0.0, ge=0)
     contrast: float = Field(0.0, ge=0)
     saturation: float = Field(0.0, ge=0)
+    misalign: str = Field("none", description="none, mild, medium or strong: jitter each training sample by a "
+                          "random similarity + perspective homography up to this level (facesphere.data.misalign); "
+                          "the data set then gives the un-jittered image as the 'aligned' target")
+    misalign_share: float = Field(1.0, ge=0, le=1, description="share of the samples misaligned (the others' input "
+                                  "equals their aligned target)")
+
+    @field_validator("misalign")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        from facesphere.data.misalign import get_strength
+
+        get_strength(value)
+        return value
 
 
 class SyntheticSettings(Strict):
