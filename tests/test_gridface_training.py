@@ -3,6 +3,7 @@ kept out of checkpoints, ``model.init`` into a wrapper's recogniser (and its ref
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from facesphere.backbones import build_backbone
 from facesphere.models.card import training_card
 from facesphere.models.runs import load_backbone
 from facesphere.models.store import save_model
-from facesphere.objectives import ObjectiveContext, ObjectiveLoadError, build_objective
+from facesphere.objectives import FrozenModel, ObjectiveContext, ObjectiveLoadError, build_objective
 from facesphere.train.config import load_config
 from facesphere.train.trainer import InitError, Trainer, init_backbone
 
@@ -113,3 +114,63 @@ def test_a_stored_model_that_cannot_be_loaded_stops_the_trainer_at_start_up_nami
     assert not (tmp_path / "refused").exists()
     with pytest.raises(ObjectiveLoadError, match="no model loader was given"):
         build_objective("canonical_prior", ObjectiveContext("prior", 16, 4), dae=str(missing))
+
+
+def gridface_config(tmp_path: Path, init: Path, *extra: str):
+    from test_trainer import SMALL_GRIDFACE
+
+    return load_config(None, [f"model.backbone_args={json.dumps({**SMALL_GRIDFACE, 'freeze_recognizer': True})}",
+                              "model.backbone=gridface", f"model.init={init}", f"output_dir={tmp_path}", "name=g",
+                              "eval.enabled=false", *extra])
+
+
+def test_model_init_may_name_the_wrapped_recogniser_and_is_checked_against_its_config(tmp_path):
+    """A stored sphereface4 goes into a gridface's recogniser (the rectifier keeps its identity start); a stored model of
+    other recogniser arguments, another backbone or another input size is refused in one line naming the path."""
+    good = stored(tmp_path / "y1", "sphereface4", **RECOGNISER)
+    cfg = gridface_config(tmp_path, good)
+    backbone = build_backbone("gridface", **cfg.model.backbone_args)
+    rectifier_before = {k: v.clone() for k, v in backbone.rectifier.state_dict().items()}
+    init_backbone(backbone, cfg)
+    reference = load_backbone(good)[0].state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in backbone.recognizer.state_dict().items())
+    assert all(torch.equal(v, rectifier_before[k]) for k, v in backbone.rectifier.state_dict().items())
+    refusals = {
+        "backbone_args.recognizer_args.embedding_size is 8 there, 16 in the config":
+            stored(tmp_path / "narrow", "sphereface4", embedding_size=8, input_size=SIZE),
+        "it is a 'face_dae' backbone, the config trains 'gridface' (recogniser 'sphereface4')":
+            stored(tmp_path / "dae", "face_dae", input_size=SIZE),
+        "model expects 48x48 (HxW) images, got 32x32": stored(tmp_path / "large", "sphereface4", embedding_size=16, input_size=[48, 48]),
+    }
+    for reason, path in refusals.items():
+        with pytest.raises(InitError) as refused:
+            init_backbone(build_backbone("gridface", **cfg.model.backbone_args), gridface_config(tmp_path, path))
+        message = str(refused.value)
+        assert "\n" not in message and str(path) in message and reason in message, message
+
+
+def test_rectifier_only_training_leaves_the_frozen_recogniser_and_keeps_stored_models_out_of_checkpoints(tmp_path):
+    """gridface_y1 at test size, 2 steps: the recogniser's weights and BN statistics stay the imported ones, the
+    localiser moves off its identity start, the optimiser holds only the rectifier, and the checkpoint holds the
+    backbone alone (the teacher and the DAE prior are not in it)."""
+    from test_trainer import gridface_y1_stand_ins
+
+    settings = gridface_y1_stand_ins(tmp_path / "models") + [
+        "data.kind=synthetic", "data.synthetic.num_identities=4", "data.synthetic.samples_per_identity=4",
+        "data.batch_size=8", "data.num_workers=0", "train.steps=2", "train.progress=false", "train.tensorboard=false",
+        f"output_dir={tmp_path}", "name=y1"]
+    trainer = Trainer(load_config("gridface_y1", settings))
+    backbone = trainer.model.backbone
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in backbone.rectifier.parameters()}
+    result = trainer.fit()
+    state = torch.load(result.checkpoint, weights_only=True)["model"]
+    assert set(state) == {f"backbone.{k}" for k in backbone.state_dict()}
+    imported = load_backbone(tmp_path / "models" / "teacher")[0].state_dict()
+    assert imported.keys() == {k[len("backbone.recognizer."):] for k in state if k.startswith("backbone.recognizer.")}
+    for key, value in imported.items():
+        assert torch.equal(state[f"backbone.recognizer.{key}"], value), key
+    head = [k for k in state if k.startswith("backbone.rectifier.") and k.endswith(".weight")][-1]
+    assert state[head].abs().max() > 0, f"{head} still at its zero start"
+    assert all(not p.requires_grad for o in trainer.model.objectives.values()
+               for frozen in vars(o).values() if isinstance(frozen, FrozenModel) for p in frozen.module.parameters())
