@@ -174,7 +174,7 @@ def init_backbone(backbone: Backbone, cfg: ExperimentConfig) -> None:
         problems.append(f"it is a {card.backbone!r} backbone, the config trains {cfg.model.backbone!r}"
                         + (f" (recogniser {inner!r})" if inner is not None else ""))
     else:
-        ours = _resolved_args(name, args)
+        ours = _resolved_args(name, {**args, "embedding_size": int(target.embedding_size)})  # a wrapper's is its recogniser's
         theirs = _resolved_args(card.backbone, {**card.backbone_args, "embedding_size": card.embedding_size})
         prefix = "backbone_args." if target is backbone else "backbone_args.recognizer_args."
         problems += [f"{prefix}{k} is {theirs.get(k)!r} there, {ours.get(k)!r} in the config"
