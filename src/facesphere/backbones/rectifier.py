@@ -1,10 +1,12 @@
 """GridFace rectification (Zhou et al., "GridFace", arXiv 1808.06210): a grid of local homographies.
 
 A small localisation CNN looks at the face and predicts one homography per cell of an n x n grid
-over the output image (§3.1); every output pixel is sampled from the input through its own cell's
-homography (§3.2), so a misaligned crop is rectified piecewise before recognition. Neighbouring
-cells are tied by a corner-continuity loss (§3.2) so the pieces meet. n = 1 is one global homography,
-the plain spatial transformer (STN) baseline.
+over the output image; every output pixel is sampled from the input through its own cell's
+homography, so a misaligned crop is rectified piecewise before recognition (the rectification
+module of the paper, its Fig. 2). Neighbouring cells are tied by a corner-continuity loss so the
+pieces meet. n = 1 is one global homography, the plain spatial transformer (STN) baseline. The
+layer sizes, the parametrisation and the continuity loss follow Megvii's simplified GridSTN
+(their MegEngine reference design of the paper), since the paper's own code is not public.
 
 Conventions (shared with the rest of the toolkit):
 
@@ -14,10 +16,12 @@ Conventions (shared with the rest of the toolkit):
 - The continuous image [-0.5, W-0.5] x [-0.5, H-0.5] is split evenly into n x n cells (boundaries at
   c * W / n - 0.5); a pixel belongs to the cell holding its centre. When W is divisible by n this is
   cell (r, c) = output x in [c*W/n, (c+1)*W/n); otherwise the cells are floor/ceil(W/n) pixels wide.
-- Parametrisation (§3.2, Megvii's GridSTN design): with B_k the cell's frame (translation to the cell
-  centre, scaling by the half cell size), H_k = B_k (I + 0.01 Δ_k) B_k^-1 = I + 0.01 B_k Δ_k B_k^-1.
-  The second form is what is computed, so Δ = 0 (the zero-initialised last layer) is exactly the
-  identity on the whole image, and the 0.01 keeps early steps small in the cell's own units.
+- Parametrisation (GridSTN): S = diag(W, H, 1) (normalised -> pixel units) and B_k the translation
+  by the cell's offset (c/n, r/n) in normalised units. GridSTN maps a cell's LOCAL pixel q (origin at
+  the cell's first pixel) by S (B_k + 0.01 Δ_k) S^-1; a global output pixel is q = T_k^-1 p with
+  T_k = S B_k S^-1, so H_k = S (B_k + 0.01 Δ_k) S^-1 T_k^-1 = I + 0.01 S Δ_k S^-1 T_k^-1. The last
+  form is what is computed, so Δ = 0 (the zero-initialised last layer) is exactly the identity on the
+  whole image, and the 0.01 keeps early steps small (one unit of Δ moves a point by ~W/100 px).
 
 Warping is one sampling grid built with kornia point transforms and one ``grid_sample`` (bilinear,
 ``align_corners=True``, zero padding, i.e. grey in the normalised input ``(x - 127.5) / 128``).
@@ -40,7 +44,7 @@ from facesphere.backbones.fuse import ConvBN, check_input
 logger = logging.getLogger(__name__)
 
 STEP = 0.01
-"""Scale of the localiser's raw outputs Δ in H = B (I + STEP Δ) B^-1 (arXiv 1808.06210, §3.2)."""
+"""Scale of the localiser's raw outputs Δ in H_k = S (B_k + STEP Δ_k) S^-1 T_k^-1 (GridSTN)."""
 
 AREA_RATIO = 16.0
 """A cell whose projected area changes by more than this factor (either way) counts as degenerate."""
@@ -65,15 +69,16 @@ def _check_grid(grid: int, size: tuple[int, int]) -> None:
 
 
 def cell_frames(grid: int, size: tuple[int, int], device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
-    """The cells' frames B_k (n*n, 3, 3) and their inverses: cell-local [-1, 1]^2 -> output pixels."""
+    """(L (3, 3), R (n*n, 3, 3)) with H_k = I + STEP * L Δ_k R_k: L = S, R_k = S^-1 T_k^-1 (module docstring)."""
     height, width = size
-    xs, ys = _boundaries(width, grid), _boundaries(height, grid)
-    frames = torch.zeros(grid * grid, 3, 3, dtype=torch.float64)
+    scale = torch.diag(torch.tensor([width, height, 1.0], dtype=torch.float64))
+    right = torch.zeros(grid * grid, 3, 3, dtype=torch.float64)
     for r in range(grid):
         for c in range(grid):
-            hx, hy = (xs[c + 1] - xs[c]) / 2, (ys[r + 1] - ys[r]) / 2
-            frames[r * grid + c] = torch.tensor([[hx, 0, xs[c] + hx], [0, hy, ys[r] + hy], [0, 0, 1]])
-    return frames.to(device, dtype), torch.linalg.inv(frames).to(device, dtype)
+            to_local = torch.tensor([[1, 0, -c * width / grid], [0, 1, -r * height / grid], [0, 0, 1]],
+                                    dtype=torch.float64)  # T_k^-1: global output pixel -> the cell's local pixel
+            right[r * grid + c] = torch.linalg.inv(scale) @ to_local
+    return scale.to(device, dtype), right.to(device, dtype)
 
 
 def cell_corners(grid: int, size: tuple[int, int], device=None, dtype=torch.float32) -> Tensor:
@@ -86,19 +91,21 @@ def cell_corners(grid: int, size: tuple[int, int], device=None, dtype=torch.floa
 
 
 def homographies_from_deltas(deltas: Tensor, grid: int, size: tuple[int, int]) -> Tensor:
-    """H_k = I + STEP * B_k Δ_k B_k^-1 for raw outputs ``deltas`` (N, n*n, 3, 3); exact identity at Δ = 0."""
-    frames, inverses = cell_frames(grid, size, deltas.device, deltas.dtype)
+    """H_k = I + STEP * S Δ_k S^-1 T_k^-1 for raw outputs ``deltas`` (N, n*n, 3, 3); exact identity at Δ = 0."""
+    left, right = cell_frames(grid, size, deltas.device, deltas.dtype)
     eye = torch.eye(3, device=deltas.device, dtype=deltas.dtype)
-    return eye + STEP * (frames @ deltas @ inverses)
+    return eye + STEP * (left @ deltas @ right)
 
 
-@lru_cache(maxsize=32)
-def _pixel_layout(grid: int, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+@lru_cache(maxsize=64)
+@torch.inference_mode(False)  # cached tensors must stay usable by autograd even if first built under inference
+def _pixel_layout(grid: int, size: tuple[int, int], device: torch.device, dtype: torch.dtype
+                  ) -> tuple[Tensor, Tensor]:
     """Per-cell pixel coordinates padded to equal blocks, and the index putting them back in image order.
 
     Returns ``points`` (n*n, Ly*Lx, 2) float (x, y) with Ly, Lx the largest cell height/width (smaller
     cells repeat their last row/column), and ``order`` (H*W,) long: flat index into (n*n * Ly*Lx) of
-    every output pixel in row-major image order. On the CPU; callers move them.
+    every output pixel in row-major image order. Cached per device and dtype: built once, not per batch.
     """
     height, width = size
 
@@ -118,7 +125,7 @@ def _pixel_layout(grid: int, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
     points = torch.stack([px, py], dim=-1).reshape(grid * grid, ly * lx, 2)
     cell = row[:, None] * grid + col[None, :]
     order = (cell * ly + iy[:, None]) * lx + ix[None, :]
-    return points, order.reshape(-1)
+    return points.to(device, dtype), order.reshape(-1).to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,12 +147,12 @@ def warp_cells(images: Tensor, homographies: Tensor, grid: int) -> Tensor:
         raise ValueError(f"expected homographies of shape ({n_img}, {grid * grid}, 3, 3), "
                          f"got {tuple(homographies.shape)}")
     dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    points, order = _pixel_layout(grid, (height, width))
+    points, order = _pixel_layout(grid, (height, width), images.device, dtype)
     with torch.autocast(images.device.type, enabled=False):
         hom = homographies.to(dtype).reshape(n_img * grid * grid, 3, 3)
-        pts = points.to(images.device, dtype).repeat(n_img, 1, 1)  # (N*n*n, Ly*Lx, 2)
+        pts = points.repeat(n_img, 1, 1)  # (N*n*n, Ly*Lx, 2)
         mapped = transform_points(hom, pts).reshape(n_img, -1, 2)
-        mapped = mapped[:, order.to(images.device)].reshape(n_img, height, width, 2)
+        mapped = mapped[:, order].reshape(n_img, height, width, 2)
         sampling = normalize_pixel_coordinates(mapped, height, width)
         out = F.grid_sample(images.to(dtype), sampling, mode="bilinear", padding_mode="zeros", align_corners=True)
     if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
@@ -160,10 +167,11 @@ def _project(homographies: Tensor, points: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=32)
+@torch.inference_mode(False)
 def _shared_corners(grid: int) -> tuple[Tensor, Tensor]:
     """Pairs of (cell * 4 + corner) indices naming the same grid vertex in two neighbouring cells.
 
-    Right neighbours share two corners, down neighbours two, both diagonals one (arXiv 1808.06210, §3.2).
+    Right neighbours share two corners, down neighbours two, both diagonals one (as in GridSTN).
     """
     tl, tr, br, bl = range(4)
     a, b = [], []
@@ -188,7 +196,7 @@ def _shared_corners(grid: int) -> tuple[Tensor, Tensor]:
 
 
 def continuity_loss(homographies: Tensor, grid: int, size: tuple[int, int]) -> Tensor:
-    """Per-sample corner disagreement of neighbouring cells (N,) (arXiv 1808.06210, §3.2).
+    """Per-sample corner disagreement of neighbouring cells (N,): GridSTN's continuity loss (arXiv 1808.06210).
 
     Every grid vertex shared by two cells (right, down and diagonal neighbours) is projected by both
     cells' homographies; the difference, divided by the image size (W for x, H for y), is squared and
@@ -261,7 +269,7 @@ class BasicBlock(nn.Module):
 
 
 class Localiser(nn.Sequential):
-    """The localisation CNN of Megvii's GridSTN (arXiv 1808.06210, §3.1): image -> Δ (N, n*n * 9).
+    """The localisation CNN of Megvii's GridSTN (arXiv 1808.06210's rectification net): image -> Δ (N, 9 n^2).
 
     conv3x3 3->8 stride 2 + BN + ReLU -> maxpool 2 -> basic blocks 8->16, 16->32 (s2), 32->64 (s2) ->
     global average pool -> FC 64 -> ReLU -> FC 9 n^2. The last FC is zero-initialised, so every cell
@@ -313,7 +321,7 @@ class Rectifier(nn.Module):
 
 @BACKBONES.register("gridface")
 class GridFace(Backbone):
-    """A rectifier in front of any registered recogniser (arXiv 1808.06210, §3): images -> dict.
+    """A rectifier in front of any registered recogniser, trained end to end (arXiv 1808.06210): images -> dict.
 
     ``forward`` returns ``{"embedding", "rectified", "homographies", "degenerate"}`` in train and eval
     mode. Training: non-finite homographies raise :class:`RectifierDiverged`. Eval: a sample with any
@@ -322,10 +330,12 @@ class GridFace(Backbone):
     ``freeze_recognizer`` fixes the recogniser (no gradients, BN statistics frozen: always in eval mode).
     """
 
-    def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict | None = None, grid: int = 4,
-                 freeze_recognizer: bool = False) -> None:
+    # ``recognizer_args`` defaults to {} (never mutated), not None, so that a config that omits it and a card that
+    # records it empty resolve to the same arguments.
+    def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict = {},  # noqa: B006
+                 grid: int = 4, freeze_recognizer: bool = False) -> None:
         super().__init__()
-        self.recognizer: Backbone = BACKBONES.build(recognizer, **dict(recognizer_args or {}))
+        self.recognizer: Backbone = BACKBONES.build(recognizer, **dict(recognizer_args))
         self.input_size = tuple(self.recognizer.input_size)
         self.embedding_size = self.recognizer.embedding_size
         self.grid = int(grid)
@@ -372,7 +382,7 @@ class GridFace(Backbone):
 class GlobalSTN(GridFace):
     """The baseline: one global homography (a plain spatial transformer), i.e. GridFace with grid 1."""
 
-    def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict | None = None,
+    def __init__(self, recognizer: str = "mobilefacenet", recognizer_args: dict = {},  # noqa: B006
                  freeze_recognizer: bool = False) -> None:
         super().__init__(recognizer, recognizer_args, grid=1, freeze_recognizer=freeze_recognizer)
 
