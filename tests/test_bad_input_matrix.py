@@ -60,14 +60,15 @@ COMMANDS: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {
         "inputs": ("batch_image", "{image}"), "detector_weights": ("detector_weights", "{scrfd}"),
         "landmarks68": ("landmarker", "--landmarks68"),
         "landmarker_weights": ("landmarker", "--landmarker pfld68 --landmarker-weights"),
-        "age_model": ("age_model", "--age-model"), "out": ("out_file", "--out")}),
+        "age_model": ("age_model", "--age-model"), "rectifier": ("model", "--rectifier"),
+        "out": ("out_file", "--out")}),
     "align": (["align", "{image}", "--out-dir", "{out_dir}", *DETECTOR], {
         "inputs": ("batch_image", "{image}"), "out_dir": ("out_dir", "{out_dir}"),
         "detector_weights": ("detector_weights", "{scrfd}"), "model": ("model", "--model"), "out": ("out_file", "--out")}),
     "embed": (["embed", "{image}", "--model", "{model}", *DETECTOR], {
         "inputs": ("batch_image", "{image}"), "model": ("model", "{model}"),
         "detector_weights": ("detector_weights", "{scrfd}"), "age_model": ("age_model", "--age-model"),
-        "out": ("out_file", "--out")}),
+        "rectifier": ("model", "--rectifier"), "out": ("out_file", "--out")}),
     "verify": (["verify", "{image}", "{image2}", "--model", "{model}", *DETECTOR], {
         "image1": ("image", "{image}"), "image2": ("image", "{image2}"), "model": ("model", "{model}"),
         "detector_weights": ("detector_weights", "{scrfd}"), "threshold": ("threshold", "--threshold"),
@@ -83,7 +84,10 @@ COMMANDS: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {
         "gallery": ("new_gallery", "{gallery}"), "model": ("model", "{model}"),
         "detector_weights": ("detector_weights", "{scrfd}"), "api_keys": ("text", "{keys}"),
         "threshold": ("threshold", "--threshold"), "review": ("folder", "--review"),
-        "age_model": ("age_model", "--age-model")}),
+        "age_model": ("age_model", "--age-model"), "rectifier": ("model", "--rectifier")}),
+    "rectify": (["rectify", "{image}", "--model", "{gridface}", "--out", "{out_dir}", *DETECTOR], {
+        "inputs": ("batch_image", "{image}"), "model": ("model", "{gridface}"), "rectifier": ("model", "--rectifier"),
+        "out_dir": ("out_dir", "{out_dir}"), "detector_weights": ("detector_weights", "{scrfd}")}),
     "import": (["import", "{xiaoccer}", "{out_dir}"], {
         "source": ("checkpoint", "{xiaoccer}"), "output": ("out_dir", "{out_dir}")}),
     "export": (["export", "{model}", "{out_dir}", "--no-check"], {
@@ -201,10 +205,12 @@ def _png(width: int, height: int) -> bytes:
 def valid(tmp_path_factory) -> dict[str, Path]:
     from PIL import Image
 
+    from facesphere.backbones import build_backbone
     from facesphere.data import SyntheticFaces, write_image_folder
     from facesphere.data.record_dataset import pack_folder
     from facesphere.gallery import Gallery
     from facesphere.models import import_weights
+    from facesphere.models.card import training_card
     from facesphere.models.store import save_model
     from facesphere.pipeline.threshold import calibrate_threshold
     from facesphere.train.config import dump_config, load_config
@@ -214,6 +220,10 @@ def valid(tmp_path_factory) -> dict[str, Path]:
              "pfld": require_data(PFLD), "xiaoccer": require_data(XIAOCCER), "bin": require_data(SMALL_BIN)}
     backbone, card = import_weights(require_data(Y1))
     files["model"] = save_model(root / "y1", backbone, card)
+    grid_args = {"recognizer": "mobilefacenet", "recognizer_args": {"embedding_size": 32}, "grid": 2}
+    gridface = build_backbone("gridface", **grid_args)
+    files["gridface"] = save_model(root / "gridface", gridface,
+                                   training_card(gridface, "gridface", "gridface", grid_args))
     with Gallery(root / "gallery.db", card) as gallery:
         vector = np.random.default_rng(0).standard_normal(card.embedding_size).astype(np.float32)
         gallery.enrol("alice", [vector / np.linalg.norm(vector)])
@@ -423,8 +433,8 @@ def test_bad_input_is_refused_in_one_line(row: Row, valid, tmp_path, capfd, monk
     where.mkdir()
     bad = make_bad(row, valid, where)
     argv = build_argv(row, valid, where, bad)
-    shared = [valid["model"], valid["gallery"], valid["rec"], valid["threshold"], valid["keys"], valid["pairs"],
-              valid["config"], valid["people"], valid["eval_pairs"].parent]
+    shared = [valid["model"], valid["gridface"], valid["gallery"], valid["rec"], valid["threshold"], valid["keys"],
+              valid["pairs"], valid["config"], valid["people"], valid["eval_pairs"].parent]
     before = _snapshot(tmp_path, *shared)
     if row.bad in SUBPROCESS_CLASSES or row.id in SUBPROCESS_PROOF:
         code, stderr = run_subprocess(argv, tmp_path)

@@ -1,4 +1,4 @@
-"""``facesphere detect | align | embed | verify | draw | calibrate``: the face pipeline on files and folders.
+"""``facesphere detect | align | embed | verify | draw | rectify | calibrate``: the face pipeline on files and folders.
 
 Inputs are image files or folders (searched recursively for images). Results are JSON (stdout, or
 ``--out``); an input that cannot be read gets an ``error`` entry and the others are still processed; a
@@ -45,6 +45,9 @@ AgeModelOpt = typer.Option(None, "--age-model", help="InsightFace gender/age mod
                            "model-0000.params): adds age and gender to every face (its age wins over the embedding "
                            "model's age branch); arcface_112x112 crops only; InsightFace's terms: non-commercial "
                            "research")
+RectifierOpt = typer.Option(None, "--rectifier", help="a gridface / stn model (model folder, run folder or "
+                            "checkpoint) whose rectifier warps each aligned crop before the embedder; every face gets "
+                            "`rectification` (ok, or degenerate: the aligned crop was kept)")
 IndexOpt = typer.Option("auto", "--index", help="search index kind: auto, flat, hnsw or ivfpq (gallery.INDEX_KINDS)")
 StorageOpt = typer.Option("fp32", "--storage", help="index storage: fp32, fp16 or int8")
 
@@ -105,10 +108,10 @@ def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_we
            landmarks68: Optional[Path] = Landmarks68Opt, landmarker: Optional[str] = LandmarkerOpt,
            landmarker_weights: Optional[Path] = LandmarkerWeightsOpt, score: Optional[float] = ScoreOpt,
            min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt,
-           age_model: Optional[Path] = AgeModelOpt, threads: Optional[int] = ThreadsOpt,
-           out: Optional[Path] = OutOpt) -> None:
+           age_model: Optional[Path] = AgeModelOpt, rectifier: Optional[Path] = RectifierOpt,
+           threads: Optional[int] = ThreadsOpt, out: Optional[Path] = OutOpt) -> None:
     """Faces in each image: box, score, 5 landmarks (and the landmarker's outputs, e.g. landmarks68; with
-    --age-model, age and gender), as JSON."""
+    --age-model, age and gender; with --rectifier, rectification), as JSON."""
     with user_errors():
         if out is not None:
             check_writable(out)
@@ -116,7 +119,7 @@ def detect(inputs: list[Path] = Inputs, detector: str = DetectorOpt, detector_we
                                        detector_options=detector_option, landmarker=landmarker,
                                        landmarker_weights=landmarker_weights, score_threshold=score,
                                        min_face_size=min_face, max_faces=max_faces, threads=threads,
-                                       age_model=age_model)
+                                       age_model=age_model, rectifier=rectifier)
         sources, skipped = _sources(inputs)
         results = analyzer.analyze(sources, embed=False)
         _summary(results)
@@ -164,15 +167,17 @@ def embed(inputs: list[Path] = Inputs, model: Path = typer.Option(..., "--model"
           flip: bool = typer.Option(True, "--flip/--no-flip", help="flip-sum test-time augmentation"),
           score: Optional[float] = ScoreOpt, min_face: Optional[float] = MinFaceOpt,
           max_faces: Optional[int] = MaxFacesOpt, age_model: Optional[Path] = AgeModelOpt,
-          threads: Optional[int] = ThreadsOpt, out: Optional[Path] = OutOpt) -> None:
+          rectifier: Optional[Path] = RectifierOpt, threads: Optional[int] = ThreadsOpt,
+          out: Optional[Path] = OutOpt) -> None:
     """Unit-length embeddings of every face, with boxes, landmarks and age (null when neither the model's age
-    branch nor --age-model gives one), as JSON."""
+    branch nor --age-model gives one; with --rectifier, rectification), as JSON."""
     with user_errors():
         if out is not None:
             check_writable(out)
         analyzer = analyzer_from_flags(detector, detector_weights, model,
                                        detector_options=detector_option, score_threshold=score, min_face_size=min_face,
-                                       max_faces=max_faces, threads=threads, flip=flip, age_model=age_model)
+                                       max_faces=max_faces, threads=threads, flip=flip, age_model=age_model,
+                                       rectifier=rectifier)
         sources, skipped = _sources(inputs)
         results = analyzer.analyze(sources)
         _summary(results)
@@ -234,6 +239,37 @@ def draw(inputs: list[Path] = Inputs, out_dir: Path = typer.Option(..., "--out-d
             write_png(out_dir / f"{index:05d}_{source.stem}.png", draw_faces(image, result.faces))
         _summary(results)
         logger.info("drawings written to %s", out_dir)
+    _exit_unless_any_read(results)
+
+
+def rectify(inputs: list[Path] = Inputs,
+            model: Path = typer.Option(..., "--model", help="a gridface / stn model (its rectifier is drawn), or, with "
+                                       f"--rectifier, the embedding model the rectifier serves; {MODEL_HELP}"),
+            out_dir: Path = typer.Option(..., "--out", help="folder for the PNGs"),
+            rectifier: Optional[Path] = typer.Option(None, "--rectifier", help="a gridface / stn model whose "
+                                                     "rectifier is put in front of --model"),
+            detector: str = DetectorOpt, detector_weights: Path = WeightsOpt,
+            detector_option: list[str] = DetectorOptionsOpt, score: Optional[float] = ScoreOpt,
+            min_face: Optional[float] = MinFaceOpt, max_faces: Optional[int] = MaxFacesOpt,
+            threads: Optional[int] = ThreadsOpt) -> None:
+    """Pictures of the rectification, one PNG per face: the aligned crop with the grid of cells drawn where each
+    samples from | the rectified crop; a JSON summary on stdout (rectification and picture per face)."""
+    from facesphere.pipeline import AnalyzerSpec
+    from facesphere.pipeline.build import rectifier_pictures_setup
+    from facesphere.pipeline.drawing import write_rectification_pictures
+    from facesphere.utils.overrides import parse_options
+
+    with user_errors():
+        check_writable(out_dir, folder=True)
+        spec = AnalyzerSpec(detector=detector, detector_weights=detector_weights,
+                            detector_options=parse_options(detector_option), model=model, rectifier=rectifier,
+                            score_threshold=score, min_face_size=min_face, max_faces=max_faces, threads=threads)
+        analyzer, stage = rectifier_pictures_setup(spec)
+        sources, skipped = _sources(inputs)
+        results, payload = write_rectification_pictures(analyzer, stage, sources, out_dir)
+        _summary(results)
+        logger.info("pictures of the %s written to %s", stage.describe(), out_dir)
+        emit(payload + skipped, None)
     _exit_unless_any_read(results)
 
 

@@ -29,7 +29,7 @@ app.command("config")(train_commands.show_config)
 app.command("import")(models_import.import_model)
 app.command("eval")(eval_commands.evaluate)
 app.command("export")(export_commands.export_command)
-for _name in ("detect", "align", "embed", "verify", "draw", "calibrate"):
+for _name in ("detect", "align", "embed", "verify", "draw", "rectify", "calibrate"):
     app.command(_name)(getattr(face_commands, _name))
 app.command("serve")(serve_commands.serve)
 app.add_typer(data_commands.app, name="data")

@@ -9,7 +9,16 @@ from typing import Optional
 import typer
 
 from facesphere.cli.errors import user_errors
-from facesphere.cli.faces import MODEL_HELP, AgeModelOpt, DetectorOpt, IndexOpt, StorageOpt, ThreadsOpt, WeightsOpt
+from facesphere.cli.faces import (
+    MODEL_HELP,
+    AgeModelOpt,
+    DetectorOpt,
+    IndexOpt,
+    RectifierOpt,
+    StorageOpt,
+    ThreadsOpt,
+    WeightsOpt,
+)
 
 logger = logging.getLogger("facesphere")
 
@@ -31,6 +40,7 @@ def serve(gallery: Path = typer.Option(..., "--gallery", help="gallery database 
           max_faces: int = typer.Option(20, "--max-faces", min=1, help="faces analysed per photo"),
           flip: bool = typer.Option(True, "--flip/--no-flip", help="flip-sum test-time augmentation"),
           threads: Optional[int] = ThreadsOpt, age_model: Optional[Path] = AgeModelOpt,
+          rectifier: Optional[Path] = RectifierOpt,
           review: Optional[Path] = typer.Option(None, "--review", help="output folder of `facesphere clean profile`: "
                                                 "review its flagged images on the page /review")) -> None:
     """Serve detect / embed / verify / identify and gallery enrolment over HTTP, with a web page at / (and the
@@ -44,7 +54,7 @@ def serve(gallery: Path = typer.Option(..., "--gallery", help="gallery database 
         settings = ServiceSettings(api_keys=read_api_keys(api_keys), max_request_bytes=int(max_upload_mb * 2**20),
                                    max_image_pixels=max_pixels, max_faces=max_faces, match_threshold=match_threshold)
         spec = AnalyzerSpec(detector=detector, detector_weights=detector_weights, model=model, threads=threads,
-                            flip=flip, age_model=age_model)
+                            flip=flip, age_model=age_model, rectifier=rectifier)
         app = build_app(spec, gallery, settings, threshold=threshold, index=index, storage=storage, review=review)
         service = app.state.service
         logger.info("serving %s (%d identities) on http://%s:%d  (page /, API /docs, spec /openapi.json)",

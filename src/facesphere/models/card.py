@@ -18,6 +18,7 @@ backbone's input is ``(x - mean) / std``; raw pixels are ``mean = 0, std = 1``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from typing import Any, Literal
@@ -181,6 +182,30 @@ class AgeBranch(BaseModel):
         return np.maximum(self.slope * np.asarray(norms, dtype=np.float64) + self.intercept, 0.0)
 
 
+class RectifierInfo(BaseModel):
+    """A rectifier inside the model, in front of its recogniser (GridFace, arXiv 1808.06210 Sec. 3.2): an
+    ``grid`` x ``grid`` grid of local homographies warps each aligned crop before it is embedded (``grid`` 1:
+    one global homography, the plain STN). A model whose card has one is always served with it (it runs inside
+    the backbone), and no second rectifier may be put in front of it."""
+
+    model_config = _STRICT
+
+    kind: Literal["local_homographies"] = "local_homographies"
+    grid: int = Field(ge=1, le=64)
+
+    def describe(self) -> str:
+        what = "one global homography (STN)" if self.grid == 1 else f"{self.grid}x{self.grid} local homographies"
+        return f"{what} rectify each crop before the recogniser (GridFace)"
+
+
+Scalar = bool | int | float | str
+"""A backbone argument's value; one level of ``{name: scalar}`` is allowed too (an inner backbone's arguments)."""
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
 class ModelCard(BaseModel):
     """Everything needed to rebuild, feed and cite a stored model (serialised as ``card.json``)."""
 
@@ -189,7 +214,7 @@ class ModelCard(BaseModel):
     format_version: Literal[1] = 1
     name: str = Field(min_length=1)
     backbone: str = Field(min_length=1)
-    backbone_args: dict[str, bool | int | float | str] = Field(default_factory=dict)
+    backbone_args: dict[str, Scalar | dict[str, Scalar]] = Field(default_factory=dict)
     input_size: tuple[int, int]
     colour_order: ColourOrder
     mean: tuple[float, float, float]
@@ -206,6 +231,8 @@ class ModelCard(BaseModel):
     """sha256 of ``model.safetensors``; set by ``save_model``, checked by ``load_model``."""
     age_branch: AgeBranch | None = None
     """How to read an age from the embedding (OE-CNN); None: the model has no age output."""
+    rectifier: RectifierInfo | None = None
+    """The rectifier the backbone runs inside, in front of its recogniser (GridFace); None: none."""
 
     @model_validator(mode="after")
     def _valid(self) -> "ModelCard":
@@ -311,15 +338,27 @@ class ModelCard(BaseModel):
     # -- building and describing ------------------------------------------------------------------
 
     def build_backbone(self) -> torch.nn.Module:
-        """The card's backbone with freshly initialised weights (``store.load_model`` fills them)."""
-        from facesphere.backbones import build_backbone
+        """The card's backbone with freshly initialised weights (``store.load_model`` fills them).
 
-        return build_backbone(self.backbone, embedding_size=self.embedding_size, input_size=self.input_size,
-                              **self.backbone_args)
+        The card's input and embedding sizes go to the constructor when it takes them; a wrapper that does not
+        (GridFace: its recogniser's sizes are in ``backbone_args.recognizer_args``) must come out with them."""
+        from facesphere.backbones import BACKBONES, build_backbone
+
+        parameters = inspect.signature(BACKBONES.get(self.backbone)).parameters
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        sizes = {k: v for k, v in (("embedding_size", self.embedding_size), ("input_size", self.input_size))
+                 if takes_all or k in parameters}
+        backbone = build_backbone(self.backbone, **sizes, **self.backbone_args)
+        built = (tuple(int(v) for v in backbone.input_size), int(backbone.embedding_size))
+        if built != (tuple(self.input_size), self.embedding_size):
+            raise ValueError(f"card {self.name!r}: {self.backbone}({_describe_args(self.backbone_args)}) takes "
+                             f"{built[0]} input to {built[1]}-d embeddings, the card says {tuple(self.input_size)} -> "
+                             f"{self.embedding_size}")
+        return backbone
 
     def describe(self) -> str:
         """A few human-readable lines: architecture, expected input, provenance, published figures."""
-        args = ", ".join(f"{k}={v}" for k, v in sorted(self.backbone_args.items()))
+        args = _describe_args(self.backbone_args)
         lines = [
             f"{self.name}: {self.backbone}({args}), {self.embedding_size}-d embeddings",
             f"  input:     {self.input_spec.describe()}",
@@ -330,6 +369,8 @@ class ModelCard(BaseModel):
         if self.age_branch is not None:
             lines.append(f"  age:       {self.age_branch.slope:.4g}·‖x‖ + {self.age_branch.intercept:.4g} years "
                          f"(from the embedding norm, OE-CNN)")
+        if self.rectifier is not None:
+            lines.append(f"  rectifier: {self.rectifier.describe()}")
         if self.notes:
             lines.append(f"  notes:     {self.notes}")
         return "\n".join(lines)
@@ -343,19 +384,36 @@ class ModelCard(BaseModel):
 
 
 
+def _describe_args(args: dict[str, Any]) -> str:
+    """``k=v, ...`` in name order; a nested dict as ``{k=v, ...}``."""
+    return ", ".join(f"{k}={'{' + _describe_args(v) + '}' if isinstance(v, dict) else v}"
+                     for k, v in sorted(args.items()))
+
+
+def _card_arg(value: Any) -> bool:
+    """A value a card can hold as a backbone argument: a scalar, or one level of ``{str: scalar}``."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_scalar(v) for k, v in value.items())
+    return _is_scalar(value)
+
+
 def training_card(backbone: torch.nn.Module, name: str, backbone_name: str, backbone_args: dict[str, Any] | None = None,
                   source: str = "facesphere training run") -> ModelCard:
-    """The card of a backbone trained by facesphere: RGB, ``(x - 127.5) / 128``, its own input size."""
+    """The card of a backbone trained by facesphere: RGB, ``(x - 127.5) / 128``, its own input size.
+
+    A backbone with ``card_fields()`` adds the card fields it names (GridFace: its ``rectifier``)."""
     size = tuple(int(v) for v in backbone.input_size)
     args = {k: v for k, v in (backbone_args or {}).items()
-            if k not in ("input_size", "embedding_size") and isinstance(v, (bool, int, float, str))}
+            if k not in ("input_size", "embedding_size") and _card_arg(v)}
+    fields = backbone.card_fields() if callable(getattr(backbone, "card_fields", None)) else {}
     try:
         alignment = template_for_size(size).name
     except ValueError:  # a size no template makes: the card says so rather than guessing
         alignment = f"unspecified_{size[0]}x{size[1]}"
     return ModelCard(name=name, backbone=backbone_name, backbone_args=args, input_size=size, colour_order="RGB",
                      mean=FACESPHERE_MEAN, std=FACESPHERE_STD, alignment=alignment,
-                     embedding_size=int(backbone.embedding_size), licence="as the training data's terms", source=source)
+                     embedding_size=int(backbone.embedding_size), licence="as the training data's terms", source=source,
+                     **fields)
 
 
 __all__ = [
@@ -363,6 +421,7 @@ __all__ = [
     "ModelCard",
     "InputSpec",
     "PublishedFigure",
+    "RectifierInfo",
     "ModelCardMismatch",
     "input_spec_of",
     "FACESPHERE_MEAN",

@@ -29,7 +29,14 @@ from facesphere.align.templates import get_template
 from facesphere.data.images import ImageError, load_image
 from facesphere.detect.base import image_problem
 from facesphere.models.card import ModelCard, ModelCardMismatch
-from facesphere.pipeline.stages import Stage, check_stages, json_value, round_pixels, stage_outputs
+from facesphere.pipeline.stages import (
+    Stage,
+    check_rectify_stages,
+    check_stages,
+    json_value,
+    round_pixels,
+    stage_outputs,
+)
 from facesphere.pipeline.threshold import Threshold, decide
 
 logger = logging.getLogger(__name__)
@@ -136,6 +143,7 @@ class FaceAnalyzer:
             if tuple(template.size) != tuple(card.input_size):
                 raise ModelCardMismatch(card.name, [f"template {template.name} makes {template.size} crops but the model "
                                                     f"expects {tuple(card.input_size)}"])
+            check_rectify_stages(self._phases["rectify"], card)
             if threshold is not None:
                 threshold.check_model(card.name, card.embedding_size, card.weights_sha256)
             self.alignment = card.alignment
@@ -173,9 +181,15 @@ class FaceAnalyzer:
         if not all_faces:
             return results
         crops = np.stack([f.crop for f in all_faces])
+        embed = embed and self.embedder is not None
+        rectified, produced = crops, {}
+        if embed or any(stage.outputs for stage in self._phases["rectify"]):  # unembedded: only to report
+            rectified, produced = self._rectify(crops)
+        for i, face in enumerate(all_faces):
+            face.extras.update({name: values[i] for name, values in produced.items()})
         embeddings = ages = None
-        if embed and self.embedder is not None:
-            embeddings, ages = self._embed(crops)
+        if embed:
+            embeddings, ages = self._embed(rectified)
             for face, vector in zip(all_faces, embeddings):
                 face.embedding = vector
         for stage in self._phases["attributes"]:
@@ -219,18 +233,26 @@ class FaceAnalyzer:
         """Unit-length embeddings of aligned RGB uint8 crops (N, H, W, 3) made on this analyser's template.
 
         The ``rectify`` stages transform the crops first, so this is the embedding ``analyze`` gives."""
-        return self._embed(crops)[0]
+        return self._embed(self._rectify(crops)[0])[0]
 
-    def _embed(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(unit embeddings, ages from the card's age branch or None) of aligned crops, in one forward pass."""
-        if self.embedder is None:
-            raise ValueError("this analyser has no embedding model")
+    def _rectify(self, crops: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Aligned crops through the ``rectify`` stages: (the crops the embedder gets, their per-face outputs)."""
+        produced: dict[str, np.ndarray] = {}
         for stage in self._phases["rectify"]:
-            rectified = np.asarray(stage.run(crops))
+            answer = stage.run(crops)
+            rectified, outputs = answer if isinstance(answer, tuple) else (answer, {})
+            rectified = np.asarray(rectified)
             if rectified.shape != crops.shape or rectified.dtype != np.uint8:
                 raise ValueError(f"rectify stage {stage.name!r} turned {crops.dtype} {crops.shape} crops into "
                                  f"{rectified.dtype} {rectified.shape}; it must keep uint8 crops of the same shape")
+            produced.update(stage_outputs(stage, outputs, len(crops)))
             crops = rectified
+        return crops, produced
+
+    def _embed(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(unit embeddings, ages from the card's age branch or None) of crops ready for the embedder (rectified)."""
+        if self.embedder is None:
+            raise ValueError("this analyser has no embedding model")
         vectors, norms = self.embedder.embed_with_norms(crops, flip=self.flip)
         branch = self.embedder.card.age_branch
         return np.asarray(vectors, dtype=np.float32), None if branch is None else branch.predict(np.asarray(norms))

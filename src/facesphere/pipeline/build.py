@@ -3,7 +3,8 @@
 Everything that can be stored is named by a path: the detector's weights, the embedding model (a
 model folder, an exported ``.onnx``, a training run folder or a checkpoint file, all read by
 ``facesphere.models.runs.load_embedder``), an optional landmarker's weights, an optional age/gender
-estimator (InsightFace's gender/age model, ``facesphere.models.genderage``) and a calibrated threshold.
+estimator (InsightFace's gender/age model, ``facesphere.models.genderage``), an optional rectifier (a stored
+GridFace / STN model's, ``facesphere.models.rectifier``) and a calibrated threshold.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class AnalyzerSpec(BaseModel):
                                    "model-0000.params, read in place): every face gets its age and gender, and this "
                                    "age takes precedence over the embedding model's age branch; needs arcface_112x112 "
                                    "crops. Its weights are InsightFace's, for non-commercial research only")
+    rectifier: Path | None = Field(None, description="a gridface / stn model (model folder, run folder or "
+                                   "checkpoint) whose rectifier warps every aligned crop before the embedder "
+                                   "(facesphere.models.rectifier); its card's input must be the embedding model's, "
+                                   "and that model must not have a rectifier of its own")
 
 
 def _detector_options(constructor, options: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +88,7 @@ def build_analyzer(spec: AnalyzerSpec | None = None, stages: Sequence[Stage] = (
     from facesphere.align.landmarkers import LANDMARKERS, build_landmarker
     from facesphere.detect import DETECTORS, build_detector
     from facesphere.models.genderage import load_genderage
+    from facesphere.models.rectifier import load_rectifier
     from facesphere.models.runs import load_embedder
 
     spec = spec if spec is not None else AnalyzerSpec(**fields)
@@ -92,6 +98,12 @@ def build_analyzer(spec: AnalyzerSpec | None = None, stages: Sequence[Stage] = (
         torch.set_num_threads(spec.threads)
     if spec.age_model is not None:  # the smallest file first: a wrong path is refused before the big loads
         stages = [*stages, load_genderage(spec.age_model, device=spec.device)]
+    alignment = spec.alignment
+    if spec.rectifier is not None:
+        rectifier = load_rectifier(spec.rectifier, device=spec.device)
+        stages = [rectifier, *stages]
+        if spec.model is None and alignment is None:  # no embedder: the crops are cut for the rectifier
+            alignment = rectifier.alignment
     constructor = DETECTORS.get(spec.detector)
     detector = build_detector(spec.detector, spec.detector_weights,
                               **_runtime_options(constructor, spec.threads, spec.device),
@@ -106,7 +118,27 @@ def build_analyzer(spec: AnalyzerSpec | None = None, stages: Sequence[Stage] = (
     return FaceAnalyzer(detector, embedder, landmarker=landmarker, stages=stages, flip=spec.flip,
                         threshold=Threshold.load(spec.threshold) if spec.threshold else None,
                         score_threshold=spec.score_threshold, min_face_size=spec.min_face_size,
-                        max_faces=spec.max_faces, alignment=spec.alignment)
+                        max_faces=spec.max_faces, alignment=alignment)
+
+
+def rectifier_pictures_setup(spec: AnalyzerSpec):
+    """(analyser, rectifier) for pictures of a rectification: the rectifier is ``spec.rectifier``'s, checked against
+    ``spec.model``'s card as :class:`FaceAnalyzer` checks it, or else ``spec.model``'s own (a gridface / stn model);
+    the analyser cuts the crops the rectifier takes and has no rectify stage (the pictures run it)."""
+    from facesphere.models.rectifier import load_rectifier
+    from facesphere.pipeline.stages import check_rectify_stages
+
+    if spec.model is None:
+        raise ValueError("pictures of a rectification need a model (a gridface / stn model, or an embedding model "
+                         "and a rectifier)")
+    if spec.rectifier is None:
+        rectifier = load_rectifier(spec.model, device=spec.device)
+        analyzer = build_analyzer(spec.model_copy(update={"model": None, "alignment": rectifier.alignment}))
+        return analyzer, rectifier
+    rectifier = load_rectifier(spec.rectifier, device=spec.device)
+    analyzer = build_analyzer(spec.model_copy(update={"rectifier": None}))
+    check_rectify_stages([rectifier], analyzer.embedder.card)
+    return analyzer, rectifier
 
 
 def open_set_threshold(card: ModelCard, threshold: str | os.PathLike | Threshold | None = None,
@@ -161,4 +193,5 @@ class PeopleFolder:
             yield found
 
 
-__all__ = ["MODEL_FORMS", "AnalyzerSpec", "PeopleFolder", "PersonPhotos", "build_analyzer", "open_set_threshold"]
+__all__ = ["MODEL_FORMS", "AnalyzerSpec", "PeopleFolder", "PersonPhotos", "build_analyzer", "open_set_threshold",
+           "rectifier_pictures_setup"]

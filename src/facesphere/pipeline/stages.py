@@ -5,15 +5,22 @@
 
 * ``name``: a short identifier (logs, errors);
 * ``phase``: one of :data:`PHASES`;
-* ``outputs``: the names of the per-face extras it adds (empty for a rectifier);
+* ``outputs``: the names of the per-face extras it adds;
 * ``run(...)``, whose arguments depend on the phase:
 
   - ``landmarks``: ``run(image, boxes) -> {name: (N, ...) array}`` for one HxWx3 uint8 RGB photo and
     its (N, 4) face boxes (largest face first); the landmarker contract of ``facesphere.align.landmarkers``;
-  - ``rectify``: ``run(crops) -> crops``, aligned (M, H, W, 3) uint8 RGB crops in, crops of the same
-    shape out, just before the embedder sees them (e.g. GridFace's local homographies, arXiv
-    1808.06210 Sec. 3.2); ``FaceAnalyzer.embed_crops`` applies it, so ``Face.crop`` stays the aligned crop
-    and ``embed_crops(face.crop)`` gives ``face.embedding``;
+  - ``rectify``: ``run(crops) -> crops`` or ``-> (crops, {name: (M, ...) values})`` (a stage with
+    outputs), aligned (M, H, W, 3) uint8 RGB crops in, crops of the same shape out, just before the
+    embedder sees them (e.g. GridFace's local homographies, arXiv 1808.06210 Sec. 3.2,
+    ``facesphere.models.rectifier``). When faces are not embedded (``detect``) the rectify stages run only
+    if one of them has outputs to report. ``FaceAnalyzer.embed_crops`` applies them too, so ``Face.crop``
+    stays the aligned crop and ``embed_crops(face.crop)`` gives ``face.embedding``. A rectifier that
+    declares ``input_spec`` (the crops it takes: size, colour order, mean/std, alignment) must take exactly
+    what the embedder's card expects, and none may stand in front of an embedder whose card has a ``rectifier`` (it rectifies
+    inside): the analyser refuses both at construction (:func:`check_rectify_stages`). A face the
+    rectifier cannot rectify (degenerate homographies) keeps its aligned crop and is reported, never
+    passed on as a garbage crop;
   - ``attributes``: ``run(crops, embeddings) -> {name: (M, ...) array}`` over every face of the batch,
     from the aligned crops and the unit embeddings (``None`` when the batch is not embedded).
 
@@ -28,6 +35,9 @@ REST answers): lower-case ``snake_case``, the quantity rather than the model, e.
 * ``landmarks_dense``: (K, 2) or (K, 3) dense points, photo pixels (x, y[, depth]);
 * ``pose``: (3,) yaw, pitch, roll in degrees;
 * ``params_3dmm``: (P,) 3D morphable model coefficients, as the regressor's card documents them;
+* ``rectification``: ``{"status": "ok" | "degenerate", "cells": k}``, what the rectifier did to the face:
+  ``degenerate`` when k > 0 of its cells' homographies fold, flip, leave the camera's half-space or are not
+  finite, in which case the embedder got the aligned crop instead (``facesphere.models.rectifier``);
 * ``age``: () years; ``gender``: ``"male"`` or ``"female"`` (the gender/age estimator,
   ``facesphere.models.genderage``). The analyser itself adds ``age`` (None when unknown) and
   ``age_source`` to every face: the name of the stage that produced ``age``, else ``"norm"`` when the
@@ -48,6 +58,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from facesphere.detect.base import check_per_face
+from facesphere.models.card import ModelCard, ModelCardMismatch
 
 PHASES = ("landmarks", "rectify", "attributes")
 """Stage phases in the order they run (after detection, after alignment, after embedding)."""
@@ -92,6 +103,22 @@ def stage_outputs(stage: Stage, produced: dict[str, Any], faces: int) -> dict[st
     return {name: check_per_face(name, values, faces) for name, values in produced.items()}
 
 
+def check_rectify_stages(stages: Sequence[Stage], card: ModelCard) -> None:
+    """Refuse rectify ``stages`` in front of an embedder with ``card``: one whose ``input_spec`` differs from the
+    card's (:class:`ModelCardMismatch` naming both), or any when the card has its own ``rectifier``."""
+    for stage in stages:
+        rectifier = getattr(stage, "card", None)
+        what = f"rectifier {rectifier.name!r}" if isinstance(rectifier, ModelCard) else f"rectify stage {stage.name!r}"
+        if card.rectifier is not None:
+            raise ModelCardMismatch(f"{what} in front of {card.name!r}", [
+                f"{card.name!r} rectifies inside ({card.rectifier.describe()}); it takes aligned crops, not a "
+                f"second rectifier's output"])
+        spec = getattr(stage, "input_spec", None)
+        if spec is not None and card.mismatches(spec):
+            raise ModelCardMismatch(f"{what} ({spec.describe()}) in front of {card.name!r} "
+                                    f"({card.input_spec.describe()})", card.mismatches(spec))
+
+
 def round_pixels(array) -> Any:
     """Pixel coordinates as JSON numbers, to 2 decimals (a hundredth of a pixel)."""
     return np.round(np.asarray(array, dtype=np.float64), 2).tolist()
@@ -107,4 +134,5 @@ def json_value(name: str, value: Any) -> Any:
     return value
 
 
-__all__ = ["PHASES", "RESERVED", "Stage", "check_stages", "json_value", "round_pixels", "stage_outputs"]
+__all__ = ["PHASES", "RESERVED", "Stage", "check_rectify_stages", "check_stages", "json_value", "round_pixels",
+           "stage_outputs"]
