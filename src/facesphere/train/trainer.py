@@ -141,12 +141,15 @@ class InitError(ValueError):
 
 
 def _resolved_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
-    """A backbone's constructor arguments with its defaults filled in (input size left out: the card checks it)."""
+    """A backbone's constructor arguments with its defaults filled in (input size left out: the card checks it; so
+    are the sizes inside a wrapper's nested arguments, e.g. ``recognizer_args``: the card's input and embedding
+    sizes are the recogniser's)."""
     parameters = inspect.signature(BACKBONES.get(name)).parameters.values()
     resolved = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
     resolved.update(args)
     resolved.pop("input_size", None)
-    return resolved
+    return {k: {n: x for n, x in v.items() if n not in ("input_size", "embedding_size")} if isinstance(v, dict) else v
+            for k, v in resolved.items()}
 
 
 def init_backbone(backbone: Backbone, cfg: ExperimentConfig) -> None:
