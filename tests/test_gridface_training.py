@@ -147,6 +147,20 @@ def test_model_init_may_name_the_wrapped_recogniser_and_is_checked_against_its_c
             init_backbone(build_backbone("gridface", **cfg.model.backbone_args), gridface_config(tmp_path, path))
         message = str(refused.value)
         assert "\n" not in message and str(path) in message and reason in message, message
+    # a stored gridface still initialises a gridface as a whole, its arguments checked as before
+    wrapper_args = {"recognizer": "sphereface4", "recognizer_args": {"embedding_size": 16}, "grid": 2}
+    whole = stored(tmp_path / "gridface", "gridface", **wrapper_args)
+    for grid, problem in ((2, None), (4, "backbone_args.grid is 2 there, 4 in the config")):
+        cfg = load_config(None, [f"model.backbone_args={json.dumps({**wrapper_args, 'grid': grid})}",
+                                 "model.backbone=gridface", f"model.init={whole}"])
+        backbone = build_backbone("gridface", **cfg.model.backbone_args)
+        if problem is None:
+            init_backbone(backbone, cfg)
+            reference = load_backbone(whole)[0].state_dict()
+            assert all(torch.equal(v, reference[k]) for k, v in backbone.state_dict().items())
+        else:
+            with pytest.raises(InitError, match=problem):
+                init_backbone(backbone, cfg)
 
 
 def test_rectifier_only_training_leaves_the_frozen_recogniser_and_keeps_stored_models_out_of_checkpoints(tmp_path):
