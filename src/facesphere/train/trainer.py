@@ -13,7 +13,10 @@ index), and the checkpoint stores every RNG state, so ``resume`` continues a kil
 Checkpoints keep the backbone under ``model["backbone.*"]``, the run config under ``config`` and the
 objectives' model-card fields (an age branch) under ``card``; a resume must continue the same experiment
 (:mod:`facesphere.train.compat` says which settings may change). ``model.init`` fine-tunes: a stored model
-of the configured backbone is loaded into it before step 0 (:func:`init_backbone`), never on a resume.
+of the configured backbone (or, for a backbone wrapping a recogniser, of that recogniser) is loaded into it before
+step 0 (:func:`init_backbone`), never on a resume. Objectives that consult stored models (a teacher, a prior) read
+them with the loader the trainer hands them (``ObjectiveContext.load_model``) when they are built; those models are
+frozen and outside the checkpoints.
 """
 
 from __future__ import annotations
