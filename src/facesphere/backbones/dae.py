@@ -50,7 +50,8 @@ class FaceDAE(Backbone):
     def __init__(self, input_size: tuple[int, int] = (112, 112), noise: float = 0.2, embedding_size: int = 128) -> None:
         super().__init__()
         if any(int(s) % 16 for s in input_size):
-            raise ValueError(f"face_dae input_size must be divisible by 16 (four stride-2 stages), got {tuple(input_size)}")
+            raise ValueError(f"face_dae input_size must be divisible by 16 (four stride-2 stages), "
+                             f"got {tuple(input_size)}")
         if not noise > 0:
             raise ValueError(f"face_dae noise must be positive, got {noise}")
         self.input_size = (int(input_size[0]), int(input_size[1]))

@@ -30,7 +30,7 @@ Configs name objectives by registry name (``OBJECTIVES``) or import path (``"pac
 a constructor takes an :class:`ObjectiveContext` and the config's ``args``.
 """
 
-from facesphere.objectives import age, recognition, rectify, regression  # noqa: F401  (registers the built-in objectives)
+from facesphere.objectives import age, recognition, rectify, regression  # noqa: F401  (registers the built-ins)
 from facesphere.objectives.base import (
     MASK_SUFFIX,
     OBJECTIVES,

@@ -2,10 +2,10 @@
 
 * ``grid_continuity`` — the corner-continuity loss of the rectifier's local homographies (Sec. 3.2), read from
   the backbone's ``"homographies"`` output.
-* ``canonical_prior`` — the canonical-face prior on the ``"rectified"`` output (Sec. 3.3), its gradient estimated
-  by a denoising autoencoder: for a DAE r trained with noise sigma, (r(x) - x) / sigma^2 estimates
-  d log p(x) / dx (Alain & Bengio, arXiv 1211.4246), so the term 0.5·‖x − sg(r(x))‖² / sigma² (sg: stop-gradient),
-  whose gradient is (x − r(x)) / sigma², descends −log p.
+* ``canonical_prior`` — the canonical-face prior on the ``"rectified"`` output (Sec. 3.3), its gradient
+  estimated by a denoising autoencoder: for a DAE r trained with noise sigma, (r(x) - x) / sigma^2 estimates
+  d log p(x) / dx (Alain & Bengio, arXiv 1211.4246), so the term 0.5·‖x − sg(r(x))‖² / sigma²
+  (sg: stop-gradient), whose gradient is (x − r(x)) / sigma², descends −log p.
 * ``aligned_embedding`` — rectifier-only training in front of a frozen recogniser: the embedding of the rectified
   misaligned crop is pulled toward a frozen teacher's embedding of the aligned crop (target ``aligned``).
 * ``denoising`` — trains the DAE itself (``face_dae`` backbone): reconstruction of the clean image.

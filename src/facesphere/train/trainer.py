@@ -171,7 +171,8 @@ def init_backbone(backbone: Backbone, cfg: ExperimentConfig) -> None:
     except (FileNotFoundError, ValueError, RuntimeError) as error:  # CheckpointError, ModelCardMismatch, ...
         raise InitError(f"model.init {path}: {' '.join(str(error).split())}") from None
     target, name, args, what = backbone, cfg.model.backbone, cfg.model.backbone_args, "the configured backbone"
-    inner = _resolved_args(name, args).get("recognizer") if isinstance(getattr(backbone, "recognizer", None), nn.Module) else None
+    wraps = isinstance(getattr(backbone, "recognizer", None), nn.Module)
+    inner = _resolved_args(name, args).get("recognizer") if wraps else None
     if card.backbone != name and inner is not None and card.backbone == inner:
         target, name, args = backbone.recognizer, inner, dict(args.get("recognizer_args") or {})
         what = f"the {cfg.model.backbone!r} backbone's recogniser"
@@ -180,7 +181,8 @@ def init_backbone(backbone: Backbone, cfg: ExperimentConfig) -> None:
         problems.append(f"it is a {card.backbone!r} backbone, the config trains {cfg.model.backbone!r}"
                         + (f" (recogniser {inner!r})" if inner is not None else ""))
     else:
-        ours = _resolved_args(name, {**args, "embedding_size": int(target.embedding_size)})  # a wrapper's is its recogniser's
+        # the built size: a wrapper's embedding size is its recogniser's, not an argument of its own
+        ours = _resolved_args(name, {**args, "embedding_size": int(target.embedding_size)})
         theirs = _resolved_args(card.backbone, {**card.backbone_args, "embedding_size": card.embedding_size})
         prefix = "backbone_args." if target is backbone else "backbone_args.recognizer_args."
         problems += [f"{prefix}{k} is {theirs.get(k)!r} there, {ours.get(k)!r} in the config"
