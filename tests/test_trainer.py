@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -149,12 +150,50 @@ def aged_list_and_model(folder: Path) -> list[str]:
     return [f"model.init={folder / 'pretrained'}", f"data.list_file={folder / 'train.txt'}", f"data.root={folder / 'images'}"]
 
 
+SMALL_GRIDFACE = {"recognizer": "sphereface4", "recognizer_args": {"embedding_size": 16, "input_size": [32, 32]},
+                  "grid": 2}
+"""The GridFace recipes' backbone at test size: a 2x2 rectifier in front of a 32x32 sphereface4."""
+
+
+def gridface_y1_stand_ins(folder: Path) -> list[str]:
+    """What ``gridface_y1`` reads, at test size: a 32x32 sphereface4 model folder standing in for y1 (``model.init``
+    and the teacher) and an untrained 32x32 face_dae for the prior; returns the overrides naming them (the config's
+    own objectives and weights, with these paths)."""
+    from facesphere.backbones import build_backbone
+    from facesphere.models.card import training_card
+    from facesphere.models.store import save_model
+
+    paths = {}
+    for key, backbone, args in (("teacher", "sphereface4", SMALL_GRIDFACE["recognizer_args"]),
+                                ("dae", "face_dae", {"input_size": [32, 32], "embedding_size": 8})):
+        torch.manual_seed(3)
+        module = build_backbone(backbone, **args).eval()
+        paths[key] = str(save_model(folder / key, module, training_card(module, key, backbone, args)))
+    objectives = [o.model_dump(exclude_none=True) for o in load_config("gridface_y1").objectives]
+    for o in objectives:
+        o["args"].update({k: paths[k] for k in o["args"] if k in paths})
+    return [f"model.backbone_args={json.dumps({**SMALL_GRIDFACE, 'freeze_recognizer': True})}",
+            f"model.init={paths['teacher']}", f"objectives={json.dumps(objectives)}"]
+
+
+def small_model(name: str, folder: Path) -> list[str]:
+    """The shipped config's model at test size (32x32 inputs), with test-size stand-ins of the models it reads."""
+    if name == "face_dae":
+        return ["model.backbone_args={input_size: [32, 32], embedding_size: 8}"]
+    if name == "gridface":
+        return [f"model.backbone_args={json.dumps(SMALL_GRIDFACE)}"]
+    if name == "gridface_y1":
+        return gridface_y1_stand_ins(folder)
+    return SMALL_OE[:2]
+
+
 @pytest.mark.parametrize("name", builtin_config_names())
 def test_every_builtin_config_trains_and_resumes_exactly(tmp_path, name):
     """Each shipped config, shrunk to a small backbone on synthetic faces (its own data for the fine-tune), with its
     head, objectives, optimiser and schedule: 4 steps lower nothing to NaN, and a resume from the step-2
     checkpoint into another run repeats steps 3-4 bit for bit (SIGKILL and torchrun: the tests below)."""
-    settings = [o for o in SMALL_OE if not o.startswith("model.head_args")] + ["train.steps=4", "train.checkpoint_every=2", "data.num_workers=0", f"output_dir={tmp_path}"]
+    settings = [o for o in SMALL_OE[2:] if not o.startswith("model.head_args")] + small_model(name, tmp_path / "models") + [
+        "train.steps=4", "train.checkpoint_every=2", "data.num_workers=0", f"output_dir={tmp_path}"]
     if name == "oe_cnn_fgnet":
         settings += aged_list_and_model(tmp_path / "data")
     else:

@@ -31,19 +31,30 @@ from facesphere.data.face_render import render_face
 from facesphere.data.face_traits import FaceIdentity, FaceVariation, face_identity, face_variation
 from facesphere.data.synthetic import SyntheticFaces, contact_sheet
 from facesphere.data.targets import MASK_SUFFIX
+from facesphere.data.misalign import MISALIGN_STRENGTHS, MisalignStrength, jitter_homography, misalign
 from facesphere.data.transforms import (
+    ALIGNED,
     AugmentConfig,
     ColorJitter,
     Compose,
     HorizontalFlip,
+    SampleAugment,
     ScaleTranslate,
     as_transform,
     augment_rng,
+    misalign_rng,
     resize_to,
 )
 
 __all__ = [
     "AGE_FILE",
+    "ALIGNED",
+    "MISALIGN_STRENGTHS",
+    "MisalignStrength",
+    "SampleAugment",
+    "jitter_homography",
+    "misalign",
+    "misalign_rng",
     "AGE_HEADER",
     "AgeFileError",
     "AugmentConfig",

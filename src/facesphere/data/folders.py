@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from facesphere.data.ages import AGE, AGE_FILE, age_targets, check_ages, declared_ages, folder_ages
 from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, to_tensor
-from facesphere.data.transforms import SharedEpoch, as_transform, augment_rng, resize_to
+from facesphere.data.transforms import ALIGNED, SampleAugment, SharedEpoch, resize_to
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class EncodedImagesDataset(Dataset):
     ``ages`` (float, NaN where unknown; see :mod:`facesphere.data.ages`) makes the set offer the ``age`` target:
     ``target_names`` gains ``"age"``, every sample's targets ``"age"`` and ``"age_mask"``, and ``ages`` holds
     them as float64 (N,). Without (``ages=None``) the set offers the label only and ``ages`` is None.
+    ``augment.misalign`` adds the ``aligned`` target (``facesphere.data.transforms.SampleAugment``).
     """
 
     def __init__(
@@ -113,8 +114,6 @@ class EncodedImagesDataset(Dataset):
         if not len(self.labels):
             raise ValueError("no images")
         self.ages = None if ages is None else check_ages(ages, len(self.labels))
-        if self.ages is not None:
-            self.target_names = ("label", AGE)
         self.num_classes = int(num_classes)
         if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{self.labels.min()}, {self.labels.max()}]")
@@ -122,7 +121,8 @@ class EncodedImagesDataset(Dataset):
         self.strict = bool(strict)
         self.max_pixels = max_pixels
         self.augment = augment
-        self._transform = as_transform(augment)
+        self._augment = SampleAugment(augment)
+        self.target_names = ("label", *((AGE,) if self.ages is not None else ()), *self._augment.target_names)
         self._epoch = SharedEpoch(0)
         if image_size is None:
             first = self.decode(0)
@@ -151,6 +151,11 @@ class EncodedImagesDataset(Dataset):
 
     def load_uint8(self, index: int) -> np.ndarray:
         """Sample ``index`` as an HxWx3 uint8 RGB array at ``image_size``, augmented for the current epoch."""
+        return self.load_pair(index)[0]
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(input, aligned) of sample ``index`` as uint8 RGB at ``image_size``: the augmented image and, with
+        ``augment.misalign``, the same image before the misalignment (else None)."""
         index = int(index)
         if index < 0:
             index += len(self)
@@ -164,17 +169,15 @@ class EncodedImagesDataset(Dataset):
                     f"size {image.shape[0]}x{image.shape[1]} differs from the expected {self.image_size[0]}x{self.image_size[1]}",
                 )
             image = resize_to(image, self.image_size)
-        if self._transform is not None:
-            image = self._transform(image, augment_rng(self.seed, self.epoch, index))
-        return image
-
-    target_names = ("label",)
+        return self._augment(image, self.seed, self.epoch, index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        image = self.load_uint8(index)
+        image, aligned = self.load_pair(index)
         targets: dict[str, Any] = {"label": int(self.labels[index])}
         if self.ages is not None:
             targets.update(age_targets(self.ages, index))
+        if aligned is not None:
+            targets[ALIGNED] = to_tensor(aligned)
         return to_tensor(image), targets
 
     def verify(self) -> list[ImageError]:

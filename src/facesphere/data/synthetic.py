@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from facesphere.data.face_render import render_face
 from facesphere.data.face_traits import age_face, ageing_traits, face_identity, face_variation, sample_age
 from facesphere.data.images import to_tensor
-from facesphere.data.transforms import SharedEpoch, as_transform, augment_rng
+from facesphere.data.transforms import ALIGNED, SampleAugment, SharedEpoch
 from facesphere.data.targets import MASK_SUFFIX
 
 EXTRA_TARGETS = ("pose", "age")
@@ -91,13 +91,13 @@ class SyntheticFaces(Dataset):
         self.identity_offset = int(identity_offset)
         self.difficulty = float(difficulty)
         self.augment = augment
-        self._transform = as_transform(augment)
+        self._augment = SampleAugment(augment)
         self._epoch = SharedEpoch(0)
         self.num_classes = self.num_identities
         self.labels = np.repeat(np.arange(self.num_identities, dtype=np.int64), self.samples_per_identity)
         self.identities = list(range(self.identity_offset, self.identity_offset + self.num_identities))
         self.targets = tuple(targets)
-        self.target_names = ("label", *self.targets)
+        self.target_names = ("label", *self.targets, *self._augment.target_names)
         self.target_share = float(target_share)
         self.age_range = age_range
         self.age_span = None if age_span is None else float(age_span)
@@ -126,12 +126,14 @@ class SyntheticFaces(Dataset):
 
     def load_uint8(self, index: int) -> np.ndarray:
         """Sample ``index`` as HxWx3 uint8 RGB, augmented for the current epoch (what ``__getitem__`` normalises)."""
+        return self.load_pair(index)[0]
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(input, aligned) of sample ``index`` as uint8 RGB: the augmented image and, with ``augment.misalign``,
+        the same image before the misalignment (else None)."""
         index = self._check_index(index)
         identity, sample = divmod(index, self.samples_per_identity)
-        image = self.render(identity, sample)
-        if self._transform is not None:
-            image = self._transform(image, augment_rng(self.seed, self.epoch, index))
-        return image
+        return self._augment(self.render(identity, sample), self.seed, self.epoch, index)
 
     def pose(self, index: int) -> np.ndarray:
         """The rendered pose of sample ``index``, each component scaled to [-1, 1] at difficulty 1:
@@ -165,7 +167,8 @@ class SyntheticFaces(Dataset):
         return bool(np.random.default_rng([_TARGET_STREAM, self.seed, int(index)]).random() < self.target_share)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        """(image, targets): ``{"label": int}``, plus each extra target and its ``<name>_mask``."""
+        """(image, targets): ``{"label": int}``, plus each extra target and its ``<name>_mask``, plus ``aligned``
+        (a tensor like the image) with ``augment.misalign``."""
         index = self._check_index(index)
         targets: dict[str, Any] = {"label": int(self.labels[index])}
         if self.targets:
@@ -174,7 +177,10 @@ class SyntheticFaces(Dataset):
                 value = getattr(self, name)(index)
                 targets[name] = value if known else _placeholder(value)
                 targets[name + MASK_SUFFIX] = known
-        return to_tensor(self.load_uint8(index)), targets
+        image, aligned = self.load_pair(index)
+        if aligned is not None:
+            targets[ALIGNED] = to_tensor(aligned)
+        return to_tensor(image), targets
 
     def _check_index(self, index: int) -> int:
         index = int(index)

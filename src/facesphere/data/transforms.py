@@ -4,6 +4,10 @@ Every transform is a callable ``(image, rng) -> image`` that draws all of its ra
 explicit ``np.random.Generator`` it is given. Datasets create that generator from
 ``augment_rng(seed, epoch, index)``, so an augmented sample is a pure function of (seed, epoch, index):
 identical for any number of DataLoader workers, any process rank, and after resuming mid-epoch.
+
+``AugmentConfig.misalign`` adds a last, geometric step (:mod:`facesphere.data.misalign`) drawn from its own
+generator ``misalign_rng(seed, epoch, index)``, so switching it on changes no other draw; a data set then
+also returns the image before that step as the ``aligned`` target (``SampleAugment``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from facesphere.data.misalign import MisalignJitter, MisalignLevel
+
 _AUGMENT_STREAM = 0x61756720  # domain tag so augmentation never reuses another generator's stream
+_MISALIGN_STREAM = 0x6D697361  # the misalignment's own stream: turning it on leaves the other draws unchanged
+ALIGNED = "aligned"
+"""Target name of the un-misaligned image (same normalisation, flip and colour as the input)."""
 
 
 class Transform(Protocol):
@@ -26,6 +35,11 @@ class Transform(Protocol):
 def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The generator for sample ``index`` in ``epoch``: depends on nothing else (no worker id, no rank)."""
     return np.random.default_rng([_AUGMENT_STREAM, int(seed), int(epoch), int(index)])
+
+
+def misalign_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of sample ``index``'s misalignment in ``epoch``, independent of ``augment_rng``'s draws."""
+    return np.random.default_rng([_MISALIGN_STREAM, int(seed), int(epoch), int(index)])
 
 
 def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -150,6 +164,11 @@ class AugmentConfig(BaseModel):
     brightness: float = Field(0.0, ge=0, le=1)
     contrast: float = Field(0.0, ge=0, le=1)
     saturation: float = Field(0.0, ge=0, le=1)
+    misalign: MisalignLevel = Field("none", description="jitter each sample by a random homography "
+                                              "up to this level (facesphere.data.misalign) and give the un-jittered "
+                                              "image as the 'aligned' target")
+    misalign_share: float = Field(1.0, ge=0, le=1, description="share of the samples jittered (the rest: input "
+                                  "equals the aligned target)")
 
     @model_validator(mode="after")
     def _scale_range(self) -> "AugmentConfig":
@@ -167,10 +186,12 @@ class AugmentConfig(BaseModel):
             and self.brightness == 0
             and self.contrast == 0
             and self.saturation == 0
+            and self.misalign == "none"
         )
 
     def build(self) -> Compose:
-        """Geometric jitter, then flip, then colour; only the enabled parts are included."""
+        """Geometric jitter, then flip, then colour; only the enabled parts are included. The misalignment is
+        not part of it (it makes a pair, see ``SampleAugment``)."""
         transforms: list[Transform] = []
         if self.scale != (1.0, 1.0) or self.translate > 0:
             transforms.append(ScaleTranslate(self.scale, self.translate))
@@ -187,17 +208,48 @@ def as_transform(augment: Any) -> Transform | None:
     the same fields, or any ``(image, rng) -> image`` callable. Returns None when there is nothing to do."""
     if augment is None:
         return None
-    if isinstance(augment, AugmentConfig):
-        config = augment
-    elif isinstance(augment, dict):
-        config = AugmentConfig(**augment)
-    elif isinstance(augment, BaseModel):
-        config = AugmentConfig(**augment.model_dump())
-    elif callable(augment):
-        return augment
-    else:
+    config = _config_of(augment)
+    if config is None:
+        if callable(augment):
+            return augment
         raise TypeError(f"augment must be None, an AugmentConfig, a dict or a callable, got {type(augment).__name__}")
-    return None if config.is_identity else config.build()
+    transform = config.build()
+    return transform if len(transform) else None
+
+
+def _config_of(augment: Any) -> AugmentConfig | None:
+    """``augment`` as an AugmentConfig; None for a callable (or None)."""
+    if isinstance(augment, AugmentConfig):
+        return augment
+    if isinstance(augment, dict):
+        return AugmentConfig(**augment)
+    if isinstance(augment, BaseModel):
+        return AugmentConfig(**augment.model_dump())
+    return None
+
+
+class SampleAugment:
+    """What a data set does to each decoded sample: the augmentation, then the misalignment when configured.
+
+    ``augment`` is a data set's ``augment`` argument (see ``as_transform``). Calling it with the sample's
+    (seed, epoch, index) returns ``(input, aligned)``: ``aligned`` is the augmented image before the
+    misalignment (None without misalignment), so input and target differ only in geometry. ``target_names``
+    is what the set adds to its targets.
+    """
+
+    def __init__(self, augment: Any) -> None:
+        self.transform = as_transform(augment)
+        config = _config_of(augment)
+        self.misalign = None if config is None or config.misalign == "none" else MisalignJitter(config.misalign,
+                                                                                                config.misalign_share)
+        self.target_names: tuple[str, ...] = () if self.misalign is None else (ALIGNED,)
+
+    def __call__(self, image: np.ndarray, seed: int, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.transform is not None:
+            image = self.transform(image, augment_rng(seed, epoch, index))
+        if self.misalign is None:
+            return image, None
+        return self.misalign(image, misalign_rng(seed, epoch, index)), image
 
 
 class SharedEpoch:

@@ -16,6 +16,10 @@ Contract (the trainer knows nothing else):
   progress bar; the ``loss`` column is the weighted total.
 * **Card fields** — ``card_fields()`` names model-card fields the objective gives the trained backbone
   (``age_from_norm``: ``age_branch``); checkpoints carry them and export writes them to the card.
+* **Stored models** — an objective that consults a stored model (a teacher, a DAE prior) loads it through
+  ``ObjectiveContext.load_model`` (the trainer passes the models layer's loader) with :func:`load_frozen`, in
+  its constructor: a wrong path stops the run at start-up; the model is frozen and outside the module tree
+  (never in checkpoints) and follows the data's device.
 * **Parameters and hook** — objectives are modules and may own parameters (class centres, read-out
   layers), optimised with the backbone; ``update(step)`` runs before every step (annealing schedules).
 * **Sharded objectives** — ``sharded = True`` (Partial FC) means the parameters are split across
@@ -26,19 +30,24 @@ Configs name objectives by registry name (``OBJECTIVES``) or import path (``"pac
 a constructor takes an :class:`ObjectiveContext` and the config's ``args``.
 """
 
-from facesphere.objectives import age, recognition, regression  # noqa: F401  (registers the built-in objectives)
+from facesphere.objectives import age, recognition, rectify, regression  # noqa: F401  (registers the built-ins)
 from facesphere.objectives.base import (
     MASK_SUFFIX,
     OBJECTIVES,
+    FrozenModel,
     Objective,
     ObjectiveContext,
+    ObjectiveLoadError,
     build_objective,
+    load_frozen,
     resolve_objective,
     target_mask,
 )
 from facesphere.objectives.age import AgeFromNorm
 from facesphere.objectives.recognition import Recognition
+from facesphere.objectives.rectify import AlignedEmbedding, CanonicalPrior, Denoising, GridContinuity
 from facesphere.objectives.regression import Regression
 
-__all__ = ["AgeFromNorm", "MASK_SUFFIX", "OBJECTIVES", "Objective", "ObjectiveContext", "Recognition", "Regression",
-           "build_objective", "resolve_objective", "target_mask"]
+__all__ = ["AgeFromNorm", "AlignedEmbedding", "CanonicalPrior", "Denoising", "FrozenModel", "GridContinuity",
+           "MASK_SUFFIX", "OBJECTIVES", "Objective", "ObjectiveContext", "ObjectiveLoadError", "Recognition",
+           "Regression", "build_objective", "load_frozen", "resolve_objective", "target_mask"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -22,7 +23,10 @@ class ObjectiveContext:
     """What an objective may need to know when it is built.
 
     ``key`` names the objective in the run (its loss terms, its checkpoint entries); ``rank`` and
-    ``world_size`` say which share a rank-sharded objective owns.
+    ``world_size`` say which share a rank-sharded objective owns. ``load_model`` reads a stored model
+    (path -> (module, card)) for objectives that consult one (a teacher, a prior): the trainer passes the
+    models layer's loader, which objectives, a sibling layer, may not import. Use it through
+    :func:`load_frozen`.
     """
 
     key: str
@@ -31,6 +35,60 @@ class ObjectiveContext:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    load_model: Callable[[str], tuple[nn.Module, Any]] | None = None
+
+
+class ObjectiveLoadError(ValueError):
+    """A model an objective needs cannot be loaded (missing path, unreadable, wrong kind)."""
+
+
+class FrozenModel:
+    """A stored model an objective consults but never trains (a teacher, a prior).
+
+    Deliberately not an ``nn.Module``: held in an objective's attribute it stays outside the module tree, so it is
+    never in ``state_dict`` (checkpoints), never optimised, never wrapped by DDP nor converted to SyncBatchNorm.
+    It stays in eval mode with ``requires_grad`` False, and follows the data: on a call with tensors on another
+    device it moves there first (the trainer moves the objectives, not this).
+    """
+
+    def __init__(self, module: nn.Module, card: Any, path: str) -> None:
+        self.module, self.card, self.path = module.eval(), card, path
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+
+    def follow(self, like: Tensor) -> nn.Module:
+        """The module, on ``like``'s device (moved once, on first use there), in eval mode."""
+        first = next(self.module.parameters(), None)
+        if first is not None and first.device != like.device:
+            self.module.to(like.device)
+        return self.module.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters, which its inputs are cast to."""
+        return next((p.dtype for p in self.module.parameters()), torch.float32)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """The model's embedding of ``images`` (cast to its dtype) without gradients (a backbone's dict is read at
+        ``"embedding"``)."""
+        with torch.no_grad():
+            out = self.follow(images)(images.to(self.dtype))
+        return out["embedding"] if isinstance(out, dict) else out
+
+
+def load_frozen(context: ObjectiveContext, path: str | Path, argument: str) -> FrozenModel:
+    """The stored model at ``path`` (the objective's ``argument``), frozen; a one-line error naming the objective,
+    the argument and the path when it cannot be read. Objectives call this in their constructor, so a wrong path
+    stops the trainer at start-up, not at step 1."""
+    if context.load_model is None:
+        raise ObjectiveLoadError(f"objective {context.key!r}: {argument} {path} cannot be loaded: no model loader was "
+                                 "given (ObjectiveContext.load_model; the trainer passes one)")
+    try:
+        module, card = context.load_model(str(path))
+    except (OSError, ValueError, RuntimeError, KeyError) as error:  # missing, unreadable, not a model, wrong card
+        raise ObjectiveLoadError(f"objective {context.key!r}: {argument} {path} cannot be loaded: "
+                                 f"{' '.join(str(error).split())}") from None
+    return FrozenModel(module, card, str(path))
 
 
 class Objective(nn.Module):
@@ -115,5 +173,5 @@ def global_count(count: Tensor) -> tuple[Tensor, int]:
     return total, dist.get_world_size()
 
 
-__all__ = ["MASK_SUFFIX", "OBJECTIVES", "Objective", "ObjectiveContext", "build_objective", "global_count",
-           "resolve_objective", "target_mask"]
+__all__ = ["MASK_SUFFIX", "OBJECTIVES", "FrozenModel", "Objective", "ObjectiveContext", "ObjectiveLoadError",
+           "build_objective", "global_count", "load_frozen", "resolve_objective", "target_mask"]

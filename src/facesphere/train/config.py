@@ -82,7 +82,9 @@ class ModelConfig(Strict):
     init: Path | None = Field(None, description="fine-tune: start the backbone from this model folder, imported "
                               "weights folder, run folder or checkpoint (read at step 0 only; a resume continues "
                               "from its checkpoint). Its backbone, arguments, input and weights' shapes must "
-                              "match model.backbone and model.backbone_args")
+                              "match model.backbone and model.backbone_args; for a backbone wrapping a recogniser "
+                              "(gridface, stn) it may instead be a model of backbone_args.recognizer (with "
+                              "recognizer_args), loaded into the recogniser")
 
     @model_validator(mode="after")
     def _known_components(self) -> "ModelConfig":
@@ -154,6 +156,19 @@ class AugmentSettings(Strict):
     brightness: float = Field(0.0, ge=0)
     contrast: float = Field(0.0, ge=0)
     saturation: float = Field(0.0, ge=0)
+    misalign: str = Field("none", description="none, mild, medium or strong: jitter each training sample by a "
+                          "random similarity + perspective homography up to this level (facesphere.data.misalign); "
+                          "the data set then gives the un-jittered image as the 'aligned' target")
+    misalign_share: float = Field(1.0, ge=0, le=1, description="share of the samples misaligned (the others' input "
+                                  "equals their aligned target)")
+
+    @field_validator("misalign")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        from facesphere.data.misalign import get_strength
+
+        get_strength(value)
+        return value
 
 
 class SyntheticSettings(Strict):

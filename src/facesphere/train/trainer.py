@@ -13,7 +13,10 @@ index), and the checkpoint stores every RNG state, so ``resume`` continues a kil
 Checkpoints keep the backbone under ``model["backbone.*"]``, the run config under ``config`` and the
 objectives' model-card fields (an age branch) under ``card``; a resume must continue the same experiment
 (:mod:`facesphere.train.compat` says which settings may change). ``model.init`` fine-tunes: a stored model
-of the configured backbone is loaded into it before step 0 (:func:`init_backbone`), never on a resume.
+of the configured backbone (or, for a backbone wrapping a recogniser, of that recogniser) is loaded into it before
+step 0 (:func:`init_backbone`), never on a resume. Objectives that consult stored models (a teacher, a prior) read
+them with the loader the trainer hands them (``ObjectiveContext.load_model``) when they are built; those models are
+frozen and outside the checkpoints.
 """
 
 from __future__ import annotations
@@ -104,9 +107,16 @@ def build_model(cfg: ExperimentConfig, num_classes: int, ctx: DistContext | None
     backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_args)
     objectives = {}
     for o in cfg.resolved_objectives():
-        context = ObjectiveContext(o.key, backbone.embedding_size, num_classes, cfg.seed, ctx.rank, ctx.world_size)
+        context = ObjectiveContext(o.key, backbone.embedding_size, num_classes, cfg.seed, ctx.rank, ctx.world_size,
+                                   load_model=_load_model)
         objectives[o.key] = build_objective(o.name, context, **o.args)
     return FaceModel(backbone, objectives)
+
+
+def _load_model(path: str) -> tuple[nn.Module, Any]:
+    """What objectives read stored models with (a teacher, a prior): (module on the CPU, its card)."""
+    module, card, _ = load_backbone(path)
+    return module, card
 
 
 _LEGACY_KEY = "recognition"
@@ -134,12 +144,15 @@ class InitError(ValueError):
 
 
 def _resolved_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
-    """A backbone's constructor arguments with its defaults filled in (input size left out: the card checks it)."""
+    """A backbone's constructor arguments with its defaults filled in (input size left out: the card checks it; so
+    are the sizes inside a wrapper's nested arguments, e.g. ``recognizer_args``: the card's input and embedding
+    sizes are the recogniser's)."""
     parameters = inspect.signature(BACKBONES.get(name)).parameters.values()
     resolved = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
     resolved.update(args)
     resolved.pop("input_size", None)
-    return resolved
+    return {k: {n: x for n, x in v.items() if n not in ("input_size", "embedding_size")} if isinstance(v, dict) else v
+            for k, v in resolved.items()}
 
 
 def init_backbone(backbone: Backbone, cfg: ExperimentConfig) -> None:
@@ -147,31 +160,43 @@ def init_backbone(backbone: Backbone, cfg: ExperimentConfig) -> None:
 
     The stored model must be the configured backbone with the same arguments (defaults filled in), take the
     input the trainer feeds (size, colour order, normalisation: :func:`training_card`) and hold weights of
-    exactly the backbone's names and shapes.
+    exactly the backbone's names and shapes. A wrapper backbone that holds a recogniser (``.recognizer``, built
+    from ``backbone_args.recognizer`` and ``recognizer_args``: a rectifier in front of it) may instead be given a
+    stored model of that recogniser: it is loaded into ``.recognizer`` under the same checks against the
+    recogniser's own name and arguments (the wrapper's other parts keep their initialisation).
     """
     path = cfg.model.init
     try:
         stored, card, described = load_backbone(path)
     except (FileNotFoundError, ValueError, RuntimeError) as error:  # CheckpointError, ModelCardMismatch, ...
         raise InitError(f"model.init {path}: {' '.join(str(error).split())}") from None
+    target, name, args, what = backbone, cfg.model.backbone, cfg.model.backbone_args, "the configured backbone"
+    wraps = isinstance(getattr(backbone, "recognizer", None), nn.Module)
+    inner = _resolved_args(name, args).get("recognizer") if wraps else None
+    if card.backbone != name and inner is not None and card.backbone == inner:
+        target, name, args = backbone.recognizer, inner, dict(args.get("recognizer_args") or {})
+        what = f"the {cfg.model.backbone!r} backbone's recogniser"
     problems = []
-    if card.backbone != cfg.model.backbone:
-        problems.append(f"it is a {card.backbone!r} backbone, the config trains {cfg.model.backbone!r}")
+    if card.backbone != name:
+        problems.append(f"it is a {card.backbone!r} backbone, the config trains {cfg.model.backbone!r}"
+                        + (f" (recogniser {inner!r})" if inner is not None else ""))
     else:
-        ours = _resolved_args(cfg.model.backbone, cfg.model.backbone_args)
+        # the built size: a wrapper's embedding size is its recogniser's, not an argument of its own
+        ours = _resolved_args(name, {**args, "embedding_size": int(target.embedding_size)})
         theirs = _resolved_args(card.backbone, {**card.backbone_args, "embedding_size": card.embedding_size})
-        problems += [f"backbone_args.{k} is {theirs.get(k)!r} there, {ours.get(k)!r} in the config"
+        prefix = "backbone_args." if target is backbone else "backbone_args.recognizer_args."
+        problems += [f"{prefix}{k} is {theirs.get(k)!r} there, {ours.get(k)!r} in the config"
                      for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
-    problems += card.mismatches(training_card(backbone, cfg.name, cfg.model.backbone, cfg.model.backbone_args).input_spec)
+    problems += card.mismatches(training_card(target, cfg.name, name, args).input_spec)
     if not problems:
         try:
-            check_state_dict(backbone, stored.state_dict(), "weights")
+            check_state_dict(target, stored.state_dict(), "weights")
         except WeightMismatch as error:
             problems += error.problems
     if problems:
-        raise InitError(f"model.init {path} does not fit the configured backbone: {'; '.join(problems)}")
-    backbone.load_state_dict(stored.state_dict())
-    logger.info("backbone initialised from %s %s (%s)", described["kind"], described["path"], card.name)
+        raise InitError(f"model.init {path} does not fit {what}: {'; '.join(problems)}")
+    target.load_state_dict(stored.state_dict())
+    logger.info("%s initialised from %s %s (%s)", what, described["kind"], described["path"], card.name)
 
 
 def _is_no_decay(name: str, parameter: nn.Parameter) -> bool:
