@@ -34,3 +34,16 @@ def test_quoted_text_stays_text_and_exponents_are_numbers_in_yaml_files_too(tmp_
     (tmp_path / "c.yaml").write_text("train:\n  steps: 1e4\noptim:\n  lr: 1e-3\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.train.steps == 10000 and cfg.optim.lr == 1e-3
+
+
+def test_a_number_indexes_an_existing_list_and_nothing_else():
+    data = {"objectives": [{"name": "aligned_embedding", "args": {"teacher": "a"}}, {"name": "grid_continuity"}]}
+    apply_overrides(data, ["objectives.0.args.teacher=models/y1", "objectives.1.weight=0.5"])
+    assert data["objectives"] == [{"name": "aligned_embedding", "args": {"teacher": "models/y1"}},
+                                  {"name": "grid_continuity", "weight": 0.5}]
+    for bad, message in (("objectives.2.weight=1", "list of 2; '2' is not an index"),
+                         ("objectives.first.weight=1", "'first' is not an index"),
+                         ("objectives.0.name.x=1", "'name' is not a section")):
+        with pytest.raises(ValueError, match=message):
+            apply_overrides(data, [bad])
+    assert data["objectives"][1] == {"name": "grid_continuity", "weight": 0.5}  # a refused item changed nothing

@@ -92,14 +92,23 @@ def parse_options(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` items to a nested mapping in place (sections created as needed); returns it."""
+    """Apply ``a.b.c=value`` items to a nested mapping in place (sections created as needed); returns it.
+
+    A part that is a number indexes an existing list (``objectives.0.args.teacher=models/y1``)."""
     for item in items:
         parts, value = parse_override(item)
-        node = data
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ValueError(f"--set {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise ValueError(f"--set {item!r}: {'.'.join(parts[:depth]) or 'the top level'} is a list of "
+                                     f"{len(node)}; {part!r} is not an index into it")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {parts[depth - 1]!r} is not a section")
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
     return data
