@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from facesphere.registry import Registry
 
@@ -19,6 +19,12 @@ class Backbone(nn.Module):
 
 
 BACKBONES: Registry[Backbone] = Registry("backbone")
+
+
+def embedding_of(out: Tensor | dict[str, Tensor]) -> Tensor:
+    """The embeddings of a backbone's output: the tensor itself, or ``out["embedding"]`` for backbones
+    that return several named outputs (e.g. the GridFace rectifier's rectified images and homographies)."""
+    return out["embedding"] if isinstance(out, dict) else out
 
 
 def build_backbone(name: str, **kwargs) -> Backbone:

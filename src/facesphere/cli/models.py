@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import typer
@@ -18,14 +19,23 @@ def backbones(name: Optional[str] = typer.Argument(None, help="one backbone; omi
     from facesphere.backbones import BACKBONES, build_backbone, count_complexity
 
     table = Table("backbone", "input (HxW)", "D", "parameters", "multiply-adds")
-    kwargs = {"embedding_size": embedding_size} if embedding_size else {}
     with user_errors():
         for key in [name] if name else BACKBONES.names():
-            model = build_backbone(key, **kwargs)
+            model = build_backbone(key, **_embedding_size_args(BACKBONES.get(key), embedding_size))
             c = count_complexity(model)
             h, w = model.input_size
             table.add_row(key, f"{h}x{w}", str(model.embedding_size), f"{c.parameters / 1e6:.3f}M", f"{c.multiply_adds / 1e6:.1f}M")
     Console().print(table)
+
+
+def _embedding_size_args(constructor, embedding_size: int | None) -> dict:
+    """``embedding_size`` for a backbone, or for the recogniser inside a wrapper (GridFace / STN)."""
+    if not embedding_size:
+        return {}
+    parameters = inspect.signature(constructor).parameters
+    if "embedding_size" not in parameters and "recognizer_args" in parameters:
+        return {"recognizer_args": {"embedding_size": embedding_size}}
+    return {"embedding_size": embedding_size}
 
 
 def heads() -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from facesphere.backbones.base import embedding_of
 from facesphere.models.flip import embed_flipped, flip_mode
 from facesphere.models.preprocess import ImagePreprocess
 from facesphere.utils.progress import progress_bar
@@ -102,9 +103,9 @@ def _embed_batch(
     """One forward pass (image and mirror stacked into a single batch) -> float32 numpy embeddings."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         if amp_dtype is None:
-            return model(x).float()
+            return embedding_of(model(x)).float()
         with torch.autocast(device_type=device.type, dtype=amp_dtype):
-            return model(x).float()
+            return embedding_of(model(x)).float()
 
     emb = embed_flipped(forward, images, mode)
     if normalize:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from facesphere.backbones.base import embedding_of
 from facesphere.models.card import ModelCard
 from facesphere.models.embedder import Embedder
 
@@ -45,7 +46,7 @@ class TorchEmbedder(Embedder):
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             out = self.backbone(torch.from_numpy(batch).to(self.device))
-        return out.float().cpu().numpy()
+        return embedding_of(out).float().cpu().numpy()
 
     def __repr__(self) -> str:
         return f"TorchEmbedder({self.card.name!r}, device={self.device}, source={self.source!r})"
