@@ -49,7 +49,7 @@ import torch
 from _common import DATA, markdown_table, setup_logging, write_results
 
 from facesphere.align.boxcrop import BOX_CROP_SCALE, box_crop
-from facesphere.align.similarity import align_faces
+from facesphere.align.similarity import align_faces, umeyama
 from facesphere.align.templates import ARCFACE_POINTS_112
 from facesphere.backbones.fuse import fuse_batchnorm
 from facesphere.data.images import load_image, to_tensor, to_uint8
@@ -207,7 +207,7 @@ def lfw_results(args, embed: Callable[[np.ndarray], np.ndarray], rectifiers: dic
             "accuracy_mean": report["accuracy_mean"], "accuracy_std": report["accuracy_std"],
             "val_at_far_1e-3": report["val_at_far"]["val_mean"], **extra}
 
-    for condition in CONDITIONS:
+    for condition in ("clean", "medium", "strong", "mild"):  # the goal (medium) first
         started = time.perf_counter()
         crops = misaligned(clean, condition, args.seed)
         timer.add("lfw misalign", started)
@@ -292,8 +292,16 @@ def box_geometry(det: dict[str, np.ndarray]) -> dict:
     u, v = (pts - centre) / side, ARCFACE_POINTS_112[None] - 55.5
     a = float((u * v).sum() / (u * u).sum())
     residual = v - a * u
+    # per face: the similarity taking the box crop to the template crop (what a re-alignment would undo)
+    in_crop = (pts - centre) / (BOX_CROP_SCALE * side) * 112 + 55.5
+    sims = [umeyama(p, ARCFACE_POINTS_112) for p in in_crop]
+    angle = np.degrees([abs(np.arctan2(m[1, 0], m[0, 0])) for m in sims])
+    log_scale = np.abs(np.log([np.hypot(m[0, 0], m[1, 0]) for m in sims]))
+    centre_shift = np.array([np.linalg.norm(m[:2, :2] @ [55.5, 55.5] + m[:2, 2] - 55.5) / 112 for m in sims])
+    spread = {name: {"median": float(np.median(x)), "p90": float(np.percentile(x, 90))}
+              for name, x in (("rotation_deg", angle), ("abs_log_scale", log_scale), ("centre_shift_share", centre_shift))}
     return {"faces": int(len(b)), "scale": 112.0 / a, "mean_offset_px": residual.mean(axis=(0, 1)).round(2).tolist(),
-            "rms_residual_px": float(np.sqrt((residual ** 2).sum(-1).mean()))}
+            "rms_residual_px": float(np.sqrt((residual ** 2).sum(-1).mean())), "box_to_template": spread}
 
 
 def box_results(args, embed, rectifiers: dict, models: dict, timer: Timer, save: Callable[[], None], out: dict) -> None:
@@ -381,15 +389,20 @@ def tables(results: dict) -> str:
             for condition, cell in by_condition.items():
                 rows.append([column, condition, pct(cell.get("cacd_accuracy")), pct(cell.get("fgnet_rank_1")),
                              pct(cell.get("fgnet_verification"))])
-        geometry = "; ".join(f"{k}: {g['faces']} faces, fitted scale {g['scale']:.3f}, mean offset {g['mean_offset_px']} "
-                             f"px, rms residual {g['rms_residual_px']:.1f} px" for k, g in box["geometry"].items())
+        geometry = "; ".join(
+            f"{k}: {g['faces']} faces, fitted scale {g['scale']:.3f}, mean offset {g['mean_offset_px']} px, rms residual "
+            f"{g['rms_residual_px']:.1f} px; per face, the similarity from box crop to template: "
+            + ", ".join(f"{name} median {v['median']:.3f} / p90 {v['p90']:.3f}" for name, v in g["box_to_template"].items())
+            for k, g in box["geometry"].items())
         parts.append(f"**Box-only crops** (RetinaFace's largest face; box crop side = {box['box_crop_scale']} x the "
                      f"box's longer side, centred; no face found: "
                      f"{', '.join(f'{k} {v}' for k, v in box['no_face'].items())} photos, both crops then the centre square)\n\n"
                      + markdown_table(["column", "crops", "CACD-VS 10-fold %", "FG-NET rank-1 %",
                                        "FG-NET cross-age verification %"], rows)
                      + f"\n\nBox vs template geometry (detected 5 points in the box crop vs the ArcFace 112x112 "
-                       f"template): {geometry}.")
+                       f"template): {geometry}. For comparison, the jitter bounds (uniform draws): "
+                       + "; ".join(f"{k} rotation {v.rotation} deg, scale {v.scale}, shift {v.translate}, corners "
+                                   f"{v.perspective}" for k, v in MISALIGN_STRENGTHS.items()) + ".")
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items())
     parts.append(("" if results.get("complete") else "**Partial results: the run had not finished.** ") + f"Wall time {results['wall_seconds']:.0f} s on {results['threads']} threads (load average at the "
                  f"start {results['load_start']}, at the end {results['load_end']}); {timing}. Stages found in the "
