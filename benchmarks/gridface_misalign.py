@@ -47,6 +47,7 @@ import cv2
 import numpy as np
 import torch
 from _common import DATA, markdown_table, setup_logging, write_results
+from oe_cnn_fgnet import CACD, FGNET, RETINAFACE, Y1, cached_array
 
 from facesphere.align.boxcrop import BOX_CROP_SCALE, box_crop
 from facesphere.align.similarity import align_faces, umeyama
@@ -62,16 +63,11 @@ from facesphere.evaluate.pairsets import PairSet
 from facesphere.models.runs import load_backbone, load_embedder
 from facesphere.pipeline.analyzer import FaceAnalyzer
 from facesphere.utils.allocator import tune_malloc
-from facesphere.utils.files import atomic_path
 
 logger = logging.getLogger("gridface_misalign")
 
 LFW = DATA / "data/lfw_112x112/lfw-112X112"
 PAIRS = DATA / "data/lfw_meta/facenet/data/pairs.txt"
-FGNET = DATA / "data/fgnet"
-CACD = DATA / "data/cacd_vs_fold1"
-Y1 = DATA / "weights/mobilefacenet_insightface_y1/model-symbol.json"
-RETINAFACE = DATA / "weights/retinaface_mnet025_biubug6/official_release/mobilenet0.25_Final.pth"
 CONDITIONS = ("clean", *MISALIGN_STRENGTHS)
 PAD = 24
 """Pixels added on each side of a 112x112 crop before re-detection: RetinaFace needs some context around a face."""
@@ -81,19 +77,6 @@ into 320x320 (its faces fill a large part of the photo; this keeps detection che
 
 
 # ---------------------------------------------------------------- helpers
-
-def cached(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """``build()`` saved as ``path`` (.npz) the first time, loaded after."""
-    if path.is_file():
-        with np.load(path) as data:
-            return dict(data)
-    value = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **value)
-    return value
-
 
 def misaligned(crops: np.ndarray, condition: str, seed: int) -> np.ndarray:
     """The crops jittered at ``condition`` (clean: unchanged); image i's jitter is seeded by (seed, strength, i)."""
@@ -218,7 +201,7 @@ def lfw_results(args, embed: Callable[[np.ndarray], np.ndarray], rectifiers: dic
             timer.add("lfw y1 embed", started)
             return value
 
-        score("y1", condition, cached(cache / f"y1_{condition}_s{args.seed}.npz", y1)["embeddings"])
+        score("y1", condition, cached_array(cache / f"y1_{condition}_s{args.seed}.npz", y1)["embeddings"])
         if condition != "clean":
             def realigned():
                 started = time.perf_counter()
@@ -229,7 +212,7 @@ def lfw_results(args, embed: Callable[[np.ndarray], np.ndarray], rectifiers: dic
                 timer.add("lfw y1 embed", started)
                 return value
 
-            value = cached(cache / f"redetect_{condition}_s{args.seed}_pad{PAD}.npz", realigned)
+            value = cached_array(cache / f"redetect_{condition}_s{args.seed}_pad{PAD}.npz", realigned)
             score("y1 + re-detect", condition, value["embeddings"], no_face_share=float(1 - value["found"].mean()))
         for name, rectifier in rectifiers.items():
             started = time.perf_counter()
@@ -265,7 +248,7 @@ def detect_photos(kind: str, paths: list[Path], cache: Path, timer: Timer, batch
         timer.add(f"{kind} detect", started)
         return {"boxes": boxes, "landmarks": points, "found": found}
 
-    return cached(cache / f"detections_{kind}.npz", build)
+    return cached_array(cache / f"detections_{kind}.npz", build)
 
 
 def photo_crops(paths: list[Path], det: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -298,8 +281,8 @@ def box_geometry(det: dict[str, np.ndarray]) -> dict:
     angle = np.degrees([abs(np.arctan2(m[1, 0], m[0, 0])) for m in sims])
     log_scale = np.abs(np.log([np.hypot(m[0, 0], m[1, 0]) for m in sims]))
     centre_shift = np.array([np.linalg.norm(m[:2, :2] @ [55.5, 55.5] + m[:2, 2] - 55.5) / 112 for m in sims])
-    spread = {name: {"median": float(np.median(x)), "p90": float(np.percentile(x, 90))}
-              for name, x in (("rotation_deg", angle), ("abs_log_scale", log_scale), ("centre_shift_share", centre_shift))}
+    measures = (("rotation_deg", angle), ("abs_log_scale", log_scale), ("centre_shift_share", centre_shift))
+    spread = {name: {"median": float(np.median(x)), "p90": float(np.percentile(x, 90))} for name, x in measures}
     return {"faces": int(len(b)), "scale": 112.0 / a, "mean_offset_px": residual.mean(axis=(0, 1)).round(2).tolist(),
             "rms_residual_px": float(np.sqrt((residual ** 2).sum(-1).mean())), "box_to_template": spread}
 
@@ -339,7 +322,7 @@ def box_results(args, embed, rectifiers: dict, models: dict, timer: Timer, save:
 
             condition = {"aligned": "aligned (detected 5 points)", "box": "box-only",
                          "manual": "aligned (manual 68 points)"}[crop_kind]
-            emb = cached(cache / f"{kind}_y1_{crop_kind}_scale{BOX_CROP_SCALE}.npz", y1)["embeddings"]
+            emb = cached_array(cache / f"{kind}_y1_{crop_kind}_scale{BOX_CROP_SCALE}.npz", y1)["embeddings"]
             out["columns"].setdefault("y1", {}).setdefault(condition, {}).update(scores(kind, emb))
             for name, rectifier in rectifiers.items():
                 rectifier.degenerate = 0
@@ -357,6 +340,12 @@ def box_results(args, embed, rectifiers: dict, models: dict, timer: Timer, save:
 
 def pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
+
+
+def geometry_line(g: dict) -> str:
+    spread = ", ".join(f"{name} median {v['median']:.3f} / p90 {v['p90']:.3f}" for name, v in g["box_to_template"].items())
+    return (f"{g['faces']} faces, least-squares scale {g['scale']:.3f}, mean offset (x, y) {g['mean_offset_px']} px, "
+            f"rms residual {g['rms_residual_px']:.1f} px; per face, the similarity from box crop to template: {spread}")
 
 
 def tables(results: dict) -> str:
@@ -389,24 +378,21 @@ def tables(results: dict) -> str:
             for condition, cell in by_condition.items():
                 rows.append([column, condition, pct(cell.get("cacd_accuracy")), pct(cell.get("fgnet_rank_1")),
                              pct(cell.get("fgnet_verification"))])
-        geometry = "; ".join(
-            f"{k}: {g['faces']} faces, fitted scale {g['scale']:.3f}, mean offset {g['mean_offset_px']} px, rms residual "
-            f"{g['rms_residual_px']:.1f} px; per face, the similarity from box crop to template: "
-            + ", ".join(f"{name} median {v['median']:.3f} / p90 {v['p90']:.3f}" for name, v in g["box_to_template"].items())
-            for k, g in box["geometry"].items())
+        no_face = ", ".join(f"{k} {v}" for k, v in box["no_face"].items())
         parts.append(f"**Box-only crops** (RetinaFace's largest face; box crop side = {box['box_crop_scale']} x the "
-                     f"box's longer side, centred; no face found: "
-                     f"{', '.join(f'{k} {v}' for k, v in box['no_face'].items())} photos, both crops then the centre square)\n\n"
-                     + markdown_table(["column", "crops", "CACD-VS 10-fold %", "FG-NET rank-1 %",
-                                       "FG-NET cross-age verification %"], rows)
-                     + f"\n\nBox vs template geometry (detected 5 points in the box crop vs the ArcFace 112x112 "
-                       f"template): {geometry}. For comparison, the jitter bounds (uniform draws): "
-                       + "; ".join(f"{k} rotation {v.rotation} deg, scale {v.scale}, shift {v.translate}, corners "
-                                   f"{v.perspective}" for k, v in MISALIGN_STRENGTHS.items()) + ".")
+                     f"box's longer side, centred; photos with no face found: {no_face}, both crops then the centre "
+                     f"square)\n\n" + markdown_table(["column", "crops", "CACD-VS 10-fold %", "FG-NET rank-1 %",
+                                                     "FG-NET cross-age verification %"], rows))
+        parts.append("Box crop vs template (the detected 5 points in the box crop against the ArcFace 112x112 "
+                     "template):\n\n" + "\n".join(f"- {k}: {geometry_line(g)}" for k, g in box["geometry"].items())
+                     + "\n- the jitter bounds, for comparison (uniform draws): " + "; ".join(
+                         f"{k} rotation {v.rotation} deg, scale {v.scale}, shift {v.translate}, corners {v.perspective}"
+                         for k, v in MISALIGN_STRENGTHS.items()))
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items())
-    parts.append(("" if results.get("complete") else "**Partial results: the run had not finished.** ") + f"Wall time {results['wall_seconds']:.0f} s on {results['threads']} threads (load average at the "
-                 f"start {results['load_start']}, at the end {results['load_end']}); {timing}. Stages found in the "
-                 f"cache under --work take no time.")
+    partial = "" if results.get("complete") else "**Partial results: the run had not finished.** "
+    parts.append(f"{partial}Wall time {results['wall_seconds']:.0f} s on {results['threads']} threads (load average "
+                 f"at the start {results['load_start']}, at the end {results['load_end']}); {timing}. Stages found "
+                 f"in the cache under --work take no time.")
     return "\n\n".join(parts)
 
 

@@ -155,5 +155,5 @@ class MisalignJitter:
         return f"MisalignJitter(level={self.level!r}, share={self.share})"
 
 
-__all__ = ["MISALIGN_LEVELS", "MISALIGN_STRENGTHS", "MisalignJitter", "MisalignLevel", "MisalignStrength", "NO_MISALIGNMENT",
-           "get_strength", "jitter_homography", "misalign", "warp_homography"]
+__all__ = ["MISALIGN_LEVELS", "MISALIGN_STRENGTHS", "MisalignJitter", "MisalignLevel", "MisalignStrength",
+           "NO_MISALIGNMENT", "get_strength", "jitter_homography", "misalign", "warp_homography"]
