@@ -62,6 +62,7 @@ from facesphere.evaluate.pairset_eval import evaluate_pairset
 from facesphere.evaluate.pairsets import PairSet
 from facesphere.models.runs import load_backbone, load_embedder
 from facesphere.pipeline.analyzer import FaceAnalyzer
+from facesphere.utils.files import atomic_write_text
 from facesphere.utils.allocator import tune_malloc
 
 logger = logging.getLogger("gridface_misalign")
@@ -94,11 +95,18 @@ def largest(found) -> int | None:
 
 
 class Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+    """Seconds per stage in this run (``seconds``), and per stage as measured by the run that filled the cache
+    (``measured``, kept in ``path``): a re-run from the cache still reports what the cached stages cost."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.seconds = path, {}
+        self.measured: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
 
     def add(self, key: str, started: float) -> None:
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
+        self.measured[key] = self.seconds[key]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.measured, indent=1))
 
 
 def redetect_align(crops: np.ndarray, analyzer: FaceAnalyzer, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -388,11 +396,12 @@ def tables(results: dict) -> str:
                      + "\n- the jitter bounds, for comparison (uniform draws): " + "; ".join(
                          f"{k} rotation {v.rotation} deg, scale {v.scale}, shift {v.translate}, corners {v.perspective}"
                          for k, v in MISALIGN_STRENGTHS.items()))
-    timing = ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items())
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items()) or "nothing"
+    measured = ", ".join(f"{k} {v:.0f} s" for k, v in results["measured_seconds"].items())
     partial = "" if results.get("complete") else "**Partial results: the run had not finished.** "
     parts.append(f"{partial}Wall time {results['wall_seconds']:.0f} s on {results['threads']} threads (load average "
-                 f"at the start {results['load_start']}, at the end {results['load_end']}); {timing}. Stages found "
-                 f"in the cache under --work take no time.")
+                 f"at the start {results['load_start']}, at the end {results['load_end']}); computed in this run: "
+                 f"{timing}. Each stage as measured when it was computed (the cache under --work): {measured}.")
     return "\n\n".join(parts)
 
 
@@ -420,15 +429,16 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "facesphere", "import", str(Y1), str(y1_folder)], check=True)
     y1 = fast(load_embedder(y1_folder))
     embed = lambda crops: y1.embed(crops, flip=False, batch_size=args.batch_size)  # noqa: E731
-    timer = Timer()
+    timer = Timer(args.work / "cache" / ("timings_check.json" if args.pairs_per_fold else "timings.json"))
     results: dict = {"seed": args.seed, "threads": args.threads, "flip": False,
                      "strengths": {k: vars(v) for k, v in MISALIGN_STRENGTHS.items()},
                      "rectifiers": {k: str(v) for k, v in parse_named(args.rectifier, "rectifier").items()},
                      "models": {k: str(v) for k, v in parse_named(args.model, "model").items()}}
 
     def save(final: bool = False) -> None:
-        results.update(seconds=timer.seconds, wall_seconds=time.perf_counter() - started, load_start=load_start,
-                       load_end=[round(x, 1) for x in os.getloadavg()], complete=final)
+        results.update(seconds=timer.seconds, measured_seconds=timer.measured, complete=final,
+                       wall_seconds=time.perf_counter() - started, load_start=load_start,
+                       load_end=[round(x, 1) for x in os.getloadavg()])
         path = write_results("gridface_misalign_check" if args.pairs_per_fold else "gridface_misalign", results,
                              tables(results))
         logger.info("wrote %s", path)
