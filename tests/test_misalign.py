@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+from facesphere.align.boxcrop import box_crop
 from facesphere.data import (AugmentConfig, ImageFolderDataset, ImageListDataset, RecordDataset, SyntheticFaces,
                              pack_folder, write_image_folder)
 from facesphere.data.misalign import (MISALIGN_STRENGTHS, NO_MISALIGNMENT, MisalignJitter, MisalignStrength,
@@ -138,3 +139,24 @@ def test_misalign_share_and_epochs():
     ds.set_epoch(1)
     assert any(not np.array_equal(ds.load_uint8(i), moved) for i, (moved, _) in enumerate(pairs))
     assert all(np.array_equal(ds.load_pair(i)[1], aligned) for i, (_, aligned) in enumerate(pairs))
+
+
+# ------------------------------------------------------------------------------------------ box crops
+
+
+def test_box_crop_is_the_square_around_the_box_centre():
+    """A 40x40 white square on black: its box cut at scale 1 is all white, at scale 2 white in the middle half."""
+    image = np.zeros((120, 160, 3), dtype=np.uint8)
+    image[30:70, 50:90] = 255
+    box = (49.5, 29.5, 89.5, 69.5, 0.99)  # pixel edges of the square; a trailing detector score is ignored
+    inner = box_crop(image, box, size=(20, 20))
+    assert inner.shape == (20, 20, 3) and inner.dtype == np.uint8 and inner.min() == 255
+    wide = box_crop(image, box, size=(40, 40), scale=2.0)
+    assert wide[11:29, 11:29].min() == 255 and wide[:9].max() == 0 and wide[:, 31:].max() == 0
+    # a tall box: the side follows the longer side, centred, black beyond the image
+    edge = box_crop(image, (-20, 10, 20, 90), size=(16, 16))
+    assert edge[:, :4].max() == 0
+    with pytest.raises(ValueError, match="square"):
+        box_crop(image, box, size=(112, 96))
+    with pytest.raises(ValueError, match="scale"):
+        box_crop(image, box, scale=0.0)

@@ -164,9 +164,8 @@ class AugmentConfig(BaseModel):
     brightness: float = Field(0.0, ge=0, le=1)
     contrast: float = Field(0.0, ge=0, le=1)
     saturation: float = Field(0.0, ge=0, le=1)
-    misalign: MisalignLevel = Field("none", description="jitter each sample by a random homography "
-                                              "up to this level (facesphere.data.misalign) and give the un-jittered "
-                                              "image as the 'aligned' target")
+    misalign: MisalignLevel = Field("none", description="jitter each sample by a random homography up to this level "
+                                    "(facesphere.data.misalign) and give the un-jittered image as the 'aligned' target")
     misalign_share: float = Field(1.0, ge=0, le=1, description="share of the samples jittered (the rest: input "
                                   "equals the aligned target)")
 
