@@ -188,3 +188,38 @@ def test_rectifier_only_training_leaves_the_frozen_recogniser_and_keeps_stored_m
     assert state[head].abs().max() > 0, f"{head} still at its zero start"
     assert all(not p.requires_grad for o in trainer.model.objectives.values()
                for frozen in vars(o).values() if isinstance(frozen, FrozenModel) for p in frozen.module.parameters())
+
+
+def test_geometry_error_closed_form_and_the_rectify_geometry_objective():
+    """One cell of a 2x2 grid off by tx pixels in x: its 4 corners each miss by tx, so the error is
+    (tx/W)^2 averaged over 4 cells x 4 corners x 2 coordinates = (tx/W)^2 / 8; a sample without the target is left out."""
+    from facesphere.backbones.rectifier import geometry_error
+
+    target = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    target[1, :2, 2] = torch.tensor([3.0, -2.0])  # sample 1's known rectification: a translation
+    homographies = target[:, None].repeat(1, 4, 1, 1).clone()
+    assert torch.allclose(geometry_error(homographies, target, 2, (32, 32)), torch.zeros(2, dtype=torch.float64))
+    homographies[0, 1, 0, 2] = 5.0
+    assert torch.allclose(geometry_error(homographies, target, 2, (32, 32))[0],
+                          torch.tensor((5.0 / 32) ** 2 / 8, dtype=torch.float64))
+    objective = build_objective("rectify_geometry", context("rectify_geometry"))
+    assert objective.requires == ("misalignment",)
+    h = homographies.float().requires_grad_()
+    outputs = {"homographies": h, "rectified": torch.zeros(2, 3, 32, 32)}
+    targets = {"misalignment": torch.where(torch.tensor([True, False])[:, None, None], target.float(), float("nan")),
+               "misalignment_mask": torch.tensor([True, False])}
+    loss = objective(outputs, targets)["rectify_geometry"]
+    loss.backward()
+    assert loss.item() == pytest.approx((5.0 / 32) ** 2 / 8, rel=1e-5)  # the mean over the one sample that has it
+    assert h.grad[1].abs().sum() == 0 and h.grad[0, 1, 0, 2] > 0
+
+
+def test_aligned_image_is_the_mean_squared_difference_over_present_samples():
+    objective = build_objective("aligned_image", context("aligned_image"))
+    x = torch.randn(3, 3, 8, 8, requires_grad=True)
+    aligned = torch.randn(3, 3, 8, 8)
+    aligned[2] = float("nan")  # a masked-out placeholder
+    loss = objective({"rectified": x}, {"aligned": aligned, "aligned_mask": torch.tensor([True, True, False])})
+    assert loss["aligned_image"].item() == pytest.approx(F.mse_loss(x[:2], aligned[:2]).item(), rel=1e-6)
+    loss["aligned_image"].backward()
+    assert torch.isfinite(x.grad).all() and x.grad[2].abs().sum() == 0

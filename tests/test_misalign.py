@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 from facesphere.align.boxcrop import box_crop
+from facesphere.backbones.rectifier import warp_cells
 from facesphere.data import (AugmentConfig, ImageFolderDataset, ImageListDataset, RecordDataset, SyntheticFaces,
                              pack_folder, write_image_folder)
 from facesphere.data.misalign import (MISALIGN_STRENGTHS, NO_MISALIGNMENT, MisalignJitter, MisalignStrength,
                                       get_strength, jitter_homography, misalign)
+from facesphere.data.images import to_tensor
+from facesphere.data.transforms import misalign_rng
 from facesphere.train.config import AugmentSettings
 
 
@@ -114,31 +118,49 @@ def _sets(kind: str, tmp_path, augment: dict):
 def test_aligned_target_is_the_unjittered_sample_with_the_same_draws(kind, tmp_path):
     plain = _sets(kind, tmp_path, PLAIN)
     jittered = _sets(kind, tmp_path, {**PLAIN, "misalign": "strong"})
-    assert "aligned" not in plain.target_names and jittered.target_names == (*plain.target_names, "aligned")
+    assert "aligned" not in plain.target_names
+    assert jittered.target_names == (*plain.target_names, "aligned", "misalignment")
     for ds in (plain, jittered):
         ds.set_epoch(3)
     changed = 0
     for index in range(len(plain)):
         image, targets = plain[index]
         moved, jtargets = jittered[index]
-        assert "aligned" not in targets and set(jtargets) - set(targets) == {"aligned"}
+        assert "aligned" not in targets and set(jtargets) - set(targets) == {"aligned", "misalignment"}
         # misalignment off: the very same sample as before it existed; on: its aligned target is that sample
         assert torch.equal(jtargets["aligned"], image) and jtargets["label"] == targets["label"]
+        # and the misalignment target is the inverse of the jitter drawn from the sample's own stream
+        _, drawn = MisalignJitter("strong").with_homography(jittered.load_pair(index)[1]["aligned"],
+                                                            misalign_rng(jittered.seed, 3, index))
+        np.testing.assert_allclose(jtargets["misalignment"].numpy(), np.linalg.inv(drawn), rtol=1e-5, atol=1e-5)
         changed += not torch.equal(moved, image)
     assert changed == len(plain)
     batch = torch.utils.data.default_collate([jittered[0], jittered[1]])
     assert batch[1]["aligned"].shape == batch[0].shape
 
 
+def test_the_inverse_of_the_drawn_homography_rectifies_the_jittered_image():
+    """Warping the jittered image by inv(J) (the ``misalignment`` target) gives the aligned image back inside."""
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), (0, 0), 2.0)
+    jittered, drawn = MisalignJitter("strong").with_homography(image, np.random.default_rng(5))
+    target = torch.tensor(np.linalg.inv(drawn), dtype=torch.float32).expand(1, 1, 3, 3)
+    undone = warp_cells(to_tensor(jittered)[None], target, 1)[0]
+    inside = (slice(None), slice(30, 82), slice(30, 82))
+    before, after = (to_tensor(jittered) - to_tensor(image)).abs()[inside].mean(), (undone - to_tensor(image)).abs()[inside].mean()
+    assert before > 0.05 and after < 0.2 * before
+
+
 def test_misalign_share_and_epochs():
     """About ``misalign_share`` of the samples are jittered, and the jitter is redrawn every epoch."""
     ds = SyntheticFaces(2, 10, image_size=(32, 32), augment={"misalign": "medium", "misalign_share": 0.5})
     pairs = [ds.load_pair(i) for i in range(len(ds))]
-    untouched = [np.array_equal(moved, aligned) for moved, aligned in pairs]
+    untouched = [np.array_equal(moved, extras["aligned"]) for moved, extras in pairs]
+    assert all(np.array_equal(extras["misalignment"], np.eye(3)) == same for (_, extras), same in zip(pairs, untouched))
     assert 0 < sum(untouched) < len(ds)
     ds.set_epoch(1)
     assert any(not np.array_equal(ds.load_uint8(i), moved) for i, (moved, _) in enumerate(pairs))
-    assert all(np.array_equal(ds.load_pair(i)[1], aligned) for i, (_, aligned) in enumerate(pairs))
+    assert all(np.array_equal(ds.load_pair(i)[1]["aligned"], extras["aligned"]) for i, (_, extras) in enumerate(pairs))
 
 
 # ------------------------------------------------------------------------------------------ box crops

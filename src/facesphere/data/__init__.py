@@ -34,6 +34,7 @@ from facesphere.data.targets import MASK_SUFFIX
 from facesphere.data.misalign import MISALIGN_STRENGTHS, MisalignStrength, jitter_homography, misalign
 from facesphere.data.transforms import (
     ALIGNED,
+    MISALIGNMENT,
     AugmentConfig,
     ColorJitter,
     Compose,
@@ -50,6 +51,7 @@ __all__ = [
     "AGE_FILE",
     "AGE_HEADER",
     "ALIGNED",
+    "MISALIGNMENT",
     "AgeFileError",
     "AugmentConfig",
     "ColorJitter",

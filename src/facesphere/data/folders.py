@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from facesphere.data.ages import AGE, AGE_FILE, age_targets, check_ages, declared_ages, folder_ages
 from facesphere.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, to_tensor
-from facesphere.data.transforms import ALIGNED, SampleAugment, SharedEpoch, resize_to
+from facesphere.data.transforms import SampleAugment, SharedEpoch, resize_to
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +153,10 @@ class EncodedImagesDataset(Dataset):
         """Sample ``index`` as an HxWx3 uint8 RGB array at ``image_size``, augmented for the current epoch."""
         return self.load_pair(index)[0]
 
-    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(input, aligned) of sample ``index`` as uint8 RGB at ``image_size``: the augmented image and, with
-        ``augment.misalign``, the same image before the misalignment (else None)."""
+    def load_pair(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(input, extras) of sample ``index``: the augmented uint8 RGB image at ``image_size`` and, with
+        ``augment.misalign``, the targets ``aligned`` (the image before the misalignment) and ``misalignment``
+        (``SampleAugment``); else ``{}``."""
         index = int(index)
         if index < 0:
             index += len(self)
@@ -172,12 +173,11 @@ class EncodedImagesDataset(Dataset):
         return self._augment(image, self.seed, self.epoch, index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        image, aligned = self.load_pair(index)
+        image, extras = self.load_pair(index)
         targets: dict[str, Any] = {"label": int(self.labels[index])}
         if self.ages is not None:
             targets.update(age_targets(self.ages, index))
-        if aligned is not None:
-            targets[ALIGNED] = to_tensor(aligned)
+        targets.update(self._augment.tensors(extras))
         return to_tensor(image), targets
 
     def verify(self) -> list[ImageError]:

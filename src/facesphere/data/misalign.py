@@ -146,10 +146,16 @@ class MisalignJitter:
         self.level, self.strength, self.share = level, get_strength(level), float(share)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.with_homography(image, rng)[0]
+
+    def with_homography(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(jittered image, the jitter's homography J): output pixel p of the jittered image shows input pixel J p
+        (the identity when the sample is left unchanged). Same draws as calling the transform."""
         jittered, fraction = rng.random() < self.share, rng.random()
         if not jittered:
-            return image
-        return misalign(image, self.strength.scaled(fraction), rng)
+            return image, np.eye(3)
+        homography = jitter_homography(self.strength.scaled(fraction), rng, image.shape[:2])
+        return warp_homography(image, homography), homography
 
     def __repr__(self) -> str:
         return f"MisalignJitter(level={self.level!r}, share={self.share})"

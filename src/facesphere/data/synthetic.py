@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from facesphere.data.face_render import render_face
 from facesphere.data.face_traits import age_face, ageing_traits, face_identity, face_variation, sample_age
 from facesphere.data.images import to_tensor
-from facesphere.data.transforms import ALIGNED, SampleAugment, SharedEpoch
+from facesphere.data.transforms import SampleAugment, SharedEpoch
 from facesphere.data.targets import MASK_SUFFIX
 
 EXTRA_TARGETS = ("pose", "age")
@@ -128,9 +128,9 @@ class SyntheticFaces(Dataset):
         """Sample ``index`` as HxWx3 uint8 RGB, augmented for the current epoch (what ``__getitem__`` normalises)."""
         return self.load_pair(index)[0]
 
-    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(input, aligned) of sample ``index`` as uint8 RGB: the augmented image and, with ``augment.misalign``,
-        the same image before the misalignment (else None)."""
+    def load_pair(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(input, extras) of sample ``index``: the augmented uint8 RGB image and, with ``augment.misalign``, the
+        targets ``aligned`` (the image before the misalignment) and ``misalignment`` (``SampleAugment``); else ``{}``."""
         index = self._check_index(index)
         identity, sample = divmod(index, self.samples_per_identity)
         return self._augment(self.render(identity, sample), self.seed, self.epoch, index)
@@ -177,9 +177,8 @@ class SyntheticFaces(Dataset):
                 value = getattr(self, name)(index)
                 targets[name] = value if known else _placeholder(value)
                 targets[name + MASK_SUFFIX] = known
-        image, aligned = self.load_pair(index)
-        if aligned is not None:
-            targets[ALIGNED] = to_tensor(aligned)
+        image, extras = self.load_pair(index)
+        targets.update(self._augment.tensors(extras))
         return to_tensor(image), targets
 
     def _check_index(self, index: int) -> int:

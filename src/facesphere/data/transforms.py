@@ -20,12 +20,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from facesphere.data.images import to_tensor
 from facesphere.data.misalign import MisalignJitter, MisalignLevel
 
 _AUGMENT_STREAM = 0x61756720  # domain tag so augmentation never reuses another generator's stream
 _MISALIGN_STREAM = 0x6D697361  # the misalignment's own stream: turning it on leaves the other draws unchanged
 ALIGNED = "aligned"
 """Target name of the un-misaligned image (same normalisation, flip and colour as the input)."""
+MISALIGNMENT = "misalignment"
+"""Target name of the homography undoing the misalignment, (3, 3) float32 in pixels: the input's pixel that shows
+the aligned image's pixel p is ``MISALIGNMENT @ p`` (what a perfect rectifier predicts; identity when unjittered)."""
 
 
 class Transform(Protocol):
@@ -241,14 +245,22 @@ class SampleAugment:
         config = _config_of(augment)
         self.misalign = None if config is None or config.misalign == "none" else MisalignJitter(config.misalign,
                                                                                                 config.misalign_share)
-        self.target_names: tuple[str, ...] = () if self.misalign is None else (ALIGNED,)
+        self.target_names: tuple[str, ...] = () if self.misalign is None else (ALIGNED, MISALIGNMENT)
 
-    def __call__(self, image: np.ndarray, seed: int, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def __call__(self, image: np.ndarray, seed: int, epoch: int, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """(input image, extra targets): ``{}``, or with misalignment ``aligned`` (uint8 image) and
+        ``misalignment`` ((3, 3) float32)."""
         if self.transform is not None:
             image = self.transform(image, augment_rng(seed, epoch, index))
         if self.misalign is None:
-            return image, None
-        return self.misalign(image, misalign_rng(seed, epoch, index)), image
+            return image, {}
+        jittered, homography = self.misalign.with_homography(image, misalign_rng(seed, epoch, index))
+        return jittered, {ALIGNED: image, MISALIGNMENT: np.linalg.inv(homography).astype(np.float32)}
+
+    @staticmethod
+    def tensors(extras: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The extra targets as tensors: images as (3, H, W) normalised floats, the homography as it is."""
+        return {name: to_tensor(value) if name == ALIGNED else torch.from_numpy(value) for name, value in extras.items()}
 
 
 class SharedEpoch:

@@ -45,9 +45,10 @@ from facesphere.objectives.base import (
 )
 from facesphere.objectives.age import AgeFromNorm
 from facesphere.objectives.recognition import Recognition
-from facesphere.objectives.rectify import AlignedEmbedding, CanonicalPrior, Denoising, GridContinuity
+from facesphere.objectives.rectify import (AlignedEmbedding, AlignedImage, CanonicalPrior, Denoising, GridContinuity,
+                                          RectifyGeometry)
 from facesphere.objectives.regression import Regression
 
-__all__ = ["AgeFromNorm", "AlignedEmbedding", "CanonicalPrior", "Denoising", "FrozenModel", "GridContinuity",
+__all__ = ["AgeFromNorm", "AlignedEmbedding", "AlignedImage", "CanonicalPrior", "Denoising", "FrozenModel", "GridContinuity",
            "MASK_SUFFIX", "OBJECTIVES", "Objective", "ObjectiveContext", "ObjectiveLoadError", "Recognition",
-           "Regression", "build_objective", "load_frozen", "resolve_objective", "target_mask"]
+           "RectifyGeometry", "Regression", "build_objective", "load_frozen", "resolve_objective", "target_mask"]

@@ -8,6 +8,11 @@
   (sg: stop-gradient), whose gradient is (x − r(x)) / sigma², descends −log p.
 * ``aligned_embedding`` — rectifier-only training in front of a frozen recogniser: the embedding of the rectified
   misaligned crop is pulled toward a frozen teacher's embedding of the aligned crop (target ``aligned``).
+* ``aligned_image`` — the same pull in pixels: the rectified misaligned crop toward the aligned crop itself (mean
+  squared difference). It needs no recogniser backward pass, so it is a cheap warm start before ``aligned_embedding``.
+* ``rectify_geometry`` — where the misalignment is synthetic and known (target ``misalignment``), the cells'
+  homographies are supervised by it directly (:func:`facesphere.backbones.rectifier.geometry_error`): our warm
+  start, not in the paper, which learns the geometry from the recognition loss alone.
 * ``denoising`` — trains the DAE itself (``face_dae`` backbone): reconstruction of the clean image.
 
 The DAE and the teacher are stored models given by path, loaded once when the objective is built
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facesphere.backbones.rectifier import continuity_loss
+from facesphere.backbones.rectifier import continuity_loss, geometry_error
 from facesphere.objectives.base import (OBJECTIVES, Objective, ObjectiveContext, ObjectiveLoadError, global_count,
                                         load_frozen, target_mask)
 
@@ -131,6 +136,60 @@ class AlignedEmbedding(Objective):
         return {self.key: loss}
 
 
+@OBJECTIVES.register("aligned_image")
+class AlignedImage(Objective):
+    """``mean((outputs[input] − targets[target])²)`` over the samples carrying ``target``: the rectified crop
+    (default ``"rectified"``) pulled toward the aligned crop (default target ``"aligned"``), pixel by pixel in the
+    model's normalised input units."""
+
+    def __init__(self, context: ObjectiveContext, target: str = "aligned", input: str = "rectified") -> None:
+        super().__init__(context)
+        self.target, self.input = target, input
+        self.requires = (target,)
+
+    def forward(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        x = outputs[self.input]
+        mask = target_mask(targets, self.target)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = _float(x)
+            aligned = targets[self.target].to(x.dtype)
+            if aligned.shape != x.shape:
+                raise ValueError(f"objective {self.key!r}: target {self.target!r} is {tuple(aligned.shape)}, the "
+                                 f"{self.input!r} output {tuple(x.shape)}")
+            if mask is None:
+                mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            per_sample = torch.where(mask, (x - torch.where(mask[:, None, None, None], aligned, x.detach()))
+                                     .square().flatten(1).mean(dim=1), 0.0)
+            total, world = global_count(mask.sum().to(per_sample.dtype))
+            loss = per_sample.sum() * world / total.clamp(min=1.0)
+        return {self.key: loss}
+
+
+@OBJECTIVES.register("rectify_geometry")
+class RectifyGeometry(Objective):
+    """Mean over the samples carrying ``target`` (default ``"misalignment"``) of
+    :func:`facesphere.backbones.rectifier.geometry_error` between the ``"homographies"`` output and the target."""
+
+    def __init__(self, context: ObjectiveContext, target: str = "misalignment") -> None:
+        super().__init__(context)
+        self.target = target
+        self.requires = (target,)
+
+    def forward(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        homographies = outputs["homographies"]
+        grid = math.isqrt(homographies.shape[1])
+        size = tuple(outputs["rectified"].shape[-2:])
+        mask = target_mask(targets, self.target)
+        goal = targets[self.target]
+        if mask is not None:  # a sample without a known misalignment is compared with itself: zero, no gradient
+            goal = torch.where(mask[:, None, None], goal.to(homographies.dtype), homographies[:, 0].detach())
+        error = geometry_error(homographies, goal, grid, size)
+        if mask is None:
+            return {self.key: error.mean()}
+        total, world = global_count(mask.sum().to(error.dtype))
+        return {self.key: torch.where(mask, error, 0.0).sum() * world / total.clamp(min=1.0)}
+
+
 @OBJECTIVES.register("denoising")
 class Denoising(Objective):
     """``mean((outputs["reconstruction"] − outputs["clean"])²)``: trains a denoising autoencoder (``face_dae``),
@@ -142,4 +201,4 @@ class Denoising(Objective):
             return {self.key: F.mse_loss(_float(reconstruction), _float(outputs["clean"]).detach())}
 
 
-__all__ = ["AlignedEmbedding", "CanonicalPrior", "Denoising", "GridContinuity"]
+__all__ = ["AlignedEmbedding", "AlignedImage", "CanonicalPrior", "Denoising", "GridContinuity", "RectifyGeometry"]
