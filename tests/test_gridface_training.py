@@ -175,6 +175,7 @@ def test_rectifier_only_training_leaves_the_frozen_recogniser_and_keeps_stored_m
         f"output_dir={tmp_path}", "name=y1"]
     trainer = Trainer(load_config("gridface_y1", settings))
     backbone = trainer.model.backbone
+    assert backbone.needed_outputs == {"embedding", "rectified", "homographies"}  # every objective says what it reads
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in backbone.rectifier.parameters()}
     result = trainer.fit()
@@ -223,3 +224,29 @@ def test_aligned_image_is_the_mean_squared_difference_over_present_samples():
     assert loss["aligned_image"].item() == pytest.approx(F.mse_loss(x[:2], aligned[:2]).item(), rel=1e-6)
     loss["aligned_image"].backward()
     assert torch.isfinite(x.grad).all() and x.grad[2].abs().sum() == 0
+
+
+def test_the_recogniser_is_skipped_when_no_objective_reads_the_embedding(tmp_path):
+    """Geometry-only training (rectify_geometry + grid_continuity) never runs the recogniser; evaluation always does,
+    and an objective that does not say what it reads (recognition) keeps every output."""
+
+    settings = ["model.backbone=gridface", "model.backbone_args={recognizer: mobilefacenet, grid: 2, "
+                "recognizer_args: {embedding_size: 16, input_size: [32, 32]}}",
+                "objectives=[{name: rectify_geometry}, {name: grid_continuity}]", "data.augment.misalign=strong",
+                "data.kind=synthetic", "data.image_size=[32, 32]", "data.synthetic.num_identities=4",
+                "data.synthetic.samples_per_identity=4", "data.batch_size=8", "data.num_workers=0", "train.steps=2",
+                "train.progress=false", "train.tensorboard=false", "eval.enabled=false", f"output_dir={tmp_path}",
+                "name=geometry"]
+    trainer = Trainer(load_config(None, settings))
+    backbone = trainer.model.backbone
+    assert backbone.needed_outputs == {"homographies", "rectified"}
+    calls = []
+    backbone.recognizer.register_forward_hook(lambda *args: calls.append(1))
+    trainer.fit()
+    assert calls == []
+    backbone.eval()
+    assert "embedding" in backbone(torch.zeros(1, 3, 32, 32)) and calls == [1]
+    recognition = Trainer(load_config(None, [s.replace("objectives=[{name: rectify_geometry}, {name: grid_continuity}]",
+                                                       "objectives=[{name: recognition}, {name: rectify_geometry}]")
+                                             .replace("name=geometry", "name=both") for s in settings]))
+    assert recognition.model.backbone.needed_outputs is None

@@ -16,6 +16,10 @@ class Backbone(nn.Module):
 
     input_size: tuple[int, int]
     embedding_size: int
+    needed_outputs: frozenset[str] | None = None
+    """Set by the trainer when its objectives name what they read (``Objective.reads``): a backbone may then skip
+    training-time outputs outside it (GridFace skips its recogniser when only the rectification is trained).
+    None: compute everything. Evaluation and deployment never set it."""
 
 
 BACKBONES: Registry[Backbone] = Registry("backbone")

@@ -404,8 +404,10 @@ class GridFace(Backbone):
             if not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and bool(degenerate.any()):
                 logger.warning("rectifier: %d of %d faces have degenerate cell homographies; they are embedded "
                                "un-rectified", int(degenerate.sum()), images.shape[0])
-        return {"embedding": self.recognizer(rectified), "rectified": rectified, "homographies": homographies,
-                "degenerate": degenerate}
+        outputs = {"rectified": rectified, "homographies": homographies, "degenerate": degenerate}
+        if not self.training or self.needed_outputs is None or "embedding" in self.needed_outputs:
+            outputs["embedding"] = self.recognizer(rectified)  # skipped when training the rectification alone
+        return outputs
 
 
 @BACKBONES.register("stn")

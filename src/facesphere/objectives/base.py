@@ -100,6 +100,9 @@ class Objective(nn.Module):
 
     sharded: bool = False
     requires: tuple[str, ...] = ()
+    reads: tuple[str, ...] | None = None
+    """The model outputs ``forward`` reads; None: any (the default). When every objective names them, a backbone
+    may skip the others (``Backbone.needed_outputs``)."""
 
     def __init__(self, context: ObjectiveContext) -> None:
         super().__init__()

@@ -44,6 +44,8 @@ class GridContinuity(Objective):
     (:func:`facesphere.backbones.rectifier.continuity_loss`); the grid side n is read from the ``(N, n*n, 3, 3)``
     homographies and the image size from the ``"rectified"`` output."""
 
+    reads = ("homographies", "rectified")
+
     def forward(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
         homographies = outputs["homographies"]
         cells = homographies.shape[1]
@@ -77,6 +79,7 @@ class CanonicalPrior(Objective):
         if not sigma > 0:
             raise ValueError(f"objective {self.key!r}: sigma must be positive, got {sigma}")
         self.sigma, self.input = float(sigma), input
+        self.reads = (input,)
 
     def forward(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
         x = outputs[self.input]
@@ -115,7 +118,7 @@ class AlignedEmbedding(Objective):
             raise ObjectiveLoadError(f"objective {self.key!r}: teacher {teacher} gives {size}-d embeddings, the "
                                      f"model {context.embedding_size}-d")
         self.target, self.input = target, input
-        self.requires = (target,)
+        self.requires, self.reads = (target,), (input,)
 
     def forward(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
         embedding = outputs[self.input]
@@ -145,7 +148,7 @@ class AlignedImage(Objective):
     def __init__(self, context: ObjectiveContext, target: str = "aligned", input: str = "rectified") -> None:
         super().__init__(context)
         self.target, self.input = target, input
-        self.requires = (target,)
+        self.requires, self.reads = (target,), (input,)
 
     def forward(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
         x = outputs[self.input]
@@ -173,7 +176,7 @@ class RectifyGeometry(Objective):
     def __init__(self, context: ObjectiveContext, target: str = "misalignment") -> None:
         super().__init__(context)
         self.target = target
-        self.requires = (target,)
+        self.requires, self.reads = (target,), ("homographies", "rectified")
 
     def forward(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
         homographies = outputs["homographies"]

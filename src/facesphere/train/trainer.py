@@ -299,6 +299,9 @@ class Trainer:
         self.model.to(self.ctx.device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        reads = [o.reads for o in self.model.objectives.values()]
+        if all(r is not None for r in reads):
+            self.model.backbone.needed_outputs = frozenset().union(*reads)
         self.replicated = self.model.replicated()
         self.sharded = self.model.sharded()
         self._sharded_prefixes = tuple(f"objectives.{key}." for key in self.sharded)  # their keys in state dicts
